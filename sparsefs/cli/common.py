@@ -1,0 +1,77 @@
+"""Pieces the subcommands share: image opening options, file naming, messages."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from sparsefs.qcow2 import OpenOptions
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_ERROR = 1
+
+_SAFE_NAME = re.compile(r"^[^/\x00-\x1f\x7f]+$")
+
+
+def fail_message(exc: BaseException) -> str:
+    """One line for an error, naming the file where the error knows it."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"sparsefs: {exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"sparsefs: {exc.strerror}"
+    text = " ".join(str(exc).split())
+    return f"sparsefs: {text}"
+
+
+def add_open_options(parser: argparse.ArgumentParser) -> None:
+    """Options that control how images and their chains are opened."""
+    group = parser.add_argument_group("image options")
+    group.add_argument(
+        "--no-backing",
+        action="store_true",
+        help="present the top layer alone: ranges it does not store are holes "
+        "(exports an overlay as a delta)",
+    )
+    group.add_argument(
+        "--backing-dir",
+        metavar="DIR",
+        help="refuse any backing file that does not resolve inside DIR",
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        help="open images marked corrupt (read-only; served bytes may be wrong)",
+    )
+
+
+def open_options(args: argparse.Namespace) -> OpenOptions:
+    """The :class:`OpenOptions` the parsed arguments ask for."""
+    kwargs: dict[str, object] = {
+        "backing": not getattr(args, "no_backing", False),
+        "backing_dir": getattr(args, "backing_dir", None),
+        "force": getattr(args, "force", False),
+    }
+    l2_cache = getattr(args, "l2_cache_mib", None)
+    if l2_cache is not None:
+        kwargs["l2_cache_bytes"] = int(l2_cache * 1024 * 1024)
+    return OpenOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def raw_name(image_path: str) -> str:
+    """The file name an image gets in a mount: final ``.qcow2`` replaced by ``.raw``."""
+    return f"{image_stem(image_path)}.raw"
+
+
+def image_stem(image_path: str) -> str:
+    """The image's base name without its final ``.qcow2`` suffix."""
+    base = os.path.basename(os.path.normpath(image_path))
+    if base.lower().endswith(".qcow2") and len(base) > len(".qcow2"):
+        return base[: -len(".qcow2")]
+    return base
+
+
+def usable_in_file_name(name: str) -> bool:
+    """True when ``name`` can stand in a file name as it is."""
+    return bool(name) and name not in (".", "..") and _SAFE_NAME.match(name) is not None

@@ -1,0 +1,405 @@
+"""``sparsefs mount`` and ``sparsefs umount``: the mount lifecycle.
+
+``mount`` opens and validates every image first (errors are printed before
+anything is mounted), then mounts.  Without ``--foreground`` it forks a daemon
+and returns only once the mount is ready, or with the daemon's error.  The
+daemon unmounts on SIGINT, SIGTERM and SIGHUP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from sparsefs.cli.common import (
+    EXIT_OK,
+    add_open_options,
+    fail_message,
+    image_stem,
+    open_options,
+    raw_name,
+    usable_in_file_name,
+)
+from sparsefs.errors import SparsefsError
+from sparsefs.extents import SparseSource
+from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
+
+log = logging.getLogger("sparsefs")
+
+INSTALL_HINT = (
+    "the installed pyfuse3 has no lseek handler, so holes cannot be reported; "
+    "install the patched build with tools/setup (pyfuse3 3.5.0+sparsefs.lseek1)"
+)
+
+# Options mount(8) and fstab pass that mean nothing here (or are implied).
+_IGNORED_MOUNT_OPTIONS = {
+    "ro", "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto",
+    "noauto", "user", "users", "nouser", "_netdev", "nofail", "async", "sync",
+    "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
+    "default_permissions", "x-systemd.automount", "rw=no",
+}
+
+
+class MountError(SparsefsError):
+    """The mount cannot be made (mountpoint missing, busy, dead, ...)."""
+
+
+@dataclass
+class MountSet:
+    """The files of a mount, by name, and what must be closed afterwards."""
+
+    files: dict[str, SparseSource] = field(default_factory=dict)
+    mtime_ns: dict[str, int] = field(default_factory=dict)
+    images: list[Qcow2Image] = field(default_factory=list)
+
+    def close(self) -> None:
+        for image in self.images:
+            image.close()
+        self.images.clear()
+
+
+def snapshot_file_name(stem: str, snap_name: str, snap_id: str) -> str:
+    """``STEM@NAME.raw``, or ``STEM@ID.raw`` when the name is not usable in a file name."""
+    label = snap_name if usable_in_file_name(snap_name) else snap_id
+    if not usable_in_file_name(label):
+        label = "".join(c if c.isalnum() else "_" for c in snap_id) or "snapshot"
+    return f"{stem}@{label}.raw"
+
+
+def open_mount_set(
+    images: list[str], options: OpenOptions, *, snapshots: bool = True
+) -> MountSet:
+    """Open every image (and its snapshots) and name their files.
+
+    Raises:
+        SparsefsError: an image cannot be opened, or two files get one name.
+    """
+    mset = MountSet()
+    try:
+        for path in images:
+            image = open_image(path, options)
+            mset.images.append(image)
+            mtime = os.stat(path).st_mtime_ns
+            entries: list[tuple[str, SparseSource]] = [(raw_name(path), image)]
+            if snapshots:
+                stem = image_stem(path)
+                for snap in image.snapshots:
+                    view = image.open_snapshot(snap)
+                    entries.append((snapshot_file_name(stem, snap.name, snap.id_str), view))
+            for name, source in entries:
+                if name in mset.files:
+                    raise SparsefsError(
+                        f"{path}: its file name {name} is already taken by another image"
+                    )
+                mset.files[name] = source
+                mset.mtime_ns[name] = mtime
+    except BaseException:
+        mset.close()
+        raise
+    return mset
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a mountpoint that is missing, not a directory, mounted, or dead."""
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"{mountpoint}: mountpoint does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mountpoint}: a dead mount is left here; run 'sparsefs umount {mountpoint}'"
+            ) from None
+        raise MountError(f"{mountpoint}: {exc.strerror}") from None
+    import stat as stat_mod
+
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint}: mountpoint is busy (already a mount point)")
+
+
+def fuse_options(*, allow_other: bool, fsname: str) -> set[str]:
+    """The FUSE mount options: read-only, kernel permission checks."""
+    opts = {"ro", "default_permissions", "subtype=sparsefs", f"fsname={fsname}"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def serve(
+    files: MountSet,
+    mountpoint: str,
+    *,
+    allow_other: bool = False,
+    max_threads: int = 8,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount, serve until unmounted or signalled, unmount.  Blocks."""
+    import pyfuse3
+    import trio
+
+    from sparsefs.fusefs import SparseFS, has_lseek_support
+
+    if not has_lseek_support():
+        raise SparsefsError(INSTALL_HINT)
+    ops = SparseFS(files.files, mtime_ns=files.mtime_ns, max_threads=max_threads)
+    ops.precompute()
+    fsname = files.images[0].path.replace(",", "_") if len(files.images) == 1 else "sparsefs"
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options(allow_other=allow_other, fsname=fsname))
+    except RuntimeError as exc:
+        raise MountError(f"{mountpoint}: mount failed: {exc}") from None
+    try:
+        if on_ready is not None:
+            on_ready()
+        trio.run(_main_loop)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+async def _main_loop() -> None:
+    import pyfuse3
+    import trio
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def _daemon_logging(log_file: str | None) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s sparsefs[%(process)d]: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("sparsefs[%(process)d]: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.addHandler(handler)
+
+
+def _redirect_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+def daemonize_and_serve(files: MountSet, mountpoint: str, args: argparse.Namespace) -> int:
+    """Fork a daemon that mounts; return once the mount is ready (0) or failed (1)."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        status = 0
+        try:
+            os.setsid()
+            _redirect_stdio()
+            _daemon_logging(args.log_file)
+
+            def ready() -> None:
+                os.write(write_fd, b"ok\n")
+                os.close(write_fd)
+
+            serve(files, mountpoint, allow_other=args.allow_other, on_ready=ready)
+        except BaseException as exc:  # report to the parent if it still listens
+            status = 1
+            with contextlib.suppress(OSError):
+                os.write(write_fd, (fail_message(exc) + "\n").encode())
+            log.error("%s", fail_message(exc))
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    chunks = []
+    with os.fdopen(read_fd, "rb") as pipe:
+        while True:
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\n" in chunk:
+                break
+    message = b"".join(chunks).decode(errors="replace").strip()
+    if message == "ok":
+        return EXIT_OK
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    print(message or f"sparsefs: {mountpoint}: the mount daemon died", file=sys.stderr)
+    return 1
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """Mount images; see the subcommand help."""
+    from sparsefs.fusefs import has_lseek_support
+
+    paths: list[str] = args.paths
+    if len(paths) < 2:
+        raise SparsefsError("mount needs at least one IMAGE and a MOUNTPOINT")
+    *images, mountpoint = paths
+    if not has_lseek_support():
+        raise SparsefsError(INSTALL_HINT)
+    check_mountpoint(mountpoint)
+    files = open_mount_set(images, open_options(args), snapshots=not args.no_snapshots)
+    try:
+        if args.foreground:
+            serve(files, mountpoint, allow_other=args.allow_other)
+            return EXIT_OK
+        return daemonize_and_serve(files, mountpoint, args)
+    finally:
+        files.close()
+
+
+def unmount(mountpoint: str) -> None:
+    """Unmount a sparsefs mount, also one whose daemon died.
+
+    Raises:
+        MountError: nothing is mounted there, or the mount is busy.
+    """
+    mounted = _is_fuse_mount(mountpoint)
+    if not mounted:
+        raise MountError(f"{mountpoint}: not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    errors = []
+    if tool:
+        proc = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        errors.append(proc.stderr.strip())
+    if os.geteuid() == 0 and shutil.which("umount"):
+        proc = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        errors.append(proc.stderr.strip())
+    detail = "; ".join(e.splitlines()[-1] for e in errors if e) or "unmount failed"
+    raise MountError(f"{mountpoint}: cannot unmount: {detail}")
+
+
+def _is_fuse_mount(mountpoint: str) -> bool:
+    target = os.path.realpath(mountpoint)
+    for line in _mount_lines():
+        fields = line.split()
+        if len(fields) >= 3 and _unescape(fields[1]) == target and fields[2].startswith("fuse"):
+            return True
+    return False
+
+
+def _mount_lines() -> Iterator[str]:
+    try:
+        with open("/proc/self/mounts") as f:
+            yield from f
+    except OSError:
+        return
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\"
+    )
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount; see the subcommand help."""
+    unmount(args.mountpoint)
+    return EXIT_OK
+
+
+def rewrite_mount_helper_form(
+    argv: list[str], build_parser: Callable[[], argparse.ArgumentParser]
+) -> list[str]:
+    """Turn mount.fuse3's ``IMAGE MOUNTPOINT -o opts`` call into ``mount ...`` arguments.
+
+    mount.fuse3 runs ``sparsefs SOURCE MOUNTPOINT -o OPTIONS``.  Anything
+    whose first word is a subcommand or an option is returned unchanged.
+    """
+    if not argv or argv[0].startswith("-"):
+        return argv
+    commands = set()
+    for action in build_parser()._subparsers._group_actions:  # type: ignore[union-attr]
+        commands.update(getattr(action, "choices", {}) or {})
+    if argv[0] in commands:
+        return argv
+    positional: list[str] = []
+    options: list[str] = []
+    it = iter(argv)
+    for word in it:
+        if word == "-o":
+            options.extend(next(it, "").split(","))
+        elif word.startswith("-o") and len(word) > 2:
+            options.extend(word[2:].split(","))
+        else:
+            positional.append(word)
+    out = ["mount"]
+    for opt in filter(None, options):
+        key, _, value = opt.partition("=")
+        if key in _IGNORED_MOUNT_OPTIONS:
+            continue
+        if key == "rw":
+            raise SystemExit("sparsefs: mounts are read-only; the rw option is refused")
+        if key in ("allow_other", "no_backing", "force", "no_snapshots"):
+            out.append("--" + key.replace("_", "-"))
+        elif key in ("backing_dir", "log_file") and value:
+            out.extend(["--" + key.replace("_", "-"), value])
+        else:
+            raise SystemExit(f"sparsefs: unknown mount option {opt!r}")
+    return out + positional
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``mount`` and ``umount``."""
+    p = sub.add_parser(
+        "mount",
+        help="mount images as sparse raw files",
+        description="Mount qcow2 images read-only as a directory holding one raw file per "
+        "image (NAME.qcow2 -> NAME.raw) and one per internal snapshot (NAME@SNAPSHOT.raw). "
+        "SEEK_DATA/SEEK_HOLE on the files come from the qcow2 metadata and st_blocks counts "
+        "the stored data, so hole-aware copiers skip what is not stored. Returns once the "
+        "mount is ready; unmount with 'sparsefs umount MOUNTPOINT'.",
+    )
+    p.add_argument("paths", nargs="+", metavar="IMAGE... MOUNTPOINT",
+                   help="one or more qcow2 images, then the mountpoint (an existing directory)")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground until unmounted (Ctrl-C unmounts)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (needs user_allow_other in "
+                   "/etc/fuse.conf when not root); permissions are still checked")
+    p.add_argument("--no-snapshots", action="store_true",
+                   help="do not present internal snapshots as NAME@SNAPSHOT.raw")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="where the daemon logs (default: syslog)")
+    add_open_options(p)
+    p.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser(
+        "umount",
+        help="unmount a sparsefs mount",
+        description="Unmount a sparsefs mount, also one left behind by a daemon that died.",
+    )
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.set_defaults(func=cmd_umount)

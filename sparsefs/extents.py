@@ -1,0 +1,124 @@
+"""Extents, the SparseSource protocol, and SEEK_DATA/SEEK_HOLE on top of them.
+
+A *source* is anything with a guest-visible byte stream of fixed size that
+knows which ranges hold stored data and which are holes (read as zeros, store
+nothing): a qcow2 image, a raw file, a snapshot.  All offsets here are guest
+offsets in bytes.
+
+The FUSE layer answers lseek(2) with :func:`seek_data` and :func:`seek_hole`,
+computes ``st_blocks`` with :func:`data_size`, and the checksum tool walks
+:meth:`SparseSource.iter_extents`; none of them knows a storage format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes ``[guest_offset, guest_offset + length)``.
+
+    Attributes:
+        guest_offset: first byte of the run, in the guest (virtual disk) space.
+        length: bytes in the run, > 0.
+        data: True when bytes are stored for the run (copy them); False for a
+            hole, which reads as zeros and stores nothing.
+        zero: True when the run is known to read as zeros (always true for a
+            hole; true for data that is allocated but known zero, e.g. a
+            preallocated qcow2 cluster).
+    """
+
+    guest_offset: int
+    length: int
+    data: bool
+    zero: bool = False
+
+    @property
+    def end(self) -> int:
+        """First guest byte after the run."""
+        return self.guest_offset + self.length
+
+
+@runtime_checkable
+class SparseSource(Protocol):
+    """A read-only byte stream with a data/hole map."""
+
+    @property
+    def size(self) -> int:
+        """Length of the guest byte stream in bytes."""
+        ...
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        """Return the guest bytes ``[guest_offset, guest_offset + length)``.
+
+        Reads past the end are shortened; a read at or past the end returns b"".
+
+        Raises:
+            ImageReadError: the range cannot be read (broken table, I/O error).
+        """
+        ...
+
+    def iter_extents(self, guest_offset: int = 0) -> Iterator[Extent]:
+        """Yield the runs from ``guest_offset`` to the end, in order.
+
+        The first run starts at ``guest_offset``; consecutive runs touch, and
+        together they cover ``[guest_offset, size)``.  Adjacent runs of the
+        same kind may or may not be merged.
+        """
+        ...
+
+
+def coalesce(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Merge touching runs with equal ``data`` and ``zero`` flags."""
+    pending: Extent | None = None
+    for ext in extents:
+        if pending is None:
+            pending = ext
+        elif (
+            pending.end == ext.guest_offset
+            and pending.data == ext.data
+            and pending.zero == ext.zero
+        ):
+            pending = Extent(pending.guest_offset, pending.length + ext.length, ext.data, ext.zero)
+        else:
+            yield pending
+            pending = ext
+    if pending is not None:
+        yield pending
+
+
+def seek_data(source: SparseSource, offset: int) -> int | None:
+    """Return the first data offset >= ``offset``, or None (lseek's ENXIO).
+
+    None when ``offset`` is at or past the end, or only holes follow it.
+    """
+    if offset >= source.size:
+        return None
+    for ext in source.iter_extents(offset):
+        if ext.data:
+            return max(offset, ext.guest_offset)
+    return None
+
+
+def seek_hole(source: SparseSource, offset: int) -> int | None:
+    """Return the first hole offset >= ``offset``, or None (lseek's ENXIO).
+
+    There is an implicit hole at the end of the stream, so this returns
+    ``source.size`` when only data follows ``offset``; None when ``offset`` is
+    at or past the end.
+    """
+    size = source.size
+    if offset >= size:
+        return None
+    for ext in source.iter_extents(offset):
+        if not ext.data:
+            return max(offset, ext.guest_offset)
+    return size
+
+
+def data_size(source: SparseSource) -> int:
+    """Bytes of the stream that hold stored data (what a sparse copy occupies)."""
+    return sum(ext.length for ext in source.iter_extents(0) if ext.data)

@@ -1,0 +1,955 @@
+"""Read-only qcow2 images: open and validate, walk the cluster map, read.
+
+:class:`Qcow2Image` is a :class:`~sparsefs.extents.SparseSource`.  Everything
+it serves comes from one walk, :meth:`Qcow2Image.iter_runs`, which decodes L1
+and L2 entries into runs of one kind (stored data, compressed cluster, zeros,
+unallocated, broken).  Reads, the extent map, lseek and checksums all go
+through it; nothing else decodes an L2 entry.
+
+All I/O is ``os.pread`` on descriptors opened read-only, so concurrent reads
+from several threads are safe; the caches take a lock only to look up and
+insert.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sparsefs.errors import (
+    ImageFormatError,
+    ImageReadError,
+    MissingFileError,
+    SparsefsError,
+    UnsupportedFeatureError,
+)
+from sparsefs.extents import Extent, SparseSource, coalesce
+from sparsefs.qcow2 import layout as L
+from sparsefs.raw import RawFile
+
+# Kinds of runs in the cluster map (mirroring qemu's QCow2SubclusterType).
+RUN_DATA = 0  # stored at a host offset in the data file (NORMAL)
+RUN_COMPRESSED = 1  # one compressed cluster; host is (host_offset, nb_bytes)
+RUN_ZERO = 2  # reads as zeros, nothing read from below (ZERO_PLAIN / ZERO_ALLOC)
+RUN_UNALLOCATED = 3  # not in this layer: the backing file, or zeros
+RUN_ERROR = 4  # metadata is invalid for this range; host is the message
+
+RUN_KIND_NAMES = {
+    RUN_DATA: "data",
+    RUN_COMPRESSED: "compressed",
+    RUN_ZERO: "zero",
+    RUN_UNALLOCATED: "unallocated",
+    RUN_ERROR: "error",
+}
+
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+DEFAULT_COMPRESSED_CACHE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run of one kind: guest bytes ``[guest_offset, guest_end)``.
+
+    ``host`` is the host offset of ``guest_offset`` for RUN_DATA, the
+    (host_offset, nb_bytes) descriptor for RUN_COMPRESSED, the error message
+    for RUN_ERROR, and None otherwise.
+    """
+
+    guest_offset: int
+    guest_end: int
+    kind: int
+    host: Any
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One entry of ``sparsefs map``, shaped like ``qemu-img map --output=json``."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    compressed: bool
+    offset: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The qemu-img map JSON object for this entry."""
+        d: dict[str, Any] = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+            "compressed": self.compressed,
+        }
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOptions:
+    """How to open an image and its chain.
+
+    Attributes:
+        backing: follow the backing chain; False presents the top layer alone
+            (unallocated ranges read as zeros and are holes).
+        backing_dir: when set, every backing file must resolve inside it.
+        force: open images marked corrupt.
+        l2_cache_bytes: bound of the decoded L2 table cache, per image file.
+        compressed_cache_bytes: bound of the decompressed cluster cache.
+    """
+
+    backing: bool = True
+    backing_dir: str | None = None
+    force: bool = False
+    l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
+    compressed_cache_bytes: int = DEFAULT_COMPRESSED_CACHE_BYTES
+
+
+class _LRU:
+    """A small thread-safe LRU cache bounded by the summed cost of its values."""
+
+    def __init__(self, max_cost: int) -> None:
+        self._max_cost = max_cost
+        self._cost = 0
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: Any, value: Any, cost: int) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (value, cost)
+            self._cost += cost
+            while self._cost > self._max_cost and len(self._items) > 1:
+                _, (_, old_cost) = self._items.popitem(last=False)
+                self._cost -= old_cost
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._cost = 0
+
+
+def path_has_protocol(name: str) -> bool:
+    """True when ``name`` names a protocol (``nbd:...``, ``json:{...}``), as qemu reads it.
+
+    qemu treats a colon before the first slash as a protocol prefix.
+    """
+    colon = name.find(":")
+    if colon <= 0:
+        return False
+    slash = name.find("/")
+    return slash < 0 or colon < slash
+
+
+class _TableRuns:
+    """The runs of one L2 table, relative to the table's first guest byte."""
+
+    __slots__ = ("kinds", "starts", "ends", "hosts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.kinds: list[int] = []
+        self.hosts: list[Any] = []
+
+    def add(self, start: int, end: int, kind: int, host: Any) -> None:
+        """Append a run, merging it into the last one when they continue each other."""
+        if self.kinds and self.ends[-1] == start and kind != RUN_COMPRESSED:
+            last = self.kinds[-1]
+            if last == kind:
+                if kind == RUN_DATA:
+                    if self.hosts[-1] + (start - self.starts[-1]) == host:
+                        self.ends[-1] = end
+                        return
+                elif kind != RUN_ERROR:
+                    self.ends[-1] = end
+                    return
+        self.starts.append(start)
+        self.ends.append(end)
+        self.kinds.append(kind)
+        self.hosts.append(host)
+
+
+class Qcow2File:
+    """An open qcow2 file: header, extensions, caches, data file, backing.
+
+    The file is shared by the active image and its snapshots
+    (:class:`Qcow2Image` views with their own L1 table).  Use
+    :func:`open_image` rather than this class directly.
+    """
+
+    def __init__(self, path: str, options: OpenOptions, chain: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.options = options
+        self._closers: list[Any] = []
+        self.file = RawFile(path)
+        self._closers.append(self.file)
+        try:
+            self._open(chain)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening and validation (qemu: qcow2_do_open) --------------------------------
+
+    def _err(self, problem: str) -> ImageFormatError:
+        return ImageFormatError(f"{self.path}: {problem}")
+
+    def _open(self, chain: tuple[str, ...]) -> None:
+        head = self.file.pread(0, 4096)
+        if self.file.file_size < 4 or head[:4] != L.QCOW2_MAGIC:
+            raise self._err("not a qcow2 image (no QFI\\xfb magic)")
+        try:
+            header = L.Header.from_bytes(head[: self.file.file_size])
+        except ValueError as exc:
+            raise self._err(str(exc)) from None
+        self.header = header
+        if header.version not in (2, 3):
+            raise UnsupportedFeatureError(
+                f"{self.path}: qcow2 version {header.version} is not supported"
+            )
+        if not L.MIN_CLUSTER_BITS <= header.cluster_bits <= L.MAX_CLUSTER_BITS:
+            raise self._err(
+                f"invalid cluster_bits {header.cluster_bits} "
+                f"(cluster size must be 512 B to 2 MiB)"
+            )
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cs = header.cluster_size
+        if header.version >= 3:
+            if header.header_length < L.V3_MIN_HEADER_LENGTH or header.header_length % 8:
+                raise self._err(f"invalid header_length {header.header_length}")
+            if header.header_length > cs:
+                raise self._err(f"header_length {header.header_length} exceeds the cluster size")
+        if header.refcount_order > 6:
+            raise self._err(f"invalid refcount_order {header.refcount_order}")
+        if header.crypt_method != L.CRYPT_NONE:
+            kind = {L.CRYPT_AES: "AES", L.CRYPT_LUKS: "LUKS"}.get(
+                header.crypt_method, f"method {header.crypt_method}"
+            )
+            raise UnsupportedFeatureError(
+                f"{self.path}: encrypted image ({kind} encryption) is not supported"
+            )
+        first_cluster = head[:cs] if cs <= len(head) else self.file.pread(0, cs)
+        ext_start = header.header_length if header.version >= 3 else L.V2_HEADER_LENGTH
+        try:
+            self.extensions = L.parse_extensions(
+                first_cluster, ext_start, min(cs, self.file.file_size)
+            )
+        except ValueError as exc:
+            raise self._err(str(exc)) from None
+        ext = {e.ext_type: e for e in self.extensions}
+        feature_names = (
+            L.parse_feature_table(ext[L.EXT_FEATURE_TABLE].data)
+            if L.EXT_FEATURE_TABLE in ext
+            else {}
+        )
+        unknown = header.incompatible_features & ~L.INCOMPAT_KNOWN
+        if unknown:
+            bits = [b for b in range(64) if unknown >> b & 1]
+            names = ", ".join(
+                f"{feature_names[(0, b)]} (bit {b})" if (0, b) in feature_names else f"bit {b}"
+                for b in bits
+            )
+            raise UnsupportedFeatureError(
+                f"{self.path}: unknown incompatible feature {names} is not supported"
+            )
+        if header.incompatible_features & L.INCOMPAT_CORRUPT and not self.options.force:
+            raise ImageFormatError(
+                f"{self.path}: image is marked corrupt (run 'qemu-img check -r all' "
+                "or use --force to read it anyway)"
+            )
+        self.extended_l2 = header.extended_l2
+        if self.extended_l2 and header.cluster_bits < 14:
+            raise self._err("extended L2 entries need clusters of at least 16 KiB")
+        # Compression (spec, "Header", compression_type)
+        has_ctype_bit = bool(header.incompatible_features & L.INCOMPAT_COMPRESSION)
+        if has_ctype_bit != (header.compression_type != L.COMPRESSION_ZLIB):
+            raise self._err(
+                f"compression_type {header.compression_type} does not match the "
+                "compression type feature bit"
+            )
+        if header.compression_type not in L.COMPRESSION_NAMES:
+            raise UnsupportedFeatureError(
+                f"{self.path}: unknown compression type {header.compression_type}"
+            )
+        self.compression_type = header.compression_type
+        # L2 geometry
+        self.l2_entry_size = 16 if self.extended_l2 else 8
+        self.l2_bits = header.cluster_bits - (4 if self.extended_l2 else 3)
+        self.table_shift = header.cluster_bits + self.l2_bits  # guest bytes per L2 table, log2
+        self.subcluster_bits = header.cluster_bits - (5 if self.extended_l2 else 0)
+        self._zero_table = bytes(cs)
+        self._l2_cache = _LRU(max(self.options.l2_cache_bytes, 2 * cs))
+        self._compressed_cache = _LRU(max(self.options.compressed_cache_bytes, 2 * cs))
+        self._decompress_zstd: Any = None
+        if self.compression_type == L.COMPRESSION_ZSTD:
+            import zstandard
+
+            self._decompress_zstd = zstandard.ZstdDecompressor()
+        # Names in the first cluster and extensions
+        self.backing_name: str | None = None
+        if header.backing_file_offset:
+            if header.backing_file_size > L.MAX_BACKING_FILE_SIZE:
+                raise self._err(f"backing file name too long ({header.backing_file_size} bytes)")
+            if header.backing_file_offset > cs:
+                raise self._err(
+                    f"backing file name at byte {header.backing_file_offset} "
+                    "is outside the first cluster"
+                )
+            raw_name = self.file.pread(header.backing_file_offset, header.backing_file_size)
+            try:
+                self.backing_name = raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self._err("backing file name is not valid UTF-8") from None
+            if "\0" in self.backing_name:
+                raise self._err("backing file name contains a NUL byte")
+        self.backing_format: str | None = None
+        if L.EXT_BACKING_FORMAT in ext:
+            self.backing_format = ext[L.EXT_BACKING_FORMAT].data.decode("utf-8", "replace")
+        self.data_file_name: str | None = None
+        if L.EXT_DATA_FILE in ext:
+            self.data_file_name = ext[L.EXT_DATA_FILE].data.decode("utf-8", "replace")
+        self.data_file_raw = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
+        # Snapshots (validated here, their L1 tables loaded on demand)
+        self.snapshots = self._read_snapshot_table()
+        # External data file
+        self.data: RawFile = self.file
+        self.external_data = header.has_data_file
+        if self.external_data:
+            if not self.data_file_name:
+                raise UnsupportedFeatureError(
+                    f"{self.path}: uses an external data file but does not name it"
+                )
+            data_path = self._resolve(self.data_file_name, what="data file")
+            try:
+                self.data = RawFile(data_path)
+            except MissingFileError:
+                raise MissingFileError(
+                    f"{self.path}: external data file {data_path} is missing"
+                ) from None
+            self._closers.append(self.data)
+        # Backing chain
+        self.backing: SparseSource | None = None
+        self.backing_path: str | None = None
+        if self.backing_name and self.options.backing:
+            self.backing_path, self.backing = self._open_backing(chain)
+
+    def _resolve(self, name: str, *, what: str) -> str:
+        if path_has_protocol(name):
+            raise UnsupportedFeatureError(
+                f"{self.path}: {what} {name!r} names a protocol, which sparsefs refuses"
+            )
+        if not os.path.isabs(name):
+            name = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        return os.path.normpath(name)
+
+    def _open_backing(self, chain: tuple[str, ...]) -> tuple[str, SparseSource]:
+        assert self.backing_name is not None
+        path = self._resolve(self.backing_name, what="backing file")
+        real = os.path.realpath(path)
+        if real in chain or real == os.path.realpath(self.path):
+            raise ImageFormatError(f"{self.path}: backing file {path} makes a loop in the chain")
+        if self.options.backing_dir is not None:
+            root = os.path.realpath(self.options.backing_dir)
+            if os.path.commonpath([root, real]) != root:
+                raise UnsupportedFeatureError(
+                    f"{self.path}: backing file {path} is outside --backing-dir {root}"
+                )
+        if not os.path.exists(path):
+            raise MissingFileError(f"{self.path}: backing file {path} is missing")
+        fmt = self.backing_format
+        if fmt is None:
+            fmt = "qcow2" if _has_qcow2_magic(path) else "raw"
+        if fmt == "qcow2":
+            image = open_image(path, self.options, chain + (os.path.realpath(self.path),))
+            return path, image
+        if fmt == "raw":
+            return path, RawFile(path)
+        raise UnsupportedFeatureError(
+            f"{self.path}: backing file {path} has format {fmt!r}, which sparsefs cannot read"
+        )
+
+    def _read_snapshot_table(self) -> list[L.Snapshot]:
+        h = self.header
+        if h.nb_snapshots == 0:
+            return []
+        if h.nb_snapshots > L.MAX_SNAPSHOTS:
+            raise self._err(f"too many snapshots ({h.nb_snapshots})")
+        if h.snapshots_offset % self.cluster_size or h.snapshots_offset == 0:
+            raise self._err(f"snapshot table offset {h.snapshots_offset} is not cluster aligned")
+        if h.snapshots_offset >= self.file.file_size:
+            raise self._err(f"snapshot table at {h.snapshots_offset} is past the end of the file")
+        snaps: list[L.Snapshot] = []
+        # Read in growing chunks: entries are variable-length.
+        buf = b""
+        chunk = 64 * 1024
+        pos = 0
+        limit = self.file.file_size - h.snapshots_offset
+        for _ in range(h.nb_snapshots):
+            while True:
+                try:
+                    snap, nxt = L.parse_snapshot(buf, pos)
+                    break
+                except ValueError:
+                    if len(buf) >= limit:
+                        raise self._err("snapshot table runs past the end of the file") from None
+                    more = min(chunk, limit - len(buf))
+                    buf += self.file.pread(h.snapshots_offset + len(buf), more)
+                    chunk *= 2
+            snaps.append(snap)
+            pos = nxt
+        return snaps
+
+    def close(self) -> None:
+        """Close the files this image opened, its backing chain included; idempotent."""
+        backing = getattr(self, "backing", None)
+        if backing is not None and hasattr(backing, "close"):
+            backing.close()
+        for closer in reversed(self._closers):
+            closer.close()
+        self._closers.clear()
+
+    # -- L1/L2 tables ----------------------------------------------------------------
+
+    def read_l1(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> list[int]:
+        """Read and validate an L1 table covering a virtual ``size``."""
+        needed = (size + (1 << self.table_shift) - 1) >> self.table_shift
+        if l1_size * 8 > L.MAX_L1_SIZE_BYTES:
+            raise self._err(f"{what} L1 table too large ({l1_size} entries)")
+        if l1_size < needed:
+            raise self._err(
+                f"{what} L1 table has {l1_size} entries, too few for a virtual size of "
+                f"{size} bytes ({needed} needed)"
+            )
+        if l1_size == 0:
+            return []
+        if l1_table_offset % self.cluster_size or l1_table_offset == 0:
+            raise self._err(f"{what} L1 table offset {l1_table_offset} is not cluster aligned")
+        if l1_table_offset + l1_size * 8 > self.file.file_size:
+            raise self._err(f"{what} L1 table runs past the end of the file")
+        buf = self.file.pread(l1_table_offset, needed * 8)
+        return list(struct.unpack(f">{needed}Q", buf))
+
+    def table_runs(self, l1_entry: int) -> _TableRuns:
+        """The decoded runs of the L2 table an L1 entry points to (cached)."""
+        l2_offset = l1_entry & L.L1E_OFFSET_MASK
+        runs = self._l2_cache.get(l2_offset)
+        if runs is not None:
+            return runs  # type: ignore[no-any-return]
+        table_span = 1 << self.table_shift
+        cs = self.cluster_size
+        problem = None
+        if l2_offset % cs:
+            problem = f"L2 table offset {l2_offset:#x} is not cluster aligned"
+        elif l2_offset < cs:
+            problem = f"L2 table offset {l2_offset:#x} overlaps the header"
+        elif l2_offset + cs > self.file.file_size:
+            problem = f"L2 table at {l2_offset:#x} is past the end of the file"
+        if problem is None:
+            try:
+                buf = self.file.pread(l2_offset, cs)
+            except ImageReadError as exc:
+                problem = str(exc)
+        runs = _TableRuns()
+        if problem is not None:
+            runs.add(0, table_span, RUN_ERROR, f"{self.path}: {problem}")
+            return runs  # not cached: a transient error may clear
+        if buf == self._zero_table:
+            runs.add(0, table_span, RUN_UNALLOCATED, None)
+        elif self.extended_l2:
+            self._decode_extended_l2(buf, runs)
+        else:
+            self._decode_l2(buf, runs)
+        self._l2_cache.put(l2_offset, runs, cs)
+        return runs
+
+    def _data_problem(self, host_offset: int, length: int) -> str | None:
+        """Why a data cluster at ``host_offset`` cannot be read, or None."""
+        if host_offset % self.cluster_size:
+            return f"data cluster offset {host_offset:#x} is not cluster aligned"
+        if not self.external_data:
+            if host_offset < self.cluster_size:
+                return f"data cluster offset {host_offset:#x} overlaps the header"
+            if host_offset >= self.file.file_size:
+                return f"data cluster at {host_offset:#x} is past the end of the file"
+        return None
+
+    def _decode_l2(self, buf: bytes, runs: _TableRuns) -> None:
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        v3 = self.header.version >= 3
+        external = self.external_data
+        for index, entry in enumerate(struct.unpack(f">{len(buf) // 8}Q", buf)):
+            start = index << cb
+            if entry & L.QCOW_OFLAG_COMPRESSED:
+                if external:
+                    runs.add(start, start + cs, RUN_ERROR, f"{self.path}: compressed cluster "
+                             "in an image with an external data file")
+                else:
+                    runs.add(start, start + cs, RUN_COMPRESSED,
+                             L.compressed_descriptor(cb, entry))
+                continue
+            if v3 and entry & L.QCOW_OFLAG_ZERO:
+                runs.add(start, start + cs, RUN_ZERO, None)
+                continue
+            host = entry & L.L2E_OFFSET_MASK
+            if host == 0 and not (external and entry & L.QCOW_OFLAG_COPIED):
+                runs.add(start, start + cs, RUN_UNALLOCATED, None)
+                continue
+            problem = self._data_problem(host, cs)
+            if problem is not None:
+                runs.add(start, start + cs, RUN_ERROR, f"{self.path}: {problem}")
+            else:
+                runs.add(start, start + cs, RUN_DATA, host)
+
+    def _decode_extended_l2(self, buf: bytes, runs: _TableRuns) -> None:
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        scb = self.subcluster_bits
+        external = self.external_data
+        words = struct.unpack(f">{len(buf) // 8}Q", buf)
+        for index in range(len(words) // 2):
+            entry = words[2 * index]
+            bitmap = words[2 * index + 1]
+            start = index << cb
+            if entry & L.QCOW_OFLAG_COMPRESSED:
+                if external:
+                    runs.add(start, start + cs, RUN_ERROR, f"{self.path}: compressed cluster "
+                             "in an image with an external data file")
+                else:
+                    runs.add(start, start + cs, RUN_COMPRESSED,
+                             L.compressed_descriptor(cb, entry))
+                continue
+            alloc = bitmap & L.SUBCLUSTER_ALLOC_MASK
+            zero = bitmap >> 32
+            host = entry & L.L2E_OFFSET_MASK
+            allocated = host != 0 or bool(external and entry & L.QCOW_OFLAG_COPIED)
+            problem = None
+            if alloc & zero:
+                problem = "subcluster marked both allocated and zero"
+            elif alloc and not allocated:
+                problem = "allocated subcluster in a cluster with no host offset"
+            elif alloc:
+                problem = self._data_problem(host, cs)
+            if problem is not None:
+                runs.add(start, start + cs, RUN_ERROR, f"{self.path}: {problem}")
+                continue
+            if alloc == 0xFFFFFFFF:
+                runs.add(start, start + cs, RUN_DATA, host)
+                continue
+            if zero == 0xFFFFFFFF:
+                runs.add(start, start + cs, RUN_ZERO, None)
+                continue
+            if alloc == 0 and zero == 0:
+                runs.add(start, start + cs, RUN_UNALLOCATED, None)
+                continue
+            for sc in range(L.SUBCLUSTERS_PER_CLUSTER):
+                sc_start = start + (sc << scb)
+                sc_end = sc_start + (1 << scb)
+                if alloc >> sc & 1:
+                    runs.add(sc_start, sc_end, RUN_DATA, host + (sc << scb))
+                elif zero >> sc & 1:
+                    runs.add(sc_start, sc_end, RUN_ZERO, None)
+                else:
+                    runs.add(sc_start, sc_end, RUN_UNALLOCATED, None)
+
+    # -- compressed clusters ---------------------------------------------------------
+
+    def decompress(self, descriptor: tuple[int, int]) -> bytes:
+        """Return the cluster a compressed descriptor points to (cached).
+
+        Raises:
+            ImageReadError: the data is past the end of the file or does not
+                decompress to exactly one cluster.
+        """
+        cached = self._compressed_cache.get(descriptor)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        host_offset, nb_bytes = descriptor
+        cs = self.cluster_size
+        if host_offset < cs or host_offset >= self.file.file_size:
+            raise ImageReadError(
+                f"{self.path}: compressed cluster at {host_offset:#x} is outside the file"
+            )
+        # The last sector may run past the end of the file (qemu reads it short).
+        nb_bytes = min(nb_bytes, self.file.file_size - host_offset)
+        raw = self.file.pread(host_offset, nb_bytes)
+        try:
+            if self.compression_type == L.COMPRESSION_ZSTD:
+                out = self._zstd_decompress(raw)
+            else:
+                dec = zlib.decompressobj(-15)
+                out = dec.decompress(raw, cs)
+        except Exception as exc:
+            raise ImageReadError(
+                f"{self.path}: compressed cluster at {host_offset:#x} is corrupt: {exc}"
+            ) from None
+        if len(out) != cs:
+            raise ImageReadError(
+                f"{self.path}: compressed cluster at {host_offset:#x} decompresses to "
+                f"{len(out)} bytes, not one cluster of {cs}"
+            )
+        self._compressed_cache.put(descriptor, out, cs)
+        return out
+
+    def _zstd_decompress(self, raw: bytes) -> bytes:
+        cs = self.cluster_size
+        dobj = self._decompress_zstd.decompressobj()
+        out: bytes = dobj.decompress(raw)
+        return out[:cs] if len(out) > cs else out
+
+
+def _has_qcow2_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == L.QCOW2_MAGIC
+    except OSError:
+        return False
+
+
+class Qcow2Image:
+    """A qcow2 image (active state or one internal snapshot) as a SparseSource.
+
+    Offsets are guest offsets in bytes unless named ``host_*``.
+    """
+
+    def __init__(
+        self,
+        qfile: Qcow2File,
+        l1: list[int],
+        size: int,
+        snapshot: L.Snapshot | None = None,
+        owns_file: bool = True,
+    ) -> None:
+        self.qfile = qfile
+        self.path = qfile.path
+        self._l1 = l1
+        self._size = size
+        self.snapshot = snapshot
+        self._owns_file = owns_file
+        self._table_shift = qfile.table_shift
+        self._table_span = 1 << qfile.table_shift
+        self._l1_allocated = [i for i, e in enumerate(l1) if e & L.L1E_OFFSET_MASK]
+        self._backing = qfile.backing
+
+    # -- SparseSource ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return self._size
+
+    @property
+    def backing(self) -> SparseSource | None:
+        """The backing layer, or None."""
+        return self._backing
+
+    def close(self) -> None:
+        """Close the image file (for the active image) and its chain."""
+        if self._owns_file:
+            self.qfile.close()
+
+    def __enter__(self) -> Qcow2Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def iter_runs(self, guest_offset: int, guest_end: int) -> Iterator[Run]:
+        """Walk the cluster map of this layer over ``[guest_offset, guest_end)``.
+
+        Yields runs in order that together cover the range; a run never
+        crosses an L2 table boundary, and a compressed run never crosses a
+        cluster boundary.
+        """
+        guest_end = min(guest_end, self._size)
+        pos = guest_offset
+        shift = self._table_shift
+        span = self._table_span
+        l1 = self._l1
+        qfile = self.qfile
+        while pos < guest_end:
+            l1_index = pos >> shift
+            table_base = l1_index << shift
+            entry = l1[l1_index]
+            if not entry & L.L1E_OFFSET_MASK:
+                # Jump over all unallocated L1 entries at once.
+                nxt = bisect.bisect_right(self._l1_allocated, l1_index)
+                stop = (
+                    self._l1_allocated[nxt] << shift
+                    if nxt < len(self._l1_allocated)
+                    else guest_end
+                )
+                stop = min(stop, guest_end)
+                yield Run(pos, stop, RUN_UNALLOCATED, None)
+                pos = stop
+                continue
+            runs = qfile.table_runs(entry)
+            stop = min(table_base + span, guest_end)
+            rel = pos - table_base
+            i = bisect.bisect_right(runs.starts, rel) - 1
+            starts, ends, kinds, hosts = runs.starts, runs.ends, runs.kinds, runs.hosts
+            n = len(starts)
+            while i < n:
+                run_start = table_base + starts[i]
+                if run_start >= stop:
+                    break
+                s = max(pos, run_start)
+                e = min(table_base + ends[i], stop)
+                kind = kinds[i]
+                host = hosts[i]
+                if kind == RUN_DATA:
+                    host = host + (s - run_start)
+                yield Run(s, e, kind, host)
+                i += 1
+            pos = stop
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        """Guest bytes ``[guest_offset, guest_offset + length)``, shortened at the end.
+
+        Raises:
+            ImageReadError: a part of the range cannot be read.
+        """
+        end = min(guest_offset + length, self._size)
+        if guest_offset >= end:
+            return b""
+        parts: list[bytes] = []
+        qfile = self.qfile
+        cmask = qfile.cluster_size - 1
+        for run in self.iter_runs(guest_offset, end):
+            s, e, kind = run.guest_offset, run.guest_end, run.kind
+            n = e - s
+            if kind == RUN_DATA:
+                if qfile.external_data:
+                    parts.append(qfile.data.pread(run.host, n))
+                else:
+                    parts.append(_pread_exact(qfile, run.host, n))
+            elif kind == RUN_ZERO:
+                parts.append(bytes(n))
+            elif kind == RUN_UNALLOCATED:
+                parts.append(self._read_below(s, n))
+            elif kind == RUN_COMPRESSED:
+                cluster = qfile.decompress(run.host)
+                base = s & ~cmask
+                parts.append(cluster[s - base : e - base])
+            else:
+                raise ImageReadError(str(run.host))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_below(self, guest_offset: int, length: int) -> bytes:
+        backing = self._backing
+        if backing is None or guest_offset >= backing.size:
+            return bytes(length)
+        got = backing.read(guest_offset, length)
+        if len(got) < length:
+            got += bytes(length - len(got))
+        return got
+
+    def iter_extents(self, guest_offset: int = 0) -> Iterator[Extent]:
+        """Data and hole runs from ``guest_offset`` to the end, merged.
+
+        Data is what some layer of the chain stores (qemu-img map's "data"):
+        normal, compressed and broken ranges (the latter read as EIO, so a
+        copier fails instead of skipping them).  Zero clusters and ranges no
+        layer stores are holes.
+        """
+        return coalesce(self._iter_layer_extents(guest_offset, self._size))
+
+    def _iter_layer_extents(self, start: int, end: int) -> Iterator[Extent]:
+        backing = self._backing
+        for run in self.iter_runs(start, end):
+            s, e, kind = run.guest_offset, run.guest_end, run.kind
+            if kind == RUN_ZERO:
+                yield Extent(s, e - s, data=False, zero=True)
+            elif kind != RUN_UNALLOCATED:
+                yield Extent(s, e - s, data=True)
+            elif backing is None or s >= backing.size:
+                yield Extent(s, e - s, data=False, zero=True)
+            else:
+                yield from _clip_extents(backing, s, min(e, backing.size))
+                if e > backing.size:
+                    yield Extent(backing.size, e - backing.size, data=False, zero=True)
+
+    # -- qemu-img map -----------------------------------------------------------------
+
+    def iter_map(self, depth: int = 0) -> Iterator[MapEntry]:
+        """The map in the shape of ``qemu-img map --output=json`` (merged)."""
+        pending: MapEntry | None = None
+        for entry in self._iter_map_raw(0, self._size, depth):
+            if pending is not None and _map_continues(pending, entry):
+                pending = MapEntry(
+                    pending.start, pending.length + entry.length, pending.depth,
+                    pending.present, pending.zero, pending.data, pending.compressed,
+                    pending.offset,
+                )
+                continue
+            if pending is not None:
+                yield pending
+            pending = entry
+        if pending is not None:
+            yield pending
+
+    def _iter_map_raw(self, start: int, end: int, depth: int) -> Iterator[MapEntry]:
+        for run in self.iter_runs(start, end):
+            s, e, kind = run.guest_offset, run.guest_end, run.kind
+            n = e - s
+            if kind == RUN_DATA:
+                yield MapEntry(s, n, depth, True, False, True, False, run.host)
+            elif kind == RUN_COMPRESSED:
+                yield MapEntry(s, n, depth, True, False, True, True, None)
+            elif kind == RUN_ZERO:
+                yield MapEntry(s, n, depth, True, True, False, False, None)
+            elif kind == RUN_ERROR:
+                yield MapEntry(s, n, depth, True, False, True, False, None)
+            else:
+                backing = self._backing
+                if backing is None or s >= backing.size:
+                    yield MapEntry(s, n, depth + (1 if backing else 0), False, True, False,
+                                   False, None)
+                    continue
+                bend = min(e, backing.size)
+                if isinstance(backing, Qcow2Image):
+                    yield from backing._iter_map_raw(s, bend, depth + 1)
+                else:
+                    for x in _clip_extents(backing, s, bend):
+                        yield MapEntry(x.guest_offset, x.length, depth + 1, True, not x.data,
+                                       x.data, False, x.guest_offset if x.data else None)
+                if e > bend:
+                    yield MapEntry(bend, e - bend, depth + 1, False, True, False, False, None)
+
+    # -- snapshots and description ---------------------------------------------------
+
+    @property
+    def snapshots(self) -> list[L.Snapshot]:
+        """The internal snapshots of the image file."""
+        return self.qfile.snapshots
+
+    def open_snapshot(self, snap: L.Snapshot) -> Qcow2Image:
+        """A view of ``snap``: its own L1 table and virtual size, same file and chain.
+
+        Raises:
+            ImageFormatError: the snapshot's L1 table is invalid.
+        """
+        size = snap.disk_size if snap.disk_size is not None else self.qfile.header.size
+        l1 = self.qfile.read_l1(
+            snap.l1_table_offset, snap.l1_size, size, f"snapshot {snap.id_str!r}"
+        )
+        return Qcow2Image(self.qfile, l1, size, snapshot=snap, owns_file=False)
+
+    def chain(self) -> list[tuple[str, str]]:
+        """The backing chain below this image: (path, format) pairs, top first."""
+        out: list[tuple[str, str]] = []
+        layer: SparseSource | None = self._backing
+        while layer is not None:
+            if isinstance(layer, Qcow2Image):
+                out.append((layer.path, "qcow2"))
+                layer = layer.backing
+            else:
+                out.append((getattr(layer, "path", "?"), "raw"))
+                layer = None
+        return out
+
+
+def _map_continues(a: MapEntry, b: MapEntry) -> bool:
+    if (a.depth, a.present, a.zero, a.data, a.compressed) != (
+        b.depth, b.present, b.zero, b.data, b.compressed
+    ) or a.start + a.length != b.start:
+        return False
+    if a.offset is None or b.offset is None:
+        return a.offset is None and b.offset is None and not a.compressed
+    return a.offset + a.length == b.offset
+
+
+def _clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]:
+    """Extents of ``source`` over ``[start, end)``, clipped."""
+    for ext in source.iter_extents(start):
+        if ext.guest_offset >= end:
+            break
+        if ext.end > end:
+            yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
+            break
+        yield ext
+
+
+def _pread_exact(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
+    try:
+        buf = os.pread(qfile.file.fd, length, host_offset)
+    except OSError as exc:
+        raise ImageReadError(
+            f"{qfile.path}: read of {length} bytes at {host_offset:#x} failed: {exc.strerror}"
+        ) from exc
+    if len(buf) != length:
+        raise ImageReadError(
+            f"{qfile.path}: data at {host_offset:#x} is past the end of the file "
+            "(was the image truncated?)"
+        )
+    return buf
+
+
+def open_image(
+    path: str | os.PathLike[str],
+    options: OpenOptions | None = None,
+    chain: tuple[str, ...] = (),
+) -> Qcow2Image:
+    """Open a qcow2 image read-only, validate it, and open its backing chain.
+
+    Raises:
+        ImageFormatError: not qcow2, or invalid metadata.
+        UnsupportedFeatureError: a feature sparsefs refuses (names it).
+        MissingFileError: the image, its backing file or data file is missing.
+    """
+    options = options or OpenOptions()
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ImageFormatError(f"{path}: is a directory, not an image")
+    qfile = Qcow2File(path, options, chain)
+    try:
+        h = qfile.header
+        l1 = qfile.read_l1(h.l1_table_offset, h.l1_size, h.size, "active")
+    except BaseException:
+        qfile.close()
+        raise
+    return Qcow2Image(qfile, l1, h.size)
+
+
+def open_source(
+    path: str | os.PathLike[str],
+    fmt: Literal["qcow2", "raw"] | None = None,
+    options: OpenOptions | None = None,
+) -> SparseSource:
+    """Open ``path`` as qcow2 or raw; ``fmt=None`` means qcow2 when it has the magic.
+
+    Only callers that know the file is an image may pass ``fmt=None``: a raw
+    disk copy can legitimately start with a qcow2 header written by its guest.
+    """
+    path = os.fspath(path)
+    if fmt is None:
+        if not os.path.exists(path):
+            raise MissingFileError(f"{path}: no such file")
+        fmt = "qcow2" if _has_qcow2_magic(path) else "raw"
+    if fmt == "qcow2":
+        return open_image(path, options)
+    if fmt == "raw":
+        return RawFile(path)
+    raise SparsefsError(f"{path}: unknown format {fmt!r}")
