@@ -1,0 +1,297 @@
+"""Test support: build images with qemu's tools, ask qemu for the truth, mount safely.
+
+The oracle is always live: ``qemu-img convert -O raw`` for bytes and
+``qemu-img map --output=json`` for the data/hole map.  Nothing here records an
+expected answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPARSEFS = [sys.executable, "-m", "sparsefs"]
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+def run(cmd: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run a command; fail the test with its stderr when it fails."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc  # type: ignore[no-any-return]
+
+
+def sparsefs(*args: str, check: bool = False, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run the sparsefs command line (this checkout) and return the completed process."""
+    proc = subprocess.run([*SPARSEFS, *args], capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sparsefs {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc  # type: ignore[no-any-return]
+
+
+# -- building images ---------------------------------------------------------------
+
+
+def qemu_img_create(path: Path | str, size: int, *options: str, fmt: str = "qcow2") -> Path:
+    """``qemu-img create -f FMT [-o opt]... PATH SIZE``."""
+    cmd = ["qemu-img", "create", "-q", "-f", fmt]
+    for opt in options:
+        cmd += ["-o", opt]
+    run([*cmd, str(path), str(size)])
+    return Path(path)
+
+
+def qemu_io(path: Path | str, *commands: str, fmt: str = "qcow2", extra: Sequence[str] = ()) -> None:
+    """Run qemu-io commands (``write -P 0xab 0 64k`` ...) against an image, in one process."""
+    if not commands:
+        return
+    cmd = ["qemu-io", "-f", fmt, *extra]
+    for c in commands:
+        cmd += ["-c", c]
+    run([*cmd, str(path)])
+
+
+def random_writes(
+    rng: random.Random,
+    size: int,
+    count: int,
+    *,
+    max_len: int = 256 * KiB,
+    align: int = 512,
+) -> list[tuple[int, int]]:
+    """``count`` (offset, length) pairs at random offsets inside ``size``, aligned."""
+    out = []
+    for _ in range(count):
+        length = rng.randrange(align, max_len + 1, align)
+        offset = rng.randrange(0, max(align, size - length), align)
+        out.append((offset, min(length, size - offset)))
+    return out
+
+
+def make_image(
+    path: Path | str,
+    size: int,
+    *,
+    seed: int,
+    options: Sequence[str] = (),
+    writes: int = 20,
+    zero_writes: int = 4,
+    discards: int = 4,
+    max_len: int = 256 * KiB,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+) -> Path:
+    """A qcow2 image with random-pattern writes, zero writes and discards at random offsets.
+
+    Data writes use ``write -P`` with a pattern per write; a ``-s`` seeded file
+    write would need a file, so the patterns vary by write to catch misplaced
+    clusters.  Zero writes and discards exercise the zero flag and unallocation.
+    """
+    opts = list(options)
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        cmd += ["-b", backing]
+        if backing_fmt is not None:
+            cmd += ["-F", backing_fmt]
+    for opt in opts:
+        cmd += ["-o", opt]
+    run([*cmd, str(path), str(size)])
+    rng = random.Random(seed)
+    commands = []
+    for offset, length in random_writes(rng, size, writes, max_len=max_len):
+        commands.append(f"write -q -P {rng.randrange(1, 256)} {offset} {length}")
+    for offset, length in random_writes(rng, size, zero_writes, max_len=max_len):
+        commands.append(f"write -q -z {offset} {length}")
+    for offset, length in random_writes(rng, size, discards, max_len=max_len):
+        commands.append(f"discard -q {offset} {length}")
+    qemu_io(path, *commands)
+    return Path(path)
+
+
+# -- the oracle ---------------------------------------------------------------------
+
+
+def qemu_raw(image: Path | str, out: Path | str, *, snapshot: str | None = None,
+             fmt: str | None = None) -> Path:
+    """``qemu-img convert -O raw`` of an image (or one of its snapshots) to ``out``."""
+    cmd = ["qemu-img", "convert", "-O", "raw"]
+    if fmt:
+        cmd += ["-f", fmt]
+    if snapshot is not None:
+        cmd += ["-l", snapshot]  # qemu-img reads a plain word as an id or a name
+    run([*cmd, str(image), str(out)])
+    return Path(out)
+
+
+def qemu_map(image: Path | str, *, fmt: str | None = None) -> list[dict[str, object]]:
+    """``qemu-img map --output=json`` of an image."""
+    cmd = ["qemu-img", "map", "--output=json"]
+    if fmt:
+        cmd += ["-f", fmt]
+    out = run([*cmd, str(image)]).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def files_equal(a: Path | str, b: Path | str, chunk: int = 8 * MiB) -> bool:
+    """True when two files have the same length and bytes."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x = fa.read(chunk)
+            y = fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def first_difference(a: Path | str, b: Path | str, chunk: int = MiB) -> int | None:
+    """Offset of the first differing byte (or of the shorter file's end), else None."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        pos = 0
+        while True:
+            x = fa.read(chunk)
+            y = fb.read(chunk)
+            if x != y:
+                for i, (p, q) in enumerate(zip(x, y, strict=False)):
+                    if p != q:
+                        return pos + i
+                return pos + min(len(x), len(y))
+            if not x:
+                return None
+            pos += len(x)
+
+
+def seek_walk(path: Path | str) -> list[tuple[int, int]]:
+    """The data segments [(start, end)] of a file by SEEK_DATA/SEEK_HOLE, as any copier sees them."""
+    segments = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                assert exc.errno == 6, f"SEEK_DATA at {pos}: {exc}"  # ENXIO: no more data
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            assert data < hole <= size, (data, hole, size)
+            segments.append((data, hole))
+            pos = hole
+    finally:
+        os.close(fd)
+    return segments
+
+
+def check_map_agrees(segments: list[tuple[int, int]], qmap: list[dict[str, object]]) -> None:
+    """Assert that data segments agree with a qemu-img map by the project's rule.
+
+    qemu's ``"data": false`` ranges must be holes; ``"data": true, "zero": false``
+    ranges must be data; ranges qemu marks both data and zero may be either.
+    """
+    import bisect
+
+    starts = [s for s, _ in segments]
+
+    def covered(lo: int, hi: int) -> int:
+        """Bytes of [lo, hi) inside data segments."""
+        total = 0
+        i = max(0, bisect.bisect_right(starts, lo) - 1)
+        while i < len(segments) and segments[i][0] < hi:
+            s, e = segments[i]
+            total += max(0, min(e, hi) - max(s, lo))
+            i += 1
+        return total
+
+    for entry in qmap:
+        lo = int(entry["start"])  # type: ignore[call-overload]
+        hi = lo + int(entry["length"])  # type: ignore[call-overload]
+        got = covered(lo, hi)
+        if not entry["data"]:
+            assert got == 0, f"qemu says hole at [{lo}, {hi}), sparsefs reports {got} data bytes"
+        elif not entry["zero"]:
+            assert got == hi - lo, (
+                f"qemu says data at [{lo}, {hi}), sparsefs reports only {got} data bytes"
+            )
+
+
+def qemu_data_bytes(qmap: list[dict[str, object]], *, include_zero: bool = False) -> int:
+    """Bytes qemu-img map reports as data (optionally counting data+zero ranges)."""
+    return sum(
+        int(e["length"])  # type: ignore[call-overload]
+        for e in qmap
+        if e["data"] and (include_zero or not e["zero"])
+    )
+
+
+# -- mounting -------------------------------------------------------------------------
+
+
+def is_mounted(path: Path | str) -> bool:
+    """True when ``path`` is a mount point listed in /proc/self/mounts."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(mountpoint: Path | str) -> None:
+    """Unmount whatever is at ``mountpoint``, lazily if it is busy; never raises."""
+    for cmd in (["fusermount3", "-u", str(mountpoint)], ["fusermount3", "-uz", str(mountpoint)],
+                ["umount", "-l", str(mountpoint)]):
+        if not is_mounted(mountpoint):
+            return
+        subprocess.run(cmd, capture_output=True)
+
+
+@contextlib.contextmanager
+def mounted(
+    mountpoint: Path | str, *images: Path | str, options: Sequence[str] = ()
+) -> Iterator[Path]:
+    """``sparsefs mount [options] IMAGE... MOUNTPOINT`` for the ``with`` body; always unmounts."""
+    mp = Path(mountpoint)
+    mp.mkdir(parents=True, exist_ok=True)
+    proc = sparsefs("mount", *options, *map(str, images), str(mp))
+    try:
+        if proc.returncode != 0:
+            raise AssertionError(f"sparsefs mount failed ({proc.returncode}): {proc.stderr}")
+        assert is_mounted(mp), "sparsefs mount returned before the mount was ready"
+        yield mp
+    finally:
+        if is_mounted(mp):
+            sparsefs("umount", str(mp))
+        deadline = time.monotonic() + 10
+        while is_mounted(mp) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        force_unmount(mp)
+
+
+def daemon_pid(mountpoint: Path | str) -> int | None:
+    """PID of the sparsefs daemon serving ``mountpoint`` (by its command line)."""
+    target = str(mountpoint)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        words = [w.decode(errors="replace") for w in argv if w]
+        if "sparsefs" in " ".join(words) and "mount" in words and target in words:
+            return int(entry)
+    return None
