@@ -292,6 +292,6 @@ def daemon_pid(mountpoint: Path | str) -> int | None:
         except OSError:
             continue
         words = [w.decode(errors="replace") for w in argv if w]
-        if "sparsefs" in " ".join(words) and "mount" in words and target in words:
+        if "sparsefs" in " ".join(words) and target in words and "umount" not in words:
             return int(entry)
     return None

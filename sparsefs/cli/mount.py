@@ -46,7 +46,9 @@ _IGNORED_MOUNT_OPTIONS = {
     "ro", "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto",
     "noauto", "user", "users", "nouser", "_netdev", "nofail", "async", "sync",
     "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
-    "default_permissions", "x-systemd.automount", "rw=no",
+    "default_permissions", "x-systemd.automount",
+    # mount(8) passes "rw" unless told "ro"; sparsefs mounts are read-only either way.
+    "rw",
 }
 
 
@@ -360,8 +362,6 @@ def rewrite_mount_helper_form(
         key, _, value = opt.partition("=")
         if key in _IGNORED_MOUNT_OPTIONS:
             continue
-        if key == "rw":
-            raise SystemExit("sparsefs: mounts are read-only; the rw option is refused")
         if key in ("allow_other", "no_backing", "force", "no_snapshots"):
             out.append("--" + key.replace("_", "-"))
         elif key in ("backing_dir", "log_file") and value:
