@@ -214,6 +214,9 @@ class SparseFS(pyfuse3.Operations):
         except SparsefsError as exc:
             self._log_once(exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:  # a bug costs this request (EIO), not the whole mount
+            self._log_once(exc, unexpected=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         self.bytes_served += len(data)
         return data
 
@@ -233,6 +236,9 @@ class SparseFS(pyfuse3.Operations):
             result = func(node.source, offset)
         except SparsefsError as exc:
             self._log_once(exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:  # a bug costs this request (EIO), not the whole mount
+            self._log_once(exc, unexpected=True)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if result is None:
             raise pyfuse3.FUSEError(errno.ENXIO)
@@ -255,8 +261,11 @@ class SparseFS(pyfuse3.Operations):
         st.f_namemax = 255
         return st
 
-    def _log_once(self, exc: BaseException) -> None:
-        msg = str(exc)
+    def _log_once(self, exc: BaseException, *, unexpected: bool = False) -> None:
+        msg = f"{type(exc).__name__}: {exc}" if unexpected else str(exc)
         if msg not in self._logged and len(self._logged) < 1000:
             self._logged.add(msg)
-            log.error("EIO: %s", msg)
+            if unexpected:
+                log.error("EIO: unexpected error (a sparsefs bug): %s", msg, exc_info=exc)
+            else:
+                log.error("EIO: %s", msg)

@@ -121,6 +121,24 @@ def make_image(
     return Path(path)
 
 
+def make_encrypted_image(path: Path | str, method: str = "luks", size: int = MiB) -> Path:
+    """A qcow2 image encrypted with ``method`` ("luks" or "aes"), made by qemu-img.
+
+    LUKS creation times its key derivation by thread CPU time and sometimes
+    fails ("Unable to get accurate CPU usage"); each try is quick, so retry.
+    """
+    options = f"encrypt.format={method},encrypt.key-secret=sec0"
+    if method == "luks":
+        options += ",encrypt.iter-time=10"
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x",
+           "-o", options, str(path), str(size)]
+    for _ in range(20):
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            return Path(path)
+    run(cmd)
+    return Path(path)
+
+
 # -- the oracle ---------------------------------------------------------------------
 
 

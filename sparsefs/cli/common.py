@@ -37,12 +37,20 @@ def add_open_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backing-dir",
         metavar="DIR",
-        help="refuse any backing file that does not resolve inside DIR",
+        help="refuse any backing file or external data file that does not resolve "
+        "inside DIR (use it for images you did not make)",
     )
     group.add_argument(
         "--force",
         action="store_true",
         help="open images marked corrupt (read-only; served bytes may be wrong)",
+    )
+    group.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="take no image locks, like qemu-img -U: read an image that a running VM "
+        "may be writing (the copy may be inconsistent)",
     )
 
 
@@ -52,6 +60,7 @@ def open_options(args: argparse.Namespace) -> OpenOptions:
         "backing": not getattr(args, "no_backing", False),
         "backing_dir": getattr(args, "backing_dir", None),
         "force": getattr(args, "force", False),
+        "force_share": getattr(args, "force_share", False),
     }
     l2_cache = getattr(args, "l2_cache_mib", None)
     if l2_cache is not None:

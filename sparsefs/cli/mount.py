@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sparsefs.cli.common import (
@@ -70,12 +70,39 @@ class MountSet:
         self.images.clear()
 
 
-def snapshot_file_name(stem: str, snap_name: str, snap_id: str) -> str:
-    """``STEM@NAME.raw``, or ``STEM@ID.raw`` when the name is not usable in a file name."""
-    label = snap_name if usable_in_file_name(snap_name) else snap_id
-    if not usable_in_file_name(label):
-        label = "".join(c if c.isalnum() else "_" for c in snap_id) or "snapshot"
-    return f"{stem}@{label}.raw"
+MAX_FILE_NAME_BYTES = 255
+
+
+def snapshot_file_names(stem: str, snapshots: Sequence[tuple[str, str]]) -> list[str]:
+    """``STEM@LABEL.raw`` for each (name, id) of an image's snapshots, in table order.
+
+    LABEL is the snapshot's name, or its id when the name cannot serve: not
+    usable in a file name (empty, ``/``, control characters, too long), shared
+    by several snapshots, or equal to another snapshot's id.  So LABEL is always
+    the key ``qemu-img convert -l LABEL`` resolves to this very snapshot (qemu
+    looks ids up before names).  A damaged table (duplicate or unusable ids)
+    gets ``snapshot-N`` (N the position in the table, from 1) where needed.
+    """
+
+    def fits(label: str) -> bool:
+        name = f"{stem}@{label}.raw"
+        return usable_in_file_name(label) and len(name.encode()) <= MAX_FILE_NAME_BYTES
+
+    names = [name for name, _ in snapshots]
+    ids = [snap_id for _, snap_id in snapshots]
+    labels = []
+    for index, (name, snap_id) in enumerate(snapshots):
+        other_ids = ids[:index] + ids[index + 1 :]
+        if fits(name) and names.count(name) == 1 and name not in other_ids:
+            labels.append(name)
+        else:
+            labels.append(snap_id)
+    out = []
+    for index, label in enumerate(labels):
+        if not fits(label) or labels.count(label) > 1:
+            label = f"snapshot-{index + 1}"
+        out.append(f"{stem}@{label}.raw")
+    return out
 
 
 def open_mount_set(
@@ -94,10 +121,11 @@ def open_mount_set(
             mtime = os.stat(path).st_mtime_ns
             entries: list[tuple[str, SparseSource]] = [(raw_name(path), image)]
             if snapshots:
-                stem = image_stem(path)
-                for snap in image.snapshots:
-                    view = image.open_snapshot(snap)
-                    entries.append((snapshot_file_name(stem, snap.name, snap.id_str), view))
+                names = snapshot_file_names(
+                    image_stem(path), [(snap.name, snap.id_str) for snap in image.snapshots]
+                )
+                for snap, name in zip(image.snapshots, names, strict=True):
+                    entries.append((name, image.open_snapshot(snap)))
             for name, source in entries:
                 if name in mset.files:
                     raise SparsefsError(
@@ -362,7 +390,7 @@ def rewrite_mount_helper_form(
         key, _, value = opt.partition("=")
         if key in _IGNORED_MOUNT_OPTIONS:
             continue
-        if key in ("allow_other", "no_backing", "force", "no_snapshots"):
+        if key in ("allow_other", "no_backing", "force", "force_share", "no_snapshots"):
             out.append("--" + key.replace("_", "-"))
         elif key in ("backing_dir", "log_file") and value:
             out.extend(["--" + key.replace("_", "-"), value])

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 import struct
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import compress, islice, repeat
+from operator import add, ne
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +33,7 @@ from sparsefs.errors import (
     SparsefsError,
     UnsupportedFeatureError,
 )
+from sparsefs import locking
 from sparsefs.extents import Extent, SparseSource, coalesce
 from sparsefs.qcow2 import layout as L
 from sparsefs.raw import RawFile
@@ -51,6 +55,13 @@ RUN_KIND_NAMES = {
 
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_COMPRESSED_CACHE_BYTES = 16 * 1024 * 1024
+# L2 entries decoded as a block (512 bytes of a standard table): see _decode_l2.
+_L2_BLOCK_ENTRIES = 64
+# Images in one backing chain, the top included (deeper chains are refused).
+MAX_CHAIN_LENGTH = 128
+# L1 entries loaded per image file (active state plus snapshots), in bytes of
+# on-disk table: bounds memory for images with many snapshots of huge disks.
+MAX_TOTAL_L1_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +117,8 @@ class OpenOptions:
             (unallocated ranges read as zeros and are holes).
         backing_dir: when set, every backing file must resolve inside it.
         force: open images marked corrupt.
+        force_share: take no qemu image locks (``qemu-img -U``): read images
+            that a running VM may be writing.
         l2_cache_bytes: bound of the decoded L2 table cache, per image file.
         compressed_cache_bytes: bound of the decompressed cluster cache.
     """
@@ -113,6 +126,7 @@ class OpenOptions:
     backing: bool = True
     backing_dir: str | None = None
     force: bool = False
+    force_share: bool = False
     l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES
     compressed_cache_bytes: int = DEFAULT_COMPRESSED_CACHE_BYTES
 
@@ -190,6 +204,16 @@ class _TableRuns:
         self.kinds.append(kind)
         self.hosts.append(host)
 
+    def cost(self) -> int:
+        """Approximate bytes these runs hold in memory (what the L2 cache charges).
+
+        Measured with tracemalloc: about 115 bytes per run (four list slots,
+        the int objects) plus the object itself.  A decoded table can be far
+        larger than the 1 cluster on disk (extended L2 with alternating
+        subclusters), or far smaller (a sparse table): charge what it holds.
+        """
+        return 512 + 128 * len(self.starts)
+
 
 class Qcow2File:
     """An open qcow2 file: header, extensions, caches, data file, backing.
@@ -203,9 +227,12 @@ class Qcow2File:
         self.path = path
         self.options = options
         self._closers: list[Any] = []
+        self._l1_bytes_loaded = 0
+        _check_regular_file(path, "image")
         self.file = RawFile(path)
         self._closers.append(self.file)
         try:
+            self._lock(self.file, locking.ROLE_IMAGE)
             self._open(chain)
         except BaseException:
             self.close()
@@ -215,6 +242,11 @@ class Qcow2File:
 
     def _err(self, problem: str) -> ImageFormatError:
         return ImageFormatError(f"{self.path}: {problem}")
+
+    def _lock(self, raw: RawFile, role: tuple[int, int]) -> None:
+        """Take qemu's read-side image locks on ``raw`` unless --force-share."""
+        if not self.options.force_share:
+            locking.lock_file(raw.fd, raw.path, role)
 
     def _open(self, chain: tuple[str, ...]) -> None:
         head = self.file.pread(0, 4096)
@@ -243,6 +275,17 @@ class Qcow2File:
                 raise self._err(f"header_length {header.header_length} exceeds the cluster size")
         if header.refcount_order > 6:
             raise self._err(f"invalid refcount_order {header.refcount_order}")
+        # qemu's qcow2_do_open refuses these although a reader never needs refcounts.
+        if header.refcount_table_clusters == 0:
+            raise self._err("no refcount table (refcount_table_clusters is 0)")
+        if header.refcount_table_clusters * cs > L.MAX_REFTABLE_SIZE_BYTES:
+            raise self._err(
+                f"refcount table too large ({header.refcount_table_clusters} clusters)"
+            )
+        if header.refcount_table_offset % cs:
+            raise self._err(
+                f"refcount table offset {header.refcount_table_offset} is not cluster aligned"
+            )
         if header.crypt_method != L.CRYPT_NONE:
             kind = {L.CRYPT_AES: "AES", L.CRYPT_LUKS: "LUKS"}.get(
                 header.crypt_method, f"method {header.crypt_method}"
@@ -302,11 +345,14 @@ class Qcow2File:
         self._zero_table = bytes(cs)
         self._l2_cache = _LRU(max(self.options.l2_cache_bytes, 2 * cs))
         self._compressed_cache = _LRU(max(self.options.compressed_cache_bytes, 2 * cs))
-        self._decompress_zstd: Any = None
+        # A ZstdDecompressor must not be shared between threads (concurrent
+        # use returns wrong bytes): one per reading thread.
+        self._zstd: Any = None
+        self._zstd_local = threading.local()
         if self.compression_type == L.COMPRESSION_ZSTD:
             import zstandard
 
-            self._decompress_zstd = zstandard.ZstdDecompressor()
+            self._zstd = zstandard
         # Names in the first cluster and extensions
         self.backing_name: str | None = None
         if header.backing_file_offset:
@@ -341,7 +387,8 @@ class Qcow2File:
                 raise UnsupportedFeatureError(
                     f"{self.path}: uses an external data file but does not name it"
                 )
-            data_path = self._resolve(self.data_file_name, what="data file")
+            data_path = self._resolve_data_file(self.data_file_name)
+            _check_regular_file(data_path, "external data file", self.path)
             try:
                 self.data = RawFile(data_path)
             except MissingFileError:
@@ -349,6 +396,7 @@ class Qcow2File:
                     f"{self.path}: external data file {data_path} is missing"
                 ) from None
             self._closers.append(self.data)
+            self._lock(self.data, locking.ROLE_DATA_FILE)
         # Backing chain
         self.backing: SparseSource | None = None
         self.backing_path: str | None = None
@@ -356,36 +404,86 @@ class Qcow2File:
             self.backing_path, self.backing = self._open_backing(chain)
 
     def _resolve(self, name: str, *, what: str) -> str:
+        """The path a backing or data file name from the image refers to.
+
+        Relative names are relative to the image's directory.  Refuses
+        protocols (``nbd:``, ``json:{...}``), NUL bytes, and with
+        ``--backing-dir`` anything whose real path is outside that directory.
+        """
+        if "\0" in name:
+            raise self._err(f"{what} name contains a NUL byte")
         if path_has_protocol(name):
             raise UnsupportedFeatureError(
                 f"{self.path}: {what} {name!r} names a protocol, which sparsefs refuses"
             )
         if not os.path.isabs(name):
             name = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
-        return os.path.normpath(name)
+        path = os.path.normpath(name)
+        if self.options.backing_dir is not None:
+            root = os.path.realpath(self.options.backing_dir)
+            real = os.path.realpath(path)
+            if os.path.commonpath([root, real]) != root:
+                raise UnsupportedFeatureError(
+                    f"{self.path}: {what} {path} is outside --backing-dir {root}"
+                )
+        return path
+
+    def _resolve_data_file(self, name: str) -> str:
+        """The path of the external data file the image names.
+
+        A relative name is looked up beside the image first.  qemu opens it
+        relative to its own working directory instead, so when nothing is
+        beside the image that is tried next.  When both exist and are
+        different files, the image is refused rather than guessed at.
+
+        Raises:
+            UnsupportedFeatureError: the name is ambiguous as above, or refused
+                by :meth:`_resolve`.
+        """
+        path = self._resolve(name, what="data file")
+        if os.path.isabs(name):
+            return path
+        from_cwd = os.path.abspath(name)
+        if from_cwd == path or not os.path.exists(from_cwd):
+            return path
+        if not os.path.exists(path):
+            return self._resolve(from_cwd, what="data file")
+        if os.path.samefile(path, from_cwd):
+            return path
+        raise UnsupportedFeatureError(
+            f"{self.path}: data file name {name!r} is ambiguous: {path} (beside the image) "
+            f"and {from_cwd} (from the current directory, where qemu looks) are different files"
+        )
 
     def _open_backing(self, chain: tuple[str, ...]) -> tuple[str, SparseSource]:
         assert self.backing_name is not None
         path = self._resolve(self.backing_name, what="backing file")
-        real = os.path.realpath(path)
-        if real in chain or real == os.path.realpath(self.path):
-            raise ImageFormatError(f"{self.path}: backing file {path} makes a loop in the chain")
-        if self.options.backing_dir is not None:
-            root = os.path.realpath(self.options.backing_dir)
-            if os.path.commonpath([root, real]) != root:
-                raise UnsupportedFeatureError(
-                    f"{self.path}: backing file {path} is outside --backing-dir {root}"
-                )
         if not os.path.exists(path):
             raise MissingFileError(f"{self.path}: backing file {path} is missing")
+        _check_regular_file(path, "backing file", self.path)
+        # A loop is the same real path or the same inode (a hard link) seen twice.
+        here = (os.path.realpath(self.path), _file_identity(self.file.fd))
+        real = os.path.realpath(path)
+        if real in chain or real in here or _file_identity(path) in chain + here:
+            raise ImageFormatError(f"{self.path}: backing file {path} makes a loop in the chain")
+        if len(chain) // 2 + 2 > MAX_CHAIN_LENGTH:
+            raise UnsupportedFeatureError(
+                f"{self.path}: backing chain is longer than {MAX_CHAIN_LENGTH} images"
+            )
         fmt = self.backing_format
         if fmt is None:
             fmt = "qcow2" if _has_qcow2_magic(path) else "raw"
         if fmt == "qcow2":
-            image = open_image(path, self.options, chain + (os.path.realpath(self.path),))
+            image = open_image(path, self.options, chain + here)
             return path, image
         if fmt == "raw":
-            return path, RawFile(path)
+            raw = RawFile(path)
+            try:
+                self._lock(raw, locking.ROLE_RAW_BACKING)
+            except BaseException:
+                raw.close()
+                raise
+            return path, raw
         raise UnsupportedFeatureError(
             f"{self.path}: backing file {path} has format {fmt!r}, which sparsefs cannot read"
         )
@@ -401,22 +499,46 @@ class Qcow2File:
         if h.snapshots_offset >= self.file.file_size:
             raise self._err(f"snapshot table at {h.snapshots_offset} is past the end of the file")
         snaps: list[L.Snapshot] = []
-        # Read in growing chunks: entries are variable-length.
-        buf = b""
+        # Read in chunks: entries are variable-length.  Parsed bytes are dropped
+        # so memory stays near a chunk; the table itself is bounded like qemu's
+        # (QCOW_MAX_SNAPSHOTS_SIZE).
+        buf = bytearray()
+        base = 0  # table offset of buf[0]
         chunk = 64 * 1024
         pos = 0
-        limit = self.file.file_size - h.snapshots_offset
-        for _ in range(h.nb_snapshots):
+        in_file = self.file.file_size - h.snapshots_offset
+        limit = min(in_file, L.MAX_SNAPSHOTS_TABLE_BYTES)
+        for index in range(h.nb_snapshots):
             while True:
                 try:
                     snap, nxt = L.parse_snapshot(buf, pos)
                     break
-                except ValueError:
-                    if len(buf) >= limit:
+                except L.TruncatedError:
+                    if base + len(buf) >= limit:
+                        if limit < in_file:
+                            raise self._err(
+                                f"snapshot table is larger than {limit >> 20} MiB"
+                            ) from None
                         raise self._err("snapshot table runs past the end of the file") from None
-                    more = min(chunk, limit - len(buf))
-                    buf += self.file.pread(h.snapshots_offset + len(buf), more)
-                    chunk *= 2
+                    del buf[:pos]
+                    base += pos
+                    pos = 0
+                    more = min(chunk, limit - base - len(buf))
+                    if more > 0:
+                        buf += self.file.pread(h.snapshots_offset + base + len(buf), more)
+                    chunk = min(chunk * 2, 4 * 1024 * 1024)
+                except ValueError as exc:
+                    raise self._err(f"snapshot {index}: {exc}") from None
+            # qemu's qcow2_read_snapshots: the L1 table must be sane to list the snapshot.
+            if snap.l1_size * 8 > L.MAX_L1_SIZE_BYTES:
+                raise self._err(
+                    f"snapshot {snap.id_str!r} L1 table too large ({snap.l1_size} entries)"
+                )
+            if snap.l1_table_offset % self.cluster_size:
+                raise self._err(
+                    f"snapshot {snap.id_str!r} L1 table offset {snap.l1_table_offset} "
+                    "is not cluster aligned"
+                )
             snaps.append(snap)
             pos = nxt
         return snaps
@@ -448,6 +570,13 @@ class Qcow2File:
             raise self._err(f"{what} L1 table offset {l1_table_offset} is not cluster aligned")
         if l1_table_offset + l1_size * 8 > self.file.file_size:
             raise self._err(f"{what} L1 table runs past the end of the file")
+        if self._l1_bytes_loaded + needed * 8 > MAX_TOTAL_L1_BYTES:
+            raise UnsupportedFeatureError(
+                f"{self.path}: {what} L1 table would bring the L1 tables held for this file "
+                f"past {MAX_TOTAL_L1_BYTES >> 20} MiB (many snapshots of a huge disk?); "
+                "use --no-snapshots"
+            )
+        self._l1_bytes_loaded += needed * 8
         buf = self.file.pread(l1_table_offset, needed * 8)
         return list(struct.unpack(f">{needed}Q", buf))
 
@@ -467,10 +596,18 @@ class Qcow2File:
         elif l2_offset + cs > self.file.file_size:
             problem = f"L2 table at {l2_offset:#x} is past the end of the file"
         if problem is None:
+            # Not RawFile.pread: a short read (the file shrank since open) must
+            # not turn into a zero table, which would serve holes for data.
             try:
-                buf = self.file.pread(l2_offset, cs)
-            except ImageReadError as exc:
-                problem = str(exc)
+                buf = os.pread(self.file.fd, cs, l2_offset)
+            except OSError as exc:
+                problem = f"read of the L2 table at {l2_offset:#x} failed: {exc.strerror}"
+            else:
+                if len(buf) != cs:
+                    problem = (
+                        f"L2 table at {l2_offset:#x} is past the end of the file "
+                        "(was the image truncated?)"
+                    )
         runs = _TableRuns()
         if problem is not None:
             runs.add(0, table_span, RUN_ERROR, f"{self.path}: {problem}")
@@ -481,7 +618,7 @@ class Qcow2File:
             self._decode_extended_l2(buf, runs)
         else:
             self._decode_l2(buf, runs)
-        self._l2_cache.put(l2_offset, runs, cs)
+        self._l2_cache.put(l2_offset, runs, runs.cost())
         return runs
 
     def _data_problem(self, host_offset: int, length: int) -> str | None:
@@ -496,11 +633,126 @@ class Qcow2File:
         return None
 
     def _decode_l2(self, buf: bytes, runs: _TableRuns) -> None:
+        """Decode a standard L2 table (8-byte entries) into ``runs``.
+
+        The Python work grows with the allocated clusters, not with the
+        table: all-zero blocks of ``_L2_BLOCK_ENTRIES`` entries are skipped at
+        memcmp speed and the zero entries of the other blocks by
+        ``itertools.compress``; what is left are stretches of non-zero
+        entries, which :meth:`_decode_l2_stretch` decodes.
+        """
+        cb = self.cluster_bits
+        nb_entries = len(buf) // 8
+        indices: list[int] = []  # of the non-zero entries, ascending
+        values: list[int] = []  # their entries
+        for first in _nonzero_blocks(buf, 8):
+            entries = _unpack_block(buf, first * 8)
+            indices.extend(compress(range(first, first + _L2_BLOCK_ENTRIES), entries))
+            values.extend(compress(entries, entries))
+        # Stretches of consecutive indices: break where indices[i] != indices[i - 1] + 1.
+        n = len(indices)
+        breaks = list(compress(range(1, n), map(ne, islice(indices, 1, None),
+                                                map(add, indices, repeat(1)))))
+        if n:
+            breaks.append(n)
+        done = 0  # entries [0, done) of the table are in runs
+        lo = 0
+        for hi in breaks:
+            start = indices[lo]
+            if start > done:
+                runs.add(done << cb, start << cb, RUN_UNALLOCATED, None)
+            self._decode_l2_stretch(start, values[lo:hi], runs)
+            done = start + hi - lo
+            lo = hi
+        if done < nb_entries:
+            runs.add(done << cb, nb_entries << cb, RUN_UNALLOCATED, None)
+
+    def _decode_l2_stretch(self, first_index: int, entries: list[int], runs: _TableRuns) -> None:
+        """Decode consecutive non-zero L2 entries, starting at ``first_index``.
+
+        Entries that step by exactly one cluster (contiguous data, or
+        preallocated zeros) form segments, found at C speed; a segment whose
+        first and last entries decode to data with the matching host offsets,
+        or both to zeros, is one run without looking at the entries between:
+        their flags equal the first's (the bits outside the offset mask only
+        change by a carry, and the first and last agree on them) and their
+        validity is monotonic in the host offset (alignment, above the header,
+        below the end of the file).  Everything else goes entry by entry
+        through :meth:`_decode_l2_entries`, the one place that interprets an
+        entry.  Equal entries (zero clusters) are handled likewise.
+        """
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        decode_entries = self._decode_l2_entries
+        n = len(entries)
+        if n >= 2 and entries[-1] == entries[0] and entries.count(entries[0]) == n:
+            kind, host = self._probe_l2_segment(first_index, entries[0], entries[0], n, 0)
+            if kind in (RUN_ZERO, RUN_UNALLOCATED):
+                runs.add(first_index << cb, (first_index + n) << cb, kind, host)
+                return
+        if n < 3:
+            decode_entries(first_index, entries, runs)
+            return
+        # Segment boundaries: i where entries[i] != entries[i - 1] + cluster_size.
+        breaks = list(
+            compress(range(1, n), map(ne, islice(entries, 1, None), map(add, entries, repeat(cs))))
+        )
+        breaks.append(n)
+        pending = 0  # entries[pending:seg_start] still to decode one by one
+        seg_start = 0
+        for seg_end in breaks:
+            length = seg_end - seg_start
+            if length >= 2:
+                e0 = entries[seg_start]
+                e_last = entries[seg_end - 1]
+                if not (e0 ^ e_last) & ~L.L2E_OFFSET_MASK:
+                    kind, host = self._probe_l2_segment(
+                        first_index + seg_start, e0, e_last, length, cs
+                    )
+                    if kind in (RUN_DATA, RUN_ZERO):
+                        if pending < seg_start:
+                            decode_entries(first_index + pending, entries[pending:seg_start], runs)
+                        runs.add((first_index + seg_start) << cb,
+                                 (first_index + seg_end) << cb, kind, host)
+                        pending = seg_end
+            seg_start = seg_end
+        if pending < n:
+            decode_entries(first_index + pending, entries[pending:], runs)
+
+    def _probe_l2_segment(
+        self, first_index: int, e0: int, e_last: int, length: int, step: int
+    ) -> tuple[int, Any]:
+        """The kind and host of a uniform segment of L2 entries, or (-1, None).
+
+        Decodes its first and last entries; they must give the same kind, and
+        for data, host offsets ``(length - 1) * step`` apart.
+        """
+        probe = _TableRuns()
+        self._decode_l2_entries(first_index, (e0,), probe)
+        self._decode_l2_entries(first_index + length - 1, (e_last,), probe)
+        if len(probe.kinds) != 2 or probe.kinds[0] != probe.kinds[1]:
+            return -1, None
+        kind = probe.kinds[0]
+        if kind == RUN_DATA:
+            if not step or probe.hosts[1] != probe.hosts[0] + (length - 1) * step:
+                return -1, None
+        elif kind not in (RUN_ZERO, RUN_UNALLOCATED):
+            return -1, None
+        return kind, probe.hosts[0]
+
+    def _decode_l2_entries(
+        self, first_index: int, entries: Sequence[int], runs: _TableRuns
+    ) -> None:
+        """Decode standard L2 entries one by one into ``runs``.
+
+        ``entries[0]`` is entry ``first_index`` of its table; guest offsets
+        in ``runs`` are relative to the table's first byte.
+        """
         cb = self.cluster_bits
         cs = self.cluster_size
         v3 = self.header.version >= 3
         external = self.external_data
-        for index, entry in enumerate(struct.unpack(f">{len(buf) // 8}Q", buf)):
+        for index, entry in enumerate(entries, first_index):
             start = index << cb
             if entry & L.QCOW_OFLAG_COMPRESSED:
                 if external:
@@ -510,8 +762,12 @@ class Qcow2File:
                     runs.add(start, start + cs, RUN_COMPRESSED,
                              L.compressed_descriptor(cb, entry))
                 continue
-            if v3 and entry & L.QCOW_OFLAG_ZERO:
-                runs.add(start, start + cs, RUN_ZERO, None)
+            if entry & L.QCOW_OFLAG_ZERO:
+                if v3:
+                    runs.add(start, start + cs, RUN_ZERO, None)
+                else:  # qemu: "Zero cluster entry found in pre-v3 image", EIO
+                    runs.add(start, start + cs, RUN_ERROR, f"{self.path}: zero cluster "
+                             "entry in a version 2 image")
                 continue
             host = entry & L.L2E_OFFSET_MASK
             if host == 0 and not (external and entry & L.QCOW_OFLAG_COPIED):
@@ -528,10 +784,7 @@ class Qcow2File:
         cs = self.cluster_size
         scb = self.subcluster_bits
         external = self.external_data
-        words = struct.unpack(f">{len(buf) // 8}Q", buf)
-        for index in range(len(words) // 2):
-            entry = words[2 * index]
-            bitmap = words[2 * index + 1]
+        for index, entry, bitmap in _extended_entries(buf, runs, cb):
             start = index << cb
             if entry & L.QCOW_OFLAG_COMPRESSED:
                 if external:
@@ -594,7 +847,7 @@ class Qcow2File:
             )
         # The last sector may run past the end of the file (qemu reads it short).
         nb_bytes = min(nb_bytes, self.file.file_size - host_offset)
-        raw = self.file.pread(host_offset, nb_bytes)
+        raw = _pread_exact(self, host_offset, nb_bytes)
         try:
             if self.compression_type == L.COMPRESSION_ZSTD:
                 out = self._zstd_decompress(raw)
@@ -614,10 +867,95 @@ class Qcow2File:
         return out
 
     def _zstd_decompress(self, raw: bytes) -> bytes:
-        cs = self.cluster_size
-        dobj = self._decompress_zstd.decompressobj()
-        out: bytes = dobj.decompress(raw)
-        return out[:cs] if len(out) > cs else out
+        """Decompress one zstd frame, stopping after cluster_size + 1 bytes.
+
+        The bound keeps a crafted frame (gigabytes of zeros in a few KiB) from
+        using more than a cluster of memory; more than a cluster is an error,
+        as in qemu's qcow2_zstd_decompress.
+        """
+        dctx = getattr(self._zstd_local, "dctx", None)
+        if dctx is None:
+            dctx = self._zstd_local.dctx = self._zstd.ZstdDecompressor()
+        with dctx.stream_reader(raw, read_across_frames=False) as reader:
+            out: bytes = reader.read(self.cluster_size + 1)
+        return out
+
+
+def _file_identity(file: str | int) -> str:
+    """``dev:ino`` of a path or descriptor: the same file under any name."""
+    st = os.stat(file)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _check_regular_file(path: str, what: str, referrer: str | None = None) -> None:
+    """Refuse a path that exists but is not a regular file (FIFO, device, ...).
+
+    A FIFO would block the open forever and a device reports size 0, so both
+    are refused with a clear message.  A missing file is left to the opener.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = (
+        "a directory" if stat.S_ISDIR(st.st_mode)
+        else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+        else "a block device" if stat.S_ISBLK(st.st_mode)
+        else "a character device" if stat.S_ISCHR(st.st_mode)
+        else "a socket" if stat.S_ISSOCK(st.st_mode)
+        else "not a regular file"
+    )
+    prefix = f"{referrer}: {what} {path}" if referrer else f"{path}: {what}"
+    raise UnsupportedFeatureError(f"{prefix} is {kind}; sparsefs reads regular files only")
+
+
+_ZERO_BLOCK = bytes(_L2_BLOCK_ENTRIES * 8)
+_ZERO_CHUNK = bytes(_L2_BLOCK_ENTRIES * 64)
+_unpack_block = struct.Struct(f">{_L2_BLOCK_ENTRIES}Q").unpack_from
+
+
+def _nonzero_blocks(buf: bytes, entry_size: int) -> Iterator[int]:
+    """Table index of the first entry of each 512-byte block of ``buf`` not all zero.
+
+    ``entry_size`` is 8 (standard L2) or 16 (extended L2).  Chunks of 8
+    blocks are compared first, then the blocks of the chunks that are not
+    zero: an empty 64 KiB table costs 16 memcmps.
+    """
+    block = len(_ZERO_BLOCK)
+    chunk = len(_ZERO_CHUNK) if len(buf) >= len(_ZERO_CHUNK) else block
+    zero_chunk = _ZERO_CHUNK if chunk > block else _ZERO_BLOCK
+    per_block = block // entry_size
+    for cpos in range(0, len(buf), chunk):
+        if buf[cpos : cpos + chunk] == zero_chunk:
+            continue
+        for pos in range(cpos, cpos + chunk, block):
+            if chunk == block or buf[pos : pos + block] != _ZERO_BLOCK:
+                yield pos // block * per_block
+
+
+def _extended_entries(
+    buf: bytes, runs: _TableRuns, cluster_bits: int
+) -> Iterator[tuple[int, int, int]]:
+    """Yield (l2_index, entry, bitmap) of an extended L2 table, skipping zero blocks.
+
+    The entries of all-zero 512-byte blocks (unallocated, nothing in their
+    bitmaps) are added to ``runs`` here as unallocated runs, in order
+    between the entries the caller decodes.
+    """
+    per_block = len(_ZERO_BLOCK) // 16
+    nb_entries = len(buf) // 16
+    done = 0
+    for first in _nonzero_blocks(buf, 16):
+        if first > done:
+            runs.add(done << cluster_bits, first << cluster_bits, RUN_UNALLOCATED, None)
+        words = _unpack_block(buf, first * 16)
+        for i in range(per_block):
+            yield first + i, words[2 * i], words[2 * i + 1]
+        done = first + per_block
+    if done < nb_entries:
+        runs.add(done << cluster_bits, nb_entries << cluster_bits, RUN_UNALLOCATED, None)
 
 
 def _has_qcow2_magic(path: str) -> bool:
@@ -742,7 +1080,7 @@ class Qcow2Image:
             n = e - s
             if kind == RUN_DATA:
                 if qfile.external_data:
-                    parts.append(qfile.data.pread(run.host, n))
+                    parts.append(_pread_external(qfile, run.host, n))
                 else:
                     parts.append(_pread_exact(qfile, run.host, n))
             elif kind == RUN_ZERO:
@@ -824,9 +1162,10 @@ class Qcow2Image:
                 yield MapEntry(s, n, depth, True, False, True, False, None)
             else:
                 backing = self._backing
+                # Unallocated with nothing below, or past the end of a shorter
+                # backing file: this layer answers "zero" (qemu's depth too).
                 if backing is None or s >= backing.size:
-                    yield MapEntry(s, n, depth + (1 if backing else 0), False, True, False,
-                                   False, None)
+                    yield MapEntry(s, n, depth, False, True, False, False, None)
                     continue
                 bend = min(e, backing.size)
                 if isinstance(backing, Qcow2Image):
@@ -836,7 +1175,7 @@ class Qcow2Image:
                         yield MapEntry(x.guest_offset, x.length, depth + 1, True, not x.data,
                                        x.data, False, x.guest_offset if x.data else None)
                 if e > bend:
-                    yield MapEntry(bend, e - bend, depth + 1, False, True, False, False, None)
+                    yield MapEntry(bend, e - bend, depth, False, True, False, False, None)
 
     # -- snapshots and description ---------------------------------------------------
 
@@ -904,6 +1243,29 @@ def _pread_exact(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
             f"{qfile.path}: data at {host_offset:#x} is past the end of the file "
             "(was the image truncated?)"
         )
+    return buf
+
+
+def _pread_external(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
+    """Read from the external data file: past its end (as it was at open) is zeros.
+
+    qemu reads a data file's missing tail as zeros; a read that comes back
+    short *before* that end means the file shrank while open: EIO, not zeros.
+    """
+    data = qfile.data
+    try:
+        buf = os.pread(data.fd, length, host_offset)
+    except OSError as exc:
+        raise ImageReadError(
+            f"{data.path}: read of {length} bytes at {host_offset:#x} failed: {exc.strerror}"
+        ) from exc
+    if len(buf) < length:
+        if host_offset + len(buf) < data.file_size:
+            raise ImageReadError(
+                f"{data.path}: data at {host_offset + len(buf):#x} is past the end of the "
+                "file (was the data file truncated?)"
+            )
+        buf += bytes(length - len(buf))
     return buf
 
 

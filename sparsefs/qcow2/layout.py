@@ -18,7 +18,12 @@ MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 # qemu's implementation limit for the L1 table (32 MiB) and snapshot count.
 MAX_L1_SIZE_BYTES = 32 * 1024 * 1024
+# qemu's QCOW_MAX_REFTABLE_SIZE: the refcount table is not read, but qemu refuses more.
+MAX_REFTABLE_SIZE_BYTES = 8 * 1024 * 1024
 MAX_SNAPSHOTS = 65536
+# qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE (64 MiB of table).
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+MAX_SNAPSHOTS_TABLE_BYTES = 1024 * MAX_SNAPSHOTS
 MAX_BACKING_FILE_SIZE = 1023
 
 V2_HEADER_LENGTH = 72
@@ -211,14 +216,19 @@ class Snapshot:
     disk_size: int | None = field(default=None)
 
 
-def parse_snapshot(buf: bytes, pos: int) -> tuple[Snapshot, int]:
+class TruncatedError(ValueError):
+    """The buffer ends before the record does: read more and decode again."""
+
+
+def parse_snapshot(buf: bytes | bytearray, pos: int) -> tuple[Snapshot, int]:
     """Decode the snapshot table entry at ``pos``; return it and the next entry's position.
 
     Raises:
-        ValueError: the entry runs past ``buf``.
+        TruncatedError: the entry runs past ``buf``.
+        ValueError: the entry is invalid (more extra data than qemu allows).
     """
     if pos + _SNAPSHOT_HEADER.size > len(buf):
-        raise ValueError("snapshot table entry truncated")
+        raise TruncatedError("snapshot table entry truncated")
     (
         l1_table_offset,
         l1_size,
@@ -230,11 +240,16 @@ def parse_snapshot(buf: bytes, pos: int) -> tuple[Snapshot, int]:
         vm_state_size,
         extra_data_size,
     ) = _SNAPSHOT_HEADER.unpack_from(buf, pos)
+    if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
+        raise ValueError(
+            f"snapshot table entry has {extra_data_size} bytes of extra data "
+            f"(at most {MAX_SNAPSHOT_EXTRA_DATA})"
+        )
     extra_start = pos + _SNAPSHOT_HEADER.size
     id_start = extra_start + extra_data_size
     end = id_start + id_str_size + name_size
     if end > len(buf):
-        raise ValueError("snapshot table entry truncated")
+        raise TruncatedError("snapshot table entry truncated")
     extra = buf[extra_start:id_start]
     disk_size = None
     if extra_data_size >= 8:

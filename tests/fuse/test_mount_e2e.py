@@ -27,6 +27,7 @@ from support import (
     files_equal,
     force_unmount,
     is_mounted,
+    make_encrypted_image,
     make_image,
     qemu_data_bytes,
     qemu_io,
@@ -365,9 +366,7 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path: Path) -> None:
     notq.write_text("not an image\n" * 100)
     trunc = tmp_path / "trunc.qcow2"
     trunc.write_bytes(good.read_bytes()[:60])
-    enc = tmp_path / "enc.qcow2"
-    run(["qemu-img", "create", "-q", "--object", "secret,id=s0,data=pw", "-f", "qcow2",
-         "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(enc), "4M"])
+    enc = make_encrypted_image(tmp_path / "enc.qcow2")
     cases = [
         ([str(tmp_path / "missing.qcow2"), str(mp)], ["missing.qcow2"]),
         ([str(notq), str(mp)], ["notes.txt", "not a qcow2 image"]),
