@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 
 from sparsefs import __version__
-from sparsefs.cli import demo, inspect, mount
+from sparsefs.cli import backup, checksum, demo, inspect, mount
 from sparsefs.cli.common import EXIT_ERROR, fail_message
 from sparsefs.errors import SparsefsError
 
-_COMMANDS = (mount, inspect, demo)
+_COMMANDS = (mount, backup, inspect, checksum, demo)
 
 DESCRIPTION = """\
 Present qcow2 images as sparse raw files whose holes come from the qcow2

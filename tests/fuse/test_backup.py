@@ -1,0 +1,190 @@
+"""``sparsefs backup``: copies equal qemu's, manifests the standard tools accept,
+a progress bar on a terminal, and no complete-looking file after a failure."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import (
+    MiB,
+    files_equal,
+    make_image,
+    qemu_data_bytes,
+    qemu_map,
+    qemu_raw,
+    run,
+    sparsefs,
+)
+
+from sparsefs.cli import backup as backup_mod
+from sparsefs.cli import main
+
+
+def _no_backup_mounts() -> bool:
+    with open("/proc/self/mounts") as f:
+        return not any("sparsefs-backup-" in line for line in f)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    src = tmp_path / "images"
+    src.mkdir()
+    return [
+        make_image(src / "web.qcow2", 256 * MiB, seed=41, writes=30, max_len=MiB),
+        make_image(src / "db.qcow2", 64 * MiB + 4096, seed=42, writes=20, max_len=MiB),
+    ]
+
+
+def test_backup_copies_verifies_and_writes_manifests(images: list[Path], tmp_path: Path) -> None:
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    proc = sparsefs("backup", *map(str, images), str(dest))
+    assert proc.returncode == 0, proc.stderr
+    # Not a terminal: one summary line per file and a final one, no progress bar.
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and "\r" not in proc.stdout and "\r" not in proc.stderr
+    assert lines[-1].startswith("backup: 2 of 2 files copied and verified")
+    for image in images:
+        name = image.name.replace(".qcow2", ".raw")
+        copy = dest / name
+        assert files_equal(copy, qemu_raw(image, tmp_path / f"{name}.ref"))
+        assert copy.stat().st_blocks * 512 <= qemu_data_bytes(qemu_map(image)) + MiB
+        assert name in proc.stdout
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "SPARSEFS-SUMS", "XXH128SUMS", "db.raw", "web.raw"
+    ]
+    # The standard tool checks XXH128SUMS, sparsefs checks SPARSEFS-SUMS, from inside DEST.
+    out = run(["xxh128sum", "-c", "XXH128SUMS"], cwd=dest).stdout
+    assert out.count(": OK") == 2
+    out = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout
+    assert out.count(": OK") == 2
+    assert _no_backup_mounts()
+
+
+def test_second_run_updates_manifests_in_place(images: list[Path], tmp_path: Path) -> None:
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    sparsefs("backup", *map(str, images), str(dest), check=True)
+    run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x99 1M 1M", str(images[0])])
+    sparsefs("backup", "--quiet", str(images[0]), str(dest), check=True)
+    sums = (dest / "XXH128SUMS").read_text().splitlines()
+    assert len(sums) == 2  # web.raw replaced, db.raw kept
+    assert run(["xxh128sum", "-c", "XXH128SUMS"], cwd=dest).stdout.count(": OK") == 2
+    assert files_equal(dest / "web.raw", qemu_raw(images[0], tmp_path / "web.ref"))
+
+
+def test_progress_bar_on_a_terminal(images: list[Path], tmp_path: Path) -> None:
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its terminal
+        os.execv(sys.executable, [sys.executable, "-m", "sparsefs", "backup",
+                                  *map(str, images), str(dest)])
+    output = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, output.decode(errors="replace")
+    text = output.decode(errors="replace")
+    # Redrawn in place with \r: bytes done / total, percent, rate, ETA.
+    assert "\r" in text, text
+    bar_lines = [part for part in text.split("\r") if "%" in part and "MiB" in part]
+    assert bar_lines, text
+    assert "ETA" in text or "eta" in text.lower(), text
+
+
+def test_failed_verification_leaves_no_final_file(
+    images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A copy that comes out wrong is caught by verification, deleted, and not renamed."""
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    real_copy = backup_mod.copy_sparse
+
+    def corrupting_copy(src: str, dst: str, bar: object) -> None:
+        real_copy(src, dst, bar)  # type: ignore[arg-type]
+        if "web" in src:  # one flipped byte, as bad RAM or a bad disk would do
+            with open(dst, "r+b") as f:
+                f.seek(5000)
+                byte = f.read(1)
+                f.seek(5000)
+                f.write(bytes([byte[0] ^ 0xFF]))
+
+    monkeypatch.setattr(backup_mod, "copy_sparse", corrupting_copy)
+    status = main(["backup", *map(str, images), str(dest)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "web.raw" in err and "verification failed" in err
+    names = sorted(p.name for p in dest.iterdir())
+    assert "web.raw" not in names and not any("partial" in n for n in names)
+    assert "db.raw" in names  # the other image is backed up
+    assert "web.raw" not in (dest / "XXH128SUMS").read_text()
+    assert _no_backup_mounts()
+
+
+def test_read_error_fails_the_run_and_leaves_no_file(tmp_path: Path) -> None:
+    import struct
+
+    image = make_image(tmp_path / "bad.qcow2", 1024 * MiB, seed=3, writes=0, zero_writes=0,
+                       discards=0)
+    run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x6b 600M 1M", str(image)])
+    l1_offset = struct.unpack_from(">Q", image.read_bytes(), 40)[0]
+    with open(image, "r+b") as f:
+        f.seek(l1_offset + 8)
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    proc = sparsefs("backup", str(image), str(dest))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "bad.raw" in proc.stderr
+    assert list(dest.iterdir()) == []
+    assert _no_backup_mounts()
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "ok.qcow2", 4 * MiB, seed=5)
+    proc = sparsefs("backup", str(image), str(tmp_path / "nowhere"))
+    assert proc.returncode == 1 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    proc = sparsefs("backup", str(tmp_path / "missing.qcow2"), str(tmp_path))
+    assert proc.returncode == 1 and "missing.qcow2" in proc.stderr
+    assert not list(tmp_path.glob("*.raw"))
+
+
+def test_help_is_complete() -> None:
+    for cmd in ([], ["mount"], ["umount"], ["backup"], ["checksum"], ["verify"], ["map"],
+                ["info"], ["demo"]):
+        proc = subprocess.run([sys.executable, "-m", "sparsefs", *cmd, "--help"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, cmd
+        assert "usage: sparsefs" in proc.stdout
+        if cmd:
+            # every option of the subcommand carries a help text
+            assert "  -h, --help" in proc.stdout
+            for line in proc.stdout.splitlines():
+                stripped = line.strip()
+                if stripped.startswith("--") and "  " not in stripped:
+                    # option whose help wrapped to the next line is fine; bare option is not
+                    idx = proc.stdout.splitlines().index(line)
+                    nxt = proc.stdout.splitlines()[idx + 1].strip()
+                    assert nxt and not nxt.startswith("-"), (cmd, line)
