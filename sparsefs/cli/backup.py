@@ -212,12 +212,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     results: list[Result] = []
     quiet = args.quiet
     try:
-        total_data = sum(data_size(src) for src in mset.files.values())
-        with _private_mount(images, args) as mountpoint, Progress(
-            total_data, label="backup", enabled=False if quiet else None
-        ) as bar:
+        enabled = False if quiet else None  # None: draw when stderr is a terminal
+        with _private_mount(images, args) as mountpoint:
             for name, source in mset.files.items():
-                results.append(_backup_one(name, source, mountpoint, dest, bar, quiet))
+                results.append(_backup_one(name, source, mountpoint, dest, enabled, quiet))
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
         xsums = {r.name: r.xxh128 for r in results if r.ok and r.xxh128}
         if sums:
@@ -237,28 +235,33 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def _backup_one(name: str, source: object, mountpoint: str, dest: str, bar: Progress,
-                quiet: bool) -> Result:
+def _backup_one(name: str, source: object, mountpoint: str, dest: str,
+                enabled: bool | None, quiet: bool) -> Result:
     from sparsefs.extents import SparseSource
 
     assert isinstance(source, SparseSource)
     final = os.path.join(dest, name)
     partial = os.path.join(dest, f".{name}.partial-{os.getpid()}")
     result = Result(name, ok=False, size=source.size)
-    bar.label = name
+    bar = Progress(data_size(source), label=f"{name} copy", enabled=enabled)
     t0 = time.monotonic()
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
-        copy_sparse(os.path.join(mountpoint, name), partial, bar)
+        with bar:
+            copy_sparse(os.path.join(mountpoint, name), partial, bar)
         with RawFile(partial) as copy:
-            difference, digest = compare(source, copy)
+            # Verification reads the image directly (not the mount) and the copy.
+            with Progress(source.size, label=f"{name} verify", enabled=bar.enabled) as vbar:
+                difference, digest = compare(source, copy,
+                                             progress=vbar.update if vbar.enabled else None)
             if difference is not None or digest is None:
                 where = (f"at byte {difference.offset}" if difference and difference.offset
                          is not None else "in length")
                 raise _CopyFailed(f"verification failed: the copy differs from the image {where}; "
                                   "no file written")
-            xxh = stream_xxh128(copy)
+            with Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar:
+                xxh = stream_xxh128(copy, progress=xbar.update if xbar.enabled else None)
         os.replace(partial, final)
         result.ok = True
         result.digest = digest.digest
@@ -274,7 +277,7 @@ def _backup_one(name: str, source: object, mountpoint: str, dest: str, bar: Prog
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
     result.seconds = time.monotonic() - t0
-    bar.clear()
+    bar.close()
     if not result.ok:
         print(f"sparsefs: {result.error}", file=sys.stderr)
     elif not quiet:
