@@ -172,14 +172,6 @@ def put(buf: bytearray, pos: int, fmt: str, value: int) -> None:
     struct.pack_into(fmt, buf, pos, value & ((1 << (8 * width)) - 1))
 
 
-def mutate_file(src: Path, dst: Path, change: Callable[[bytearray], None]) -> Path:
-    """Copy ``src`` to ``dst`` with ``change`` applied to its bytes."""
-    buf = bytearray(src.read_bytes())
-    change(buf)
-    dst.write_bytes(bytes(buf))
-    return dst
-
-
 # -- base images ----------------------------------------------------------------------
 
 

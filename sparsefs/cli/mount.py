@@ -156,7 +156,24 @@ def check_mountpoint(mountpoint: str) -> None:
     if not stat_mod.S_ISDIR(st.st_mode):
         raise MountError(f"{mountpoint}: mountpoint is not a directory")
     if os.path.ismount(mountpoint):
+        if _is_dead_mount(mountpoint):  # stat may still answer from the kernel's cache
+            raise MountError(
+                f"{mountpoint}: a dead mount is left here; run 'sparsefs umount {mountpoint}'"
+            )
         raise MountError(f"{mountpoint}: mountpoint is busy (already a mount point)")
+
+
+def _is_dead_mount(mountpoint: str) -> bool:
+    """True when a FUSE mount is left at ``mountpoint`` whose daemon is gone.
+
+    statfs always reaches the daemon (nothing caches it), so a dead
+    connection answers ENOTCONN (or ECONNABORTED once aborted).
+    """
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
 
 
 def fuse_options(*, allow_other: bool, fsname: str) -> set[str]:
@@ -317,13 +334,18 @@ def unmount(mountpoint: str) -> None:
         raise MountError(f"{mountpoint}: not mounted")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     errors = []
+    # A dead mount serves nothing: files still open on it only get errors, so
+    # it is detached lazily rather than refused as busy.
+    dead = _is_dead_mount(mountpoint)
     if tool:
-        proc = subprocess.run([tool, "-u", mountpoint], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return
-        errors.append(proc.stderr.strip())
+        for flags in (["-u"], ["-u", "-z"]) if dead else (["-u"],):
+            proc = subprocess.run([tool, *flags, mountpoint], capture_output=True, text=True)
+            if proc.returncode == 0:
+                return
+            errors.append(proc.stderr.strip())
     if os.geteuid() == 0 and shutil.which("umount"):
-        proc = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
+        cmd = ["umount", "-l", mountpoint] if dead else ["umount", mountpoint]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
             return
         errors.append(proc.stderr.strip())

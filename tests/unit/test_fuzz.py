@@ -16,7 +16,7 @@ extents; the qemu-img-style map tiles the image; the same holds for every
 snapshot that opens.  Each mutant runs under a watchdog (a hang fails the
 test) and the address space is capped, so unbounded allocation fails too.
 
-Budget: ``SPARSEFS_FUZZ_ITERATIONS`` mutants (default 300), seed
+Budget: ``SPARSEFS_FUZZ_ITERATIONS`` mutants (default 1000), seed
 ``SPARSEFS_FUZZ_SEED`` (default fixed).  A longer run:
 ``SPARSEFS_FUZZ_ITERATIONS=20000 SPARSEFS_FUZZ_SEED=$RANDOM
 .venv/bin/python -m pytest tests/unit/test_fuzz.py``.  A failure names the
@@ -43,7 +43,7 @@ from sparsefs.extents import Extent, SparseSource, data_size, seek_data, seek_ho
 from sparsefs.qcow2 import Qcow2Image, open_image
 from sparsefs.qcow2.image import OpenOptions
 
-ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "300"))
+ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "1000"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))
 WATCHDOG_SECONDS = 30  # per mutant; only a hang gets anywhere near it
 EXTRA_ADDRESS_SPACE = 1536 * MiB  # on top of what the test process already maps
@@ -209,7 +209,8 @@ def test_fuzz_mutants(bases: dict[str, tuple[Path, Located]]) -> None:
             base, loc = bases[kind]
             rng = random.Random(f"{SEED}:{i}")
             mutator = Mutator(loc, rng)
-            changes = [mutator.next() for _ in range(1 if rng.random() < 0.8 else rng.randrange(2, 4))]
+            stacked = 1 if rng.random() < 0.8 else rng.randrange(2, 4)
+            changes = [mutator.next() for _ in range(stacked)]
             buf = bytearray(loc.raw)
             for _, change in changes:
                 change(buf)
