@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
-from sparsefs.errors import ImageReadError, MissingFileError
+from sparsefs.errors import ImageReadError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import Extent
 
 
@@ -27,14 +28,21 @@ class RawFile:
     def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
         self.path = os.fspath(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO swapped in for the file must not hang the open.
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise MissingFileError(f"{self.path}: cannot open: {exc.strerror}") from exc
         try:
-            self.file_size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
         except OSError as exc:
             os.close(self._fd)
             raise MissingFileError(f"{self.path}: cannot stat: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise UnsupportedFeatureError(
+                f"{self.path}: not a regular file; sparsefs reads regular files only"
+            )
+        self.file_size = st.st_size
         self._size = self.file_size if size is None else size
         self._seek_works = True
 
@@ -63,10 +71,13 @@ class RawFile:
     def pread(self, host_offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``host_offset`` of the file.
 
-        Bytes past the end of the file read as zeros.
+        Bytes past the end the file had when it was opened read as zeros (as
+        qemu reads a shorter backing or data file).  Bytes the file had then
+        but no longer has (it was truncated while open) are an error, never
+        zeros.
 
         Raises:
-            ImageReadError: on an I/O error.
+            ImageReadError: on an I/O error, or when the file shrank.
         """
         try:
             buf = os.pread(self._fd, length, host_offset)
@@ -75,6 +86,11 @@ class RawFile:
                 f"{self.path}: read of {length} bytes at {host_offset} failed: {exc.strerror}"
             ) from exc
         if len(buf) < length:
+            if host_offset + len(buf) < min(self.file_size, host_offset + length):
+                raise ImageReadError(
+                    f"{self.path}: file shrank while open: data at {host_offset + len(buf)} "
+                    "is gone"
+                )
             buf += bytes(length - len(buf))
         return buf
 
