@@ -109,10 +109,11 @@ def digest_file(path: str, fmt: Format, options: OpenOptions, *, stream: bool,
 def format_line(digest: str, name: str) -> str:
     """A ``DIGEST  NAME`` line, as sha256sum/xxh128sum print it.
 
-    A name holding a newline, carriage return or backslash is escaped the
-    GNU way (line starts with a backslash, ``\\\\``, ``\\n``, ``\\r`` in the name) only
-    when it holds a newline or carriage return: names with backslashes alone
-    are printed as they are, as xxh128sum prints them.
+    A name holding a newline or carriage return is escaped the GNU way: the
+    line starts with a backslash and the name's backslashes, newlines and
+    carriage returns are written as two-character escapes.  Any other name,
+    backslashes included, is printed as it is, as xxh128sum 0.8 prints it (so
+    ``xxh128sum -c`` reads our ``--stream-xxh128`` lines).
     """
     if "\n" in name or "\r" in name:
         escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
@@ -170,8 +171,21 @@ def parse_manifest_line(line: str) -> ManifestEntry | None:
 # -- checksum -------------------------------------------------------------------------
 
 
+def _names_pass_through() -> None:
+    """Let file names that are not valid in the locale's encoding print as their bytes.
+
+    Names come from argv and manifests with undecodable bytes as surrogates
+    (PEP 383); a strict stdout would fail on them with a traceback.  (stderr
+    already escapes them: its error handler is backslashreplace.)
+    """
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def cmd_checksum(args: argparse.Namespace) -> int:
     """``sparsefs checksum``: print digests, or check a manifest with ``--check``."""
+    _names_pass_through()
     if args.check is not None:
         if args.files:
             raise SparsefsError("--check MANIFEST takes no FILE arguments")
@@ -273,6 +287,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``sparsefs verify IMAGE COPY``: 0 equal, 1 different, 2 error."""
+    _names_pass_through()
     image_fmt: Format = "raw" if args.format == "raw" else "qcow2"
     options = open_options(args)
     with (

@@ -22,6 +22,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import (
+    SPARSEFS,
     KiB,
     MiB,
     make_image,
@@ -238,6 +239,8 @@ def test_flipped_byte_found_by_verify_and_check(
         str(img), str(copy)))
     assert sparsefs("checksum", "--check", str(manifest)).returncode == 0
 
+    in_data = any(s <= offset < e for s, e in seek_walk(copy))
+    assert in_data == (where != "hole"), "the spot is not what the test claims"
     flip_byte(copy, offset)
     proc = sparsefs("verify", "--quiet", "--json", str(img), str(copy))
     assert proc.returncode == 1, proc.stderr
@@ -375,6 +378,21 @@ def test_check_reads_xxh128sum_manifests_and_xxh128sum_reads_ours(
     run(["xxh128sum", "-c", "OURS"], cwd=work)
 
 
+def test_names_that_are_not_utf8(plain: tuple[Path, Path], tmp_path: Path) -> None:
+    """A file name with an undecodable byte is printed as its bytes and checked back."""
+    _, raw = plain
+    name = b"bad\xffname.raw"
+    shutil.copyfile(raw, os.path.join(os.fsencode(tmp_path), name))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    out = subprocess.run([*SPARSEFS, "checksum", "-q", os.fsdecode(name)], cwd=tmp_path,
+                         env=env, capture_output=True, check=True).stdout
+    assert out == reference_digest(raw).encode() + b"  " + name + b"\n"
+    (tmp_path / "SUMS").write_bytes(out)
+    check = subprocess.run([*SPARSEFS, "checksum", "-c", "SUMS"], cwd=tmp_path, env=env,
+                           capture_output=True)
+    assert (check.returncode, check.stdout, check.stderr) == (0, name + b": OK\n", b"")
+
+
 def test_manifest_lines_round_trip() -> None:
     digest = "sparsefs1:" + "0123456789abcdef" * 2
     for name in ("plain.raw", "with space.raw", "back\\slash", "new\nline", "cr\rname",
@@ -449,12 +467,6 @@ def sources(draw: st.DrawFn) -> MemSource:
                               zero=kind == "known-zero"))
         pos += n
     return MemSource(bytes(data), extents)
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[C.ThreadPoolExecutor]:
-    with C.ThreadPoolExecutor(2) as executor:
-        yield executor
 
 
 @settings(max_examples=300, deadline=None)
