@@ -10,16 +10,29 @@ Exit status: 0 success; 1 failure (an error, or for ``verify`` and
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from sparsefs import __version__
-from sparsefs.cli import backup, checksum, demo, inspect, mount
 from sparsefs.cli.common import EXIT_ERROR, fail_message
 from sparsefs.errors import SparsefsError
 
-_COMMANDS = (mount, backup, inspect, checksum, demo)
+# Subcommand -> the module under sparsefs.cli that defines it.  A module is
+# imported only when its command runs (or for the full --help): start-up time
+# counts for short commands such as ``checksum``.
+COMMANDS = {
+    "mount": "mount",
+    "umount": "mount",
+    "backup": "backup",
+    "map": "inspect",
+    "info": "inspect",
+    "checksum": "checksum",
+    "verify": "checksum",
+    "demo": "demo",
+}
+_MODULES = ("mount", "backup", "inspect", "checksum", "demo")
 
 DESCRIPTION = """\
 Present qcow2 images as sparse raw files whose holes come from the qcow2
@@ -38,8 +51,18 @@ mount(8) form (used by mount.fuse3 and fstab):
   sparsefs IMAGE MOUNTPOINT -o ro[,allow_other,...]"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand."""
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names, skipping the global options before it."""
+    for word in argv:
+        if word in ("-v", "--verbose") or (len(word) > 1 and word.strip("-v") == "" and
+                                           word.startswith("-v")):
+            continue
+        return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser: with every subcommand, or only ``command``'s module."""
     parser = argparse.ArgumentParser(
         prog="sparsefs",
         description=DESCRIPTION,
@@ -51,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="log more (repeat for debug)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _COMMANDS:
-        module.add_parser(sub)
+    modules = _MODULES if command is None else (COMMANDS[command],)
+    for name in modules:
+        importlib.import_module(f"sparsefs.cli.{name}").add_parser(sub)
     return parser
 
 
@@ -64,8 +88,12 @@ def _configure_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args_list = mount.rewrite_mount_helper_form(args_list, build_parser)
-    parser = build_parser()
+    if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
+        from sparsefs.cli import mount
+
+        args_list = mount.rewrite_mount_helper_form(args_list, COMMANDS)
+    command = _command_of(args_list)
+    parser = build_parser(command)
     args = parser.parse_args(args_list)
     _configure_logging(args.verbose)
     error_exit = getattr(args, "error_exit", EXIT_ERROR)

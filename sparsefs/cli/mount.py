@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from sparsefs.cli.common import (
@@ -382,20 +382,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def rewrite_mount_helper_form(
-    argv: list[str], build_parser: Callable[[], argparse.ArgumentParser]
-) -> list[str]:
+def rewrite_mount_helper_form(argv: list[str], commands: Collection[str]) -> list[str]:
     """Turn mount.fuse3's ``IMAGE MOUNTPOINT -o opts`` call into ``mount ...`` arguments.
 
     mount.fuse3 runs ``sparsefs SOURCE MOUNTPOINT -o OPTIONS``.  Anything
-    whose first word is a subcommand or an option is returned unchanged.
+    whose first word is a subcommand (one of ``commands``) or an option is
+    returned unchanged.
     """
-    if not argv or argv[0].startswith("-"):
-        return argv
-    commands = set()
-    for action in build_parser()._subparsers._group_actions:  # type: ignore[union-attr]
-        commands.update(getattr(action, "choices", {}) or {})
-    if argv[0] in commands:
+    if not argv or argv[0].startswith("-") or argv[0] in commands:
         return argv
     positional: list[str] = []
     options: list[str] = []
@@ -407,6 +401,8 @@ def rewrite_mount_helper_form(
             options.extend(word[2:].split(","))
         else:
             positional.append(word)
+    if len(positional) != 2:
+        return argv  # not the helper form: let argparse name the unknown command
     out = ["mount"]
     for opt in filter(None, options):
         key, _, value = opt.partition("=")
