@@ -262,7 +262,7 @@ def _check(args: argparse.Namespace) -> int:
         failed += not ok
         record.update(status="OK" if ok else "FAILED", actual=result.digest)
         records.append(record)
-        if not args.json:
+        if not args.json and not (ok and args.quiet):  # sha256sum --quiet: no OK lines
             print(f"{entry.name}: {'OK' if ok else 'FAILED'}", flush=True)
     if args.json:
         print(json.dumps(records, indent=2))
@@ -367,7 +367,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="print the plain XXH128 of the whole byte stream instead, equal to "
                    "what xxh128sum prints for the raw file (hashes the zeros of holes too)")
     c.add_argument("--json", action="store_true", help="print results as JSON")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar; with --check, print no OK lines (as sha256sum)")
     add_open_options(c)
     c.set_defaults(func=cmd_checksum)
 

@@ -682,3 +682,18 @@ def test_human_units() -> None:
     assert human_bytes(123.4 * (1 << 30)) == "123 GiB"
     assert human_duration(59.6) == "1:00"
     assert human_duration(3725) == "1:02:05"
+
+
+def test_check_quiet_prints_only_failures(tmp_path: Path) -> None:
+    """As ``sha256sum --check --quiet``: OK lines are left out, FAILED lines stay."""
+    good = tmp_path / "good.raw"
+    bad = tmp_path / "bad.raw"
+    good.write_bytes(b"a" * 5000)
+    bad.write_bytes(b"b" * 5000)
+    manifest = tmp_path / "SUMS"
+    lines = sparsefs("checksum", str(good), str(bad), check=True).stdout
+    manifest.write_text(lines)
+    bad.write_bytes(b"c" * 5000)
+    proc = sparsefs("checksum", "--quiet", "--check", str(manifest))
+    assert proc.returncode == 1
+    assert proc.stdout == f"{bad}: FAILED\n"
