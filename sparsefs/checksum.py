@@ -42,7 +42,7 @@ import functools
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -302,7 +302,7 @@ def iter_block_digests(
     *,
     block_size: int = BLOCK_SIZE,
     in_flight: int = DEFAULT_IN_FLIGHT,
-) -> Iterator[BlockRun]:
+) -> Generator[BlockRun, None, None]:
     """Yield the block digests of ``source`` in block order, as runs.
 
     Zero runs never touch storage; each data block is read and hashed by
@@ -353,9 +353,9 @@ def iter_block_digests(
         while pending:
             yield from drain_one()
     finally:
-        for _, fut, _ in pending:
-            if fut is not None:
-                fut.cancel()
+        for _, queued, _ in pending:
+            if queued is not None:
+                queued.cancel()
 
 
 class _Folder:

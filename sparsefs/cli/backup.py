@@ -219,8 +219,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
         xsums = {r.name: r.xxh128 for r in results if r.ok and r.xxh128}
         if sums:
-            _update_manifest(os.path.join(dest, SPARSEFS_SUMS), sums)  # type: ignore[arg-type]
-            _update_manifest(os.path.join(dest, XXH128_SUMS), xsums)  # type: ignore[arg-type]
+            _update_manifest(os.path.join(dest, SPARSEFS_SUMS), sums)
+            _update_manifest(os.path.join(dest, XXH128_SUMS), xsums)
             _fsync_dir(dest)
     finally:
         mset.close()

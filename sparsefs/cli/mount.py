@@ -235,8 +235,8 @@ async def _main_loop() -> None:
 
 def _daemon_logging(log_file: str | None) -> None:
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler
     if log_file:
         handler = logging.FileHandler(log_file)

@@ -8,6 +8,7 @@ virtual disk.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass, field
 
@@ -113,10 +114,18 @@ class Header:
         """
         if len(buf) < _HEADER_V2.size:
             raise ValueError(f"header truncated ({len(buf)} of {_HEADER_V2.size} bytes)")
-        v2 = _HEADER_V2.unpack_from(buf, 0)
-        version = v2[1]
+        (
+            magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
+            crypt_method, l1_size, l1_table_offset, refcount_table_offset,
+            refcount_table_clusters, nb_snapshots, snapshots_offset,
+        ) = _HEADER_V2.unpack_from(buf, 0)
+        v2 = cls(
+            magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
+            crypt_method, l1_size, l1_table_offset, refcount_table_offset,
+            refcount_table_clusters, nb_snapshots, snapshots_offset,
+        )
         if version < 3:
-            return cls(*v2)
+            return v2
         if len(buf) < V3_MIN_HEADER_LENGTH:
             raise ValueError(f"v3 header truncated ({len(buf)} of {V3_MIN_HEADER_LENGTH} bytes)")
         incompat, compat, autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(
@@ -127,8 +136,8 @@ class Header:
             if len(buf) < 105:
                 raise ValueError("v3 header truncated before compression_type")
             compression_type = buf[104]
-        return cls(
-            *v2,
+        return dataclasses.replace(
+            v2,
             incompatible_features=incompat,
             compatible_features=compat,
             autoclear_features=autoclear,
