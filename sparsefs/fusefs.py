@@ -19,6 +19,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -35,6 +36,11 @@ _ZEROS = memoryview(bytes(ZERO_BUFFER_SIZE))
 # What st_blksize tells copiers; cp and rsync size their reads by it.
 PREFERRED_IO_SIZE = 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+# A source's optional ``read_nowait(guest_offset, length)``: the bytes from
+# memory, or None when they would have to wait (see Qcow2Image.read_nowait).
+_ReadNowait = Callable[[int, int], bytes | bytearray | memoryview | None]
 
 
 def has_lseek_support() -> bool:
@@ -60,6 +66,21 @@ class FileNode:
                 self._blocks = (data_size(self.source) + 511) // 512
             return self._blocks
 
+    def survey(self) -> tuple[int, int]:
+        """Walk the map once: (data bytes, data extents); sets ``st_blocks`` too.
+
+        The data bytes are :func:`~sparsefs.extents.data_size`, summed from
+        the same extents, so ``st_blocks`` is what :meth:`blocks` computes.
+        """
+        data = extents = 0
+        for ext in self.source.iter_extents(0):
+            if ext.data:
+                data += ext.length
+                extents += 1
+        with self._lock:
+            self._blocks = (data + 511) // 512
+        return data, extents
+
 
 class SparseFS(pyfuse3.Operations):
     """A read-only FUSE directory: ``name -> SparseSource``.
@@ -69,6 +90,8 @@ class SparseFS(pyfuse3.Operations):
         uid, gid: owner of every entry (the mounting user).
         mtime_ns: per-name modification times (default: now).
         max_threads: reads served at once in worker threads.
+        after_init: called on the event loop once FUSE_INIT is answered
+            (the mount then has its kernel parameters, e.g. its readahead).
     """
 
     def __init__(
@@ -79,8 +102,10 @@ class SparseFS(pyfuse3.Operations):
         gid: int | None = None,
         mtime_ns: dict[str, int] | None = None,
         max_threads: int = 8,
+        after_init: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        self._after_init = after_init
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._nodes: dict[int, FileNode] = {}
@@ -97,11 +122,48 @@ class SparseFS(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(max_threads)
         self._logged: set[str] = set()
         self.bytes_served = 0  # bytes returned by read, data and zeros
+        self.data_bytes = 0  # stored data of all files, by precompute
+        self.data_extents = 0  # their data extents, by precompute
+
+    def init(self) -> None:
+        """pyfuse3 calls this while it answers FUSE_INIT: schedule ``after_init``.
+
+        It runs at the event loop's next turn, after the answer is sent.
+        """
+        after_init = self._after_init
+        if after_init is None:
+            return
+
+        def run() -> None:
+            try:
+                after_init()
+            except Exception:  # a hint failed: keep serving
+                log.exception("after FUSE_INIT")
+
+        trio.lowlevel.current_trio_token().run_sync_soon(run)
 
     def precompute(self) -> None:
-        """Compute every file's ``st_blocks`` now (before the mount is announced)."""
+        """Compute every file's ``st_blocks`` now (before the mount is announced).
+
+        That walks every file's whole map; sources that can (qcow2: L2
+        tables) are first asked to read their metadata ahead, all at once.
+        """
         for node in self._nodes.values():
-            node.blocks()
+            advise = getattr(node.source, "advise_metadata", None)
+            if advise is not None:
+                advise()
+        for node in self._nodes.values():
+            data, extents = node.survey()
+            self.data_bytes += data
+            self.data_extents += extents
+
+    def mean_data_extent(self) -> int | None:
+        """Mean length in bytes of the data extents of all files (after :meth:`precompute`).
+
+        None when there is no data.  What a copier reads between two
+        SEEK_DATA/SEEK_HOLE pairs; the readahead of the mount is sized by it.
+        """
+        return self.data_bytes // self.data_extents if self.data_extents else None
 
     # -- attributes -----------------------------------------------------------------
 
@@ -205,12 +267,20 @@ class SparseFS(pyfuse3.Operations):
             return b""
         length = end - off
         try:
-            if length <= ZERO_BUFFER_SIZE:
+            # From memory on the event loop when the source can (page cache,
+            # caches, holes): a thread hop costs more than the copy.  Else a thread.
+            read_nowait: _ReadNowait | None = getattr(source, "read_nowait", None)
+            data: bytes | bytearray | memoryview | None = (
+                read_nowait(off, length) if read_nowait is not None else None
+            )
+            if data is None and read_nowait is None and length <= ZERO_BUFFER_SIZE:
                 first = next(source.iter_extents(off), None)
                 if first is not None and not first.data and first.end >= end:
-                    self.bytes_served += length
-                    return _ZEROS[:length]  # type: ignore[return-value]
-            data = await trio.to_thread.run_sync(source.read, off, length, limiter=self._limiter)
+                    data = _ZEROS[:length]
+            if data is None:
+                data = await trio.to_thread.run_sync(
+                    source.read, off, length, limiter=self._limiter
+                )
         except SparsefsError as exc:
             self._log_once(exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -218,7 +288,7 @@ class SparseFS(pyfuse3.Operations):
             self._log_once(exc, unexpected=True)
             raise pyfuse3.FUSEError(errno.EIO) from None
         self.bytes_served += len(data)
-        return data
+        return data  # type: ignore[return-value]  # any buffer does for pyfuse3
 
     async def lseek(
         self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT, offset: int, whence: int

@@ -52,6 +52,32 @@ def add_open_options(parser: argparse.ArgumentParser) -> None:
         help="take no image locks, like qemu-img -U: read an image that a running VM "
         "may be writing (the copy may be inconsistent)",
     )
+    group.add_argument(
+        "--l2-cache-mib",
+        type=_cache_mib,
+        metavar="MIB",
+        help="memory for decoded L2 tables (the cluster map) per image, its backing "
+        "chain included (default 32); a sparse table takes a few KiB, a dense one up to "
+        "about a MiB; tables are read again when evicted",
+    )
+    group.add_argument(
+        "--compressed-cache-mib",
+        type=_cache_mib,
+        metavar="MIB",
+        help="memory for decompressed clusters per image, its backing chain included "
+        "(default 16)",
+    )
+
+
+def _cache_mib(text: str) -> float:
+    """argparse type: a cache size in MiB, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
 
 
 def open_options(args: argparse.Namespace) -> OpenOptions:
@@ -65,6 +91,9 @@ def open_options(args: argparse.Namespace) -> OpenOptions:
     l2_cache = getattr(args, "l2_cache_mib", None)
     if l2_cache is not None:
         kwargs["l2_cache_bytes"] = int(l2_cache * 1024 * 1024)
+    compressed_cache = getattr(args, "compressed_cache_mib", None)
+    if compressed_cache is not None:
+        kwargs["compressed_cache_bytes"] = int(compressed_cache * 1024 * 1024)
     return OpenOptions(**kwargs)  # type: ignore[arg-type]
 
 

@@ -14,6 +14,7 @@ insert.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import stat
 import struct
@@ -21,9 +22,9 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import compress, islice, repeat
 from operator import add, ne
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from sparsefs.errors import (
@@ -56,6 +57,11 @@ RUN_KIND_NAMES = {
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_COMPRESSED_CACHE_BYTES = 16 * 1024 * 1024
 # L2 entries decoded as a block (512 bytes of a standard table): see _decode_l2.
+# Cleared when preadv(RWF_NOWAIT) is refused (EOPNOTSUPP): then read_nowait gives up.
+_nowait_ok = [hasattr(os, "RWF_NOWAIT")]
+# Shared zeros that read_nowait answers holes with (read-only views of it).
+_ZEROS = bytes(4 * 1024 * 1024)
+_ZEROS_VIEW = memoryview(_ZEROS)
 _L2_BLOCK_ENTRIES = 64
 # Images in one backing chain, the top included (deeper chains are refused).
 MAX_CHAIN_LENGTH = 128
@@ -119,8 +125,12 @@ class OpenOptions:
         force: open images marked corrupt.
         force_share: take no qemu image locks (``qemu-img -U``): read images
             that a running VM may be writing.
-        l2_cache_bytes: bound of the decoded L2 table cache, per image file.
-        compressed_cache_bytes: bound of the decompressed cluster cache.
+        l2_cache_bytes: bound of the decoded L2 tables kept in memory, in
+            bytes (their estimated size, see ``_TableRuns.cost``), for the
+            image and its backing chain together (each file gets an equal
+            share, at least two tables).
+        compressed_cache_bytes: bound of the decompressed clusters kept, in
+            bytes, shared by the chain likewise.
     """
 
     backing: bool = True
@@ -154,9 +164,18 @@ class _LRU:
                 return
             self._items[key] = (value, cost)
             self._cost += cost
-            while self._cost > self._max_cost and len(self._items) > 1:
-                _, (_, old_cost) = self._items.popitem(last=False)
-                self._cost -= old_cost
+            self._evict()
+
+    def set_max_cost(self, max_cost: int) -> None:
+        """Change the bound, evicting what no longer fits."""
+        with self._lock:
+            self._max_cost = max_cost
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._cost > self._max_cost and len(self._items) > 1:
+            _, (_, old_cost) = self._items.popitem(last=False)
+            self._cost -= old_cost
 
     def clear(self) -> None:
         with self._lock:
@@ -1021,6 +1040,16 @@ class Qcow2Image:
         crosses an L2 table boundary, and a compressed run never crosses a
         cluster boundary.
         """
+        for s, e, kind, host in self._runs(guest_offset, guest_end):
+            yield Run(s, e, kind, host)
+
+    def _runs(self, guest_offset: int, guest_end: int) -> Iterator[tuple[int, int, int, Any]]:
+        """:meth:`iter_runs` as ``(guest_offset, guest_end, kind, host)`` tuples.
+
+        The one walk of the cluster map; the hot paths (reads from memory,
+        the extent map behind lseek) take the tuples, which cost less than
+        :class:`Run` objects.
+        """
         guest_end = min(guest_end, self._size)
         pos = guest_offset
         shift = self._table_shift
@@ -1040,7 +1069,7 @@ class Qcow2Image:
                     else guest_end
                 )
                 stop = min(stop, guest_end)
-                yield Run(pos, stop, RUN_UNALLOCATED, None)
+                yield (pos, stop, RUN_UNALLOCATED, None)
                 pos = stop
                 continue
             runs = qfile.table_runs(entry)
@@ -1059,7 +1088,7 @@ class Qcow2Image:
                 host = hosts[i]
                 if kind == RUN_DATA:
                     host = host + (s - run_start)
-                yield Run(s, e, kind, host)
+                yield (s, e, kind, host)
                 i += 1
             pos = stop
 
@@ -1095,6 +1124,112 @@ class Qcow2Image:
                 raise ImageReadError(str(run.host))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def advise_metadata(self) -> None:
+        """Ask the kernel to read every L2 table of the chain ahead (``POSIX_FADV_WILLNEED``).
+
+        For a full walk that follows (``st_blocks`` at mount): with a cold
+        page cache the tables then arrive by parallel readahead instead of
+        one synchronous read each.  Only a hint; errors are ignored.
+        """
+        layer: SparseSource | None = self
+        while isinstance(layer, Qcow2Image):
+            qfile = layer.qfile
+            cs = qfile.cluster_size
+            offsets = sorted({e & L.L1E_OFFSET_MASK for e in layer._l1} - {0})
+            start = end = -1
+            for off in [*offsets, -1]:
+                if off == end:
+                    end += cs
+                    continue
+                if end > start >= 0:
+                    try:
+                        os.posix_fadvise(qfile.file.fd, start, end - start,
+                                         os.POSIX_FADV_WILLNEED)
+                    except OSError:
+                        return
+                start, end = off, off + cs
+            layer = layer._backing
+
+    def read_nowait(
+        self, guest_offset: int, length: int
+    ) -> bytes | bytearray | memoryview | None:
+        """Like :meth:`read`, from memory only: the page cache, the caches, zeros.
+
+        Returns the guest bytes ``[guest_offset, guest_offset + length)``
+        (shortened at the end), or None when a part would have to wait or
+        fail: host data not in the page cache (``preadv`` with
+        ``RWF_NOWAIT``), a compressed cluster not in the cache, a raw backing
+        file, an external data file, a broken range.  The caller then uses
+        :meth:`read` in a thread, which also reports the errors.  For the FUSE
+        layer: answering from the event loop costs less than a thread hop
+        when the bytes are in memory.  A range that is all holes comes back
+        as a read-only view of a shared zero buffer (no allocation).  Never
+        raises.
+        """
+        end = min(guest_offset + length, self._size)
+        if guest_offset >= end:
+            return b""
+        backing = self._backing
+        reads_zeros = True
+        for s, _, kind, _ in self._runs(guest_offset, end):
+            if kind == RUN_ZERO or (
+                kind == RUN_UNALLOCATED and (backing is None or s >= backing.size)
+            ):
+                continue
+            reads_zeros = False
+            break
+        if reads_zeros and end - guest_offset <= len(_ZEROS):
+            return _ZEROS_VIEW[: end - guest_offset]
+        qfile = self.qfile
+        if qfile.external_data or not _nowait_ok[0]:
+            return None
+        out = bytearray(end - guest_offset)
+        if reads_zeros:
+            return out
+        with memoryview(out) as view:
+            if not self._read_nowait_into(view, guest_offset, end):
+                return None
+        return out
+
+    def _read_nowait_into(self, view: memoryview, guest_offset: int, end: int) -> bool:
+        """Fill ``view`` (zeroed, for guest bytes from ``guest_offset``) without blocking."""
+        qfile = self.qfile
+        if qfile.external_data:
+            return False
+        fd = qfile.file.fd
+        cmask = qfile.cluster_size - 1
+        for s, e, kind, host in self._runs(guest_offset, end):
+            if kind == RUN_ZERO:
+                continue
+            part = view[s - guest_offset : e - guest_offset]
+            if kind == RUN_DATA:
+                try:
+                    got = os.preadv(fd, [part], host, os.RWF_NOWAIT)
+                except OSError as exc:
+                    if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        _nowait_ok[0] = False  # the filesystem cannot: stop trying
+                    return False
+                if got != e - s:
+                    return False
+            elif kind == RUN_UNALLOCATED:
+                backing = self._backing
+                if backing is None or s >= backing.size:
+                    continue
+                if not isinstance(backing, Qcow2Image):
+                    return False
+                stop = min(e, backing.size)
+                if not backing._read_nowait_into(part[: stop - s], s, stop):
+                    return False
+            elif kind == RUN_COMPRESSED:
+                cluster = qfile._compressed_cache.get(host)
+                if cluster is None:
+                    return False
+                base = s & ~cmask
+                part[:] = cluster[s - base : e - base]
+            else:
+                return False
+        return True
+
     def _read_below(self, guest_offset: int, length: int) -> bytes:
         backing = self._backing
         if backing is None or guest_offset >= backing.size:
@@ -1112,7 +1247,31 @@ class Qcow2Image:
         copier fails instead of skipping them).  Zero clusters and ranges no
         layer stores are holes.
         """
+        if self._backing is None:
+            return self._iter_top_extents(guest_offset)
         return coalesce(self._iter_layer_extents(guest_offset, self._size))
+
+    def _iter_top_extents(self, guest_offset: int) -> Iterator[Extent]:
+        """:meth:`iter_extents` of an image without a backing file, in one pass.
+
+        The same answer as the general path (zero and unallocated runs are
+        holes, everything else data, touching runs of a kind merged), without
+        its layers of generators: this is what every lseek walks.
+        """
+        pending_start = pending_end = guest_offset
+        pending_data = False
+        for s, e, kind, _ in self._runs(guest_offset, self._size):
+            data = kind != RUN_ZERO and kind != RUN_UNALLOCATED
+            if data == pending_data and s == pending_end:
+                pending_end = e
+                continue
+            if pending_end > pending_start:
+                yield Extent(pending_start, pending_end - pending_start, pending_data,
+                             not pending_data)
+            pending_start, pending_end, pending_data = s, e, data
+        if pending_end > pending_start:
+            yield Extent(pending_start, pending_end - pending_start, pending_data,
+                         not pending_data)
 
     def _iter_layer_extents(self, start: int, end: int) -> Iterator[Extent]:
         backing = self._backing
@@ -1292,7 +1451,33 @@ def open_image(
     except BaseException:
         qfile.close()
         raise
-    return Qcow2Image(qfile, l1, h.size)
+    image = Qcow2Image(qfile, l1, h.size)
+    if not chain:
+        _share_cache_bounds(image)
+    return image
+
+
+def _share_cache_bounds(image: Qcow2Image) -> None:
+    """Split the cache bounds of ``options`` between the qcow2 files of a chain.
+
+    ``l2_cache_bytes`` and ``compressed_cache_bytes`` bound what an image
+    opened with them holds, its backing chain included: each file of a chain
+    of N gets 1/N of each (and at least room for two entries).
+    """
+    files: list[Qcow2File] = []
+    layer: SparseSource | None = image
+    while isinstance(layer, Qcow2Image):
+        files.append(layer.qfile)
+        layer = layer.backing
+    if len(files) < 2:
+        return
+    options = image.qfile.options
+    for qfile in files:
+        floor = 2 * qfile.cluster_size
+        qfile._l2_cache.set_max_cost(max(options.l2_cache_bytes // len(files), floor))
+        qfile._compressed_cache.set_max_cost(
+            max(options.compressed_cache_bytes // len(files), floor)
+        )
 
 
 def open_source(

@@ -1,0 +1,826 @@
+#!/usr/bin/env python3
+"""The sparsefs benchmark harness (issue 7): sparsefs against qemu's own tools.
+
+Run from the repository root with the project's interpreter::
+
+    .venv/bin/python tools/bench/bench.py                 # full run, 5 rounds
+    .venv/bin/python tools/bench/bench.py --quick         # small images, 3 rounds
+    .venv/bin/python tools/bench/bench.py --workloads W1,W3 --rounds 7 --json out.json
+
+It builds its images with qemu-img/qemu-io in a work directory (default
+``~/.cache/sparsefs-bench``; an image is reused when its name, which encodes
+every parameter of the workload and the seed, is already there), then runs
+each contender on the same image, in the same run, alternating, for several
+rounds.  Every round mounts each contender afresh (a FUSE file kept in the
+kernel page cache would otherwise serve the later rounds); the host image file
+is left cached for all contenders alike (a warm-up ``qemu-img convert`` reads
+it first).  Copies go to /dev/shm and are deleted after each run.  It prints
+medians and ratios as a table, next to the targets of issue 7.
+
+Contenders:
+    sparsefs+cp   ``sparsefs mount`` then ``cp --sparse=always`` of the file
+    qsd+cp        qemu-storage-daemon's FUSE export then ``cp --sparse=always``
+    convert       ``qemu-img convert -O raw`` of the image
+    sparsefs+rsync / qsd+rsync   ``rsync --sparse`` through each mount (W5)
+
+Workloads (full size; ``--quick`` shrinks them):
+    W1  16 GiB virtual, ~600 MiB data in 300 extents (the everyday VM disk)
+    W2  16 GiB virtual, 1 GiB data in 16384 extents of 64 KiB scattered everywhere
+    W3  1 TiB virtual, 2 GiB data in 4096 extents of 512 KiB: mount ready time,
+        full SEEK_DATA/SEEK_HOLE walk, cp, and the daemon's peak RSS (VmHWM)
+    W4  4 GiB fully allocated (read throughput)
+    W5  rsync --sparse of the W1 image through each mount (rsync reads the holes)
+
+Every output is checked once (first round) against the warm-up convert: the
+byte ranges where either file stores data must be equal, which is the whole
+file since both read as zeros elsewhere.  A contender that copies wrong bytes
+aborts the run.
+
+This is a tool, not a test: it is never imported by the package or the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+CLUSTER = 64 * KiB
+# Bump when the way images are built changes, so cached images are rebuilt.
+BUILD_VERSION = 1
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A benchmark image: virtual size and the guest extents written with data.
+
+    ``layout`` is "scatter" (``count`` extents placed at random, non-overlapping,
+    64 KiB-aligned guest offsets; lengths are ``min_len..max_len`` in 64 KiB
+    steps), or "full" (every byte written, in 64 MiB sequential writes).
+    Extents are written in a shuffled order, so host clusters are not in guest
+    order, as in an image that grew over time.
+    """
+
+    label: str
+    virtual_size: int
+    layout: str
+    count: int = 0
+    min_len: int = CLUSTER
+    max_len: int = CLUSTER
+    seed: int = 20260509
+
+    @property
+    def file_name(self) -> str:
+        """A name that encodes every parameter, so a cached image is reused only when equal."""
+        if self.layout == "full":
+            shape = "full"
+        else:
+            shape = f"{self.count}x{self.min_len // KiB}-{self.max_len // KiB}k"
+        return (
+            f"{self.label}-v{BUILD_VERSION}-{self.virtual_size // MiB}m-{shape}-s{self.seed}.qcow2"
+        )
+
+    def extents(self) -> list[tuple[int, int]]:
+        """The (guest_offset, length) writes in bytes, in write order."""
+        if self.layout == "full":
+            step = 64 * MiB
+            return [
+                (off, min(step, self.virtual_size - off))
+                for off in range(0, self.virtual_size, step)
+            ]
+        rng = random.Random(self.seed)
+        slot = self.max_len
+        nb_slots = self.virtual_size // slot
+        if self.count > nb_slots:
+            raise ValueError(f"{self.label}: {self.count} extents do not fit")
+        slots = rng.sample(range(nb_slots), self.count)
+        out = []
+        for s in slots:
+            length = rng.randrange(self.min_len, self.max_len + 1, CLUSTER)
+            # Anywhere inside its slot, cluster aligned: extents never overlap.
+            shift = rng.randrange(0, slot - length + 1, CLUSTER)
+            out.append((s * slot + shift, length))
+        return out  # rng.sample order is already shuffled
+
+    def data_bytes(self) -> int:
+        """Bytes of guest data the image stores."""
+        return sum(length for _, length in self.extents())
+
+
+def build_image(spec: ImageSpec, work_dir: Path) -> Path:
+    """Create the image with qemu-img/qemu-io unless it is cached; return its path."""
+    path = work_dir / spec.file_name
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".partial")
+    tmp.unlink(missing_ok=True)
+    log(f"building {path.name} ({human(spec.data_bytes())} of data) ...")
+    t0 = time.perf_counter()
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(spec.virtual_size)])
+    rng = random.Random(spec.seed ^ 0x5EED)
+    lines = []
+    for off, length in spec.extents():
+        # A non-zero pattern byte per write: cp must copy every byte.
+        lines.append(f"write -q -P {rng.randrange(1, 256)} {off} {length}\n")
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", str(tmp)],
+        input="".join(lines) + "quit\n",
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0 or "error" in proc.stdout.lower() or proc.stderr.strip():
+        raise SystemExit(f"bench: qemu-io failed building {tmp}: {proc.stderr or proc.stdout}")
+    os.rename(tmp, path)
+    log(f"built {path.name} in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+# -- workloads -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named workload: an image and the contenders that run on it."""
+
+    name: str
+    title: str
+    image: ImageSpec
+    contenders: tuple[str, ...]
+
+
+def workloads(quick: bool) -> dict[str, Workload]:
+    """W1..W5, full size or (``quick``) small enough for a smoke run."""
+    if quick:
+        w1 = ImageSpec("w1q", 2 * GiB, "scatter", 150, CLUSTER, 15 * CLUSTER)
+        w2 = ImageSpec("w2q", 2 * GiB, "scatter", 2048, CLUSTER, CLUSTER)
+        w3 = ImageSpec("w3q", 128 * GiB, "scatter", 512, 512 * KiB, 512 * KiB)
+        w4 = ImageSpec("w4q", 512 * MiB, "full")
+    else:
+        w1 = ImageSpec("w1", 16 * GiB, "scatter", 300, CLUSTER, 63 * CLUSTER)
+        w2 = ImageSpec("w2", 16 * GiB, "scatter", 16384, CLUSTER, CLUSTER)
+        w3 = ImageSpec("w3", TiB, "scatter", 4096, 512 * KiB, 512 * KiB)
+        w4 = ImageSpec("w4", 4 * GiB, "full")
+    cp3 = ("sparsefs+cp", "qsd+cp", "convert")
+    return {
+        "W1": Workload("W1", "everyday disk, cp", w1, cp3),
+        "W2": Workload("W2", "64 KiB fragments, cp", w2, cp3),
+        "W3": Workload("W3", "huge virtual size", w3, ("sparsefs+cp", "qsd+cp")),
+        "W4": Workload("W4", "fully allocated, cp", w4, cp3),
+        "W5": Workload("W5", "rsync --sparse of W1", w1, ("sparsefs+rsync", "qsd+rsync")),
+    }
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    """Progress to stderr (the table and JSON go to stdout)."""
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string."""
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def run(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command; abort the benchmark with its stderr when it fails."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"bench: {' '.join(map(str, cmd))} exited {proc.returncode}: "
+            f"{(proc.stderr or proc.stdout).strip()}"
+        )
+    return proc
+
+
+def timed(cmd: Sequence[str]) -> float:
+    """Wall seconds of one command, which must succeed."""
+    t0 = time.perf_counter()
+    run(cmd)
+    return time.perf_counter() - t0
+
+
+def is_mounted(path: Path) -> bool:
+    """True when ``path`` is a mount point listed in /proc/self/mounts."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def peak_rss(pid: int) -> int | None:
+    """VmHWM of a process in bytes, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * KiB
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process used so far, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # Fields 14 and 15 of stat(5), counted from 1; here the list starts at field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_gone(pid: int | None, mountpoint: Path, timeout: float = 30.0) -> None:
+    """Wait until the daemon exited and the mount is gone; force the unmount if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (pid is None or not process_alive(pid)) and not is_mounted(mountpoint):
+            return
+        time.sleep(0.01)
+    log(f"{mountpoint}: daemon did not exit, unmounting lazily")
+    subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)
+    if pid is not None and process_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """PID of the sparsefs daemon serving ``mountpoint`` (found by its command line)."""
+    target = str(mountpoint)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+        except OSError:
+            continue
+        if "sparsefs" in words and "mount" in words and target in words:
+            found.append(int(entry))
+    live = [p for p in found if process_alive(p)]
+    return max(live) if live else None
+
+
+def seek_walk(path: Path) -> int:
+    """Walk a file with SEEK_DATA/SEEK_HOLE to the end; return the lseek calls made."""
+    fd = os.open(path, os.O_RDONLY)
+    calls = 0
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            calls += 1
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break
+            calls += 1
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    finally:
+        os.close(fd)
+    return calls
+
+
+def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """[(start, end)] data segments of an open file by SEEK_DATA/SEEK_HOLE."""
+    out = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def same_content(a: Path, b: Path) -> str | None:
+    """None when two sparse files read the same, else what differs.
+
+    Compares the union of both files' data segments byte for byte; outside
+    it both files are holes, which read as zeros.
+    """
+    if a.stat().st_size != b.stat().st_size:
+        return f"sizes differ: {a.stat().st_size} != {b.stat().st_size}"
+    size = a.stat().st_size
+    fa = os.open(a, os.O_RDONLY)
+    fb = os.open(b, os.O_RDONLY)
+    try:
+        marks = sorted(data_segments(fa, size) + data_segments(fb, size))
+        merged: list[list[int]] = []
+        for s, e in marks:
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        for s, e in merged:
+            pos = s
+            while pos < e:
+                n = min(8 * MiB, e - pos)
+                if os.pread(fa, n, pos) != os.pread(fb, n, pos):
+                    return f"bytes differ in [{pos}, {pos + n})"
+                pos += n
+    finally:
+        os.close(fa)
+        os.close(fb)
+    return None
+
+
+# -- mounts ----------------------------------------------------------------------------
+
+
+@dataclass
+class Mounted:
+    """A live mount: the raw file to read, the daemon, how long the mount took."""
+
+    file: Path
+    pid: int | None
+    ready_s: float
+
+
+@contextlib.contextmanager
+def sparsefs_mount(image: Path, base: Path, extra: Sequence[str]) -> Iterator[Mounted]:
+    """``sparsefs mount IMAGE MP`` (timed until the command returns); always unmounts."""
+    mp = Path(tempfile.mkdtemp(prefix="sparsefs-", dir=base))
+    cmd = [sys.executable, "-m", "sparsefs", "mount", *extra, str(image), str(mp)]
+    pid = None
+    try:
+        t0 = time.perf_counter()
+        run(cmd, cwd=REPO)
+        ready = time.perf_counter() - t0
+        pid = daemon_pid(mp)
+        stem = image.name[: -len(".qcow2")] if image.name.endswith(".qcow2") else image.name
+        yield Mounted(mp / f"{stem}.raw", pid, ready)
+    finally:
+        if is_mounted(mp):
+            subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+        wait_gone(pid, mp)
+        with contextlib.suppress(OSError):
+            mp.rmdir()
+
+
+@contextlib.contextmanager
+def qsd_mount(image: Path, base: Path) -> Iterator[Mounted]:
+    """qemu-storage-daemon's FUSE export of IMAGE onto a file; always stopped."""
+    work = Path(tempfile.mkdtemp(prefix="qsd-", dir=base))
+    export = work / "export.raw"
+    export.touch()
+    pidfile = work / "qsd.pid"
+    cmd = [
+        "qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
+        "--blockdev", f"driver=file,node-name=f,filename={image},read-only=on",
+        "--blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
+        "--export", f"type=fuse,id=e,node-name=q,mountpoint={export}",
+    ]  # fmt: skip
+    pid = None
+    try:
+        t0 = time.perf_counter()
+        run(cmd)
+        ready = time.perf_counter() - t0
+        pid = int(pidfile.read_text().strip())
+        yield Mounted(export, pid, ready)
+    finally:
+        if pid is not None and process_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait_gone(pid, export)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- running ---------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Per-round measurements of one contender on one workload, by metric."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float) -> None:
+        self.values.setdefault(metric, []).append(value)
+
+    def median(self, metric: str) -> float | None:
+        vals = self.values.get(metric)
+        return statistics.median(vals) if vals else None
+
+
+@dataclass
+class Bench:
+    """One benchmark run: options, work directories, results."""
+
+    args: argparse.Namespace
+    work_dir: Path
+    mount_base: Path
+    out_dir: Path
+    results: dict[str, dict[str, Samples]] = field(default_factory=dict)
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def out_path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def check(self, wl: str, who: str, out: Path, ref: Path, first_round: bool) -> None:
+        if first_round and not self.args.no_verify:
+            problem = same_content(out, ref)
+            if problem is not None:
+                raise SystemExit(f"bench: {wl} {who}: the copy is wrong: {problem}")
+
+    def run_contender(self, wl: Workload, who: str, image: Path, ref: Path, rnd: int) -> None:
+        samples = self.results.setdefault(wl.name, {}).setdefault(who, Samples())
+        out = self.out_path(f"{wl.name}-{who.replace('+', '-')}.raw")
+        out.unlink(missing_ok=True)
+        try:
+            if who == "convert":
+                samples.add(
+                    "copy_s",
+                    timed(
+                        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out)]
+                    ),
+                )
+                self.check(wl.name, who, out, ref, rnd == 0)
+                return
+            system, tool = who.split("+")
+            mount: Callable[[], contextlib.AbstractContextManager[Mounted]]
+            if system == "sparsefs":
+                mount = lambda: sparsefs_mount(image, self.mount_base, self.args.sparsefs_opt)  # noqa: E731
+            else:
+                mount = lambda: qsd_mount(image, self.mount_base)  # noqa: E731
+            with mount() as m:
+                samples.add("mount_s", m.ready_s)
+                if wl.name == "W3":
+                    t0 = time.perf_counter()
+                    calls = seek_walk(m.file)
+                    samples.add("walk_s", time.perf_counter() - t0)
+                    self.info.setdefault(wl.name, {})["lseek_calls"] = calls
+                if tool == "cp":
+                    cmd = ["cp", "--sparse=always", str(m.file), str(out)]
+                else:
+                    cmd = ["rsync", "--sparse", str(m.file), str(out)]
+                samples.add("copy_s", timed(cmd))
+                if m.pid is not None:
+                    rss = peak_rss(m.pid)
+                    if rss is not None:
+                        samples.add("rss_mib", rss / MiB)
+                    cpu = cpu_seconds(m.pid)
+                    if cpu is not None:
+                        samples.add("cpu_s", cpu)
+            self.check(wl.name, who, out, ref, rnd == 0)
+        finally:
+            out.unlink(missing_ok=True)
+
+    def run_workload(self, wl: Workload) -> None:
+        image = build_image(wl.image, self.work_dir)
+        data = wl.image.data_bytes()
+        self.info[wl.name] = {
+            "image": str(image),
+            "virtual_size": wl.image.virtual_size,
+            "data_bytes": data,
+            "extents": len(wl.image.extents()),
+        }
+        log(
+            f"{wl.name}: {human(wl.image.virtual_size)} virtual, {human(data)} data; "
+            f"warm-up convert (also the reference copy)"
+        )
+        ref = self.out_path(f"{wl.name}-reference.raw")
+        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(ref)])
+        try:
+            order = list(wl.contenders)
+            for rnd in range(self.args.rounds):
+                # Alternate: each round starts with the next contender.
+                k = rnd % len(order)
+                for who in order[k:] + order[:k]:
+                    self.run_contender(wl, who, image, ref, rnd)
+                log(
+                    f"{wl.name}: round {rnd + 1}/{self.args.rounds}: "
+                    + ", ".join(
+                        f"{who} {self.results[wl.name][who].values['copy_s'][-1]:.2f} s"
+                        for who in order
+                    )
+                )
+        finally:
+            ref.unlink(missing_ok=True)
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    workload: str
+    metric: str
+    values: dict[str, float | None]
+    ratios: dict[str, float | None]
+    target: str
+    ok: bool | None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def rows(bench: Bench) -> list[Row]:
+    """Medians, ratios and targets (issue 7) for every measured workload."""
+    out: list[Row] = []
+    res = bench.results
+
+    def med(wl: str, who: str, metric: str) -> float | None:
+        s = res.get(wl, {}).get(who)
+        return s.median(metric) if s else None
+
+    for wl in ("W1", "W2"):
+        if wl not in res:
+            continue
+        s, q, c = (med(wl, w, "copy_s") for w in ("sparsefs+cp", "qsd+cp", "convert"))
+        rq, rc = ratio(s, q), ratio(s, c)
+        ok = None if rq is None or rc is None else rq <= 1.0 and rc <= 2.5
+        out.append(
+            Row(
+                wl,
+                "cp wall s",
+                {"sparsefs": s, "qsd": q, "convert": c},
+                {"/qsd": rq, "/convert": rc},
+                "<=1.0x qsd, <=2.5x convert",
+                ok,
+            )
+        )
+    if "W3" in res:
+        sm, qm = med("W3", "sparsefs+cp", "mount_s"), med("W3", "qsd+cp", "mount_s")
+        out.append(
+            Row(
+                "W3",
+                "mount ready s",
+                {"sparsefs": sm, "qsd": qm},
+                {"/qsd": ratio(sm, qm)},
+                "< 1 s",
+                None if sm is None else sm < 1.0,
+            )
+        )
+        sw, qw = med("W3", "sparsefs+cp", "walk_s"), med("W3", "qsd+cp", "walk_s")
+        out.append(
+            Row(
+                "W3",
+                "seek walk s",
+                {"sparsefs": sw, "qsd": qw},
+                {"/qsd": ratio(sw, qw)},
+                "< 1 s",
+                None if sw is None else sw < 1.0,
+            )
+        )
+        sc, qc = med("W3", "sparsefs+cp", "copy_s"), med("W3", "qsd+cp", "copy_s")
+        out.append(
+            Row(
+                "W3",
+                "cp wall s",
+                {"sparsefs": sc, "qsd": qc},
+                {"/qsd": ratio(sc, qc)},
+                "(info)",
+                None,
+            )
+        )
+        sr, qr = med("W3", "sparsefs+cp", "rss_mib"), med("W3", "qsd+cp", "rss_mib")
+        out.append(
+            Row(
+                "W3",
+                "peak RSS MiB",
+                {"sparsefs": sr, "qsd": qr},
+                {"/qsd": ratio(sr, qr)},
+                "< 150 MiB",
+                None if sr is None else sr < 150,
+            )
+        )
+    if "W4" in res:
+        data = bench.info["W4"]["data_bytes"]
+        s, q, c = (med("W4", w, "copy_s") for w in ("sparsefs+cp", "qsd+cp", "convert"))
+        tput = {
+            k: (data / MiB / v if v else None)
+            for k, v in (("sparsefs", s), ("qsd", q), ("convert", c))
+        }
+        rq = ratio(tput["sparsefs"], tput["qsd"])
+        out.append(
+            Row(
+                "W4",
+                "cp MiB/s",
+                tput,
+                {"/qsd": rq, "/convert": ratio(tput["sparsefs"], tput["convert"])},
+                ">=0.8x qsd",
+                None if rq is None else rq >= 0.8,
+            )
+        )
+    if "W5" in res:
+        s, q = med("W5", "sparsefs+rsync", "copy_s"), med("W5", "qsd+rsync", "copy_s")
+        rq = ratio(s, q)
+        out.append(
+            Row(
+                "W5",
+                "rsync wall s",
+                {"sparsefs": s, "qsd": q},
+                {"/qsd": rq},
+                "<=1.0x qsd",
+                None if rq is None else rq <= 1.0,
+            )
+        )
+    return out
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def print_table(bench: Bench, table: list[Row]) -> None:
+    a = bench.args
+    print(
+        f"sparsefs benchmark: {a.rounds} rounds, medians"
+        f"{' (quick)' if a.quick else ''}; {os.cpu_count()} CPUs; "
+        f"sparsefs options: {' '.join(a.sparsefs_opt) or '(none)'}"
+    )
+    for name, info in bench.info.items():
+        print(
+            f"  {name}: {human(info['virtual_size'])} virtual, {human(info['data_bytes'])} "
+            f"data in {info['extents']} writes"
+            + (f", {info['lseek_calls']} lseek calls per walk" if "lseek_calls" in info else "")
+        )
+    head = ["wl", "metric", "sparsefs", "qsd", "convert", "s/qsd", "s/convert", "target", "result"]
+    lines = [head]
+    for r in table:
+        lines.append(
+            [
+                r.workload,
+                r.metric,
+                fmt(r.values.get("sparsefs")),
+                fmt(r.values.get("qsd")),
+                fmt(r.values.get("convert")),
+                fmt(r.ratios.get("/qsd")),
+                fmt(r.ratios.get("/convert")),
+                r.target,
+                "-" if r.ok is None else ("pass" if r.ok else "MISS"),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    # Daemon CPU (user + system, whole life of the mount): less noisy than wall time
+    # on a busy machine, and what the FUSE layer costs.
+    cpu = []
+    for wl, by in bench.results.items():
+        for who, samples in by.items():
+            med = samples.median("cpu_s")
+            if med is not None:
+                cpu.append(f"{wl} {who} {med:.2f}")
+    if cpu:
+        print("daemon CPU s (median): " + "; ".join(cpu))
+
+
+def to_json(bench: Bench, table: list[Row]) -> dict[str, Any]:
+    return {
+        "rounds": bench.args.rounds,
+        "quick": bench.args.quick,
+        "sparsefs_options": bench.args.sparsefs_opt,
+        "workloads": bench.info,
+        "samples": {
+            wl: {who: s.values for who, s in by.items()} for wl, by in bench.results.items()
+        },
+        "table": [dataclasses.asdict(r) for r in table],
+    }
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def preflight() -> None:
+    missing = [
+        t
+        for t in ("qemu-img", "qemu-io", "qemu-storage-daemon", "cp", "rsync", "fusermount3")
+        if shutil.which(t) is None
+    ]
+    if missing:
+        raise SystemExit(f"bench: missing tools: {', '.join(missing)} (see tools/setup)")
+    if not os.path.exists("/dev/fuse"):
+        raise SystemExit("bench: /dev/fuse is missing")
+    if not os.path.isdir("/dev/shm"):
+        raise SystemExit("bench: /dev/shm is missing (copies are written there)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Benchmark sparsefs against qemu-storage-daemon's FUSE export and "
+        "qemu-img convert (issue 7). Prints medians, ratios and targets."
+    )
+    p.add_argument("--rounds", type=int, help="rounds per workload (default 5, 3 with --quick)")
+    p.add_argument(
+        "--workloads",
+        default="W1,W2,W3,W4,W5",
+        help="comma-separated subset of W1..W5 (default: all)",
+    )
+    p.add_argument("--quick", action="store_true", help="small images: a smoke run")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        nargs="?",
+        const="-",
+        help="also write the results as JSON to FILE (- or no FILE: stdout, instead of the table)",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsefs-bench",
+        help="where images are built and kept between runs",
+    )
+    p.add_argument(
+        "--shm-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where copies are written (default /dev/shm)",
+    )
+    p.add_argument(
+        "--sparsefs-opt",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for 'sparsefs mount' (repeatable), e.g. "
+        "--sparsefs-opt=--l2-cache-mib=8",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the first-round check of every copy against qemu-img convert",
+    )
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
+    wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    all_wl = workloads(args.quick)
+    unknown = [w for w in wanted if w not in all_wl]
+    if unknown:
+        raise SystemExit(f"bench: unknown workloads {', '.join(unknown)} (W1..W5)")
+    preflight()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="sparsefs-bench-") as mount_base,
+        tempfile.TemporaryDirectory(prefix="sparsefs-bench-", dir=args.shm_dir) as out_dir,
+    ):
+        bench = Bench(args, args.work_dir, Path(mount_base), Path(out_dir))
+        try:
+            for name in wanted:
+                bench.run_workload(all_wl[name])
+        except KeyboardInterrupt:
+            log("interrupted; reporting what was measured")
+    table = rows(bench)
+    if args.json == "-":
+        json.dump(to_json(bench, table), sys.stdout, indent=2)
+        print()
+    else:
+        print_table(bench, table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(to_json(bench, table), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
