@@ -257,6 +257,17 @@ def qemu_data_bytes(qmap: list[dict[str, object]], *, include_zero: bool = False
     )
 
 
+def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Assert a failed command printed exactly one error line, no traceback, holding ``needles``."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 # -- mounting -------------------------------------------------------------------------
 
 
@@ -296,6 +307,17 @@ def mounted(
         while is_mounted(mp) and time.monotonic() < deadline:
             time.sleep(0.05)
         force_unmount(mp)
+
+
+def mount_entry(mountpoint: Path | str) -> tuple[str, list[str]]:
+    """(file system type, mount options) of the mount at ``mountpoint``, from /proc/self/mounts."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == target:
+                return fields[2], fields[3].split(",")
+    raise AssertionError(f"{mountpoint} is not mounted")
 
 
 def daemon_pid(mountpoint: Path | str) -> int | None:

@@ -33,7 +33,9 @@ from support import (
     force_unmount,
     is_mounted,
     make_image,
+    mount_entry,
     mounted,
+    one_line_error,
     qemu_img_create,
     qemu_io,
     qemu_raw,
@@ -136,16 +138,6 @@ def wait_gone(pid: int | None) -> None:
         if "zombie" in status:
             return
         time.sleep(0.05)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -278,16 +270,6 @@ def test_locks_on_backing_and_data_files_follow_qemu(
 # -- the mount's permissions ------------------------------------------------------------------
 
 
-def _mount_options(mp: Path) -> list[str]:
-    target = os.path.realpath(mp)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == target:
-                return fields[3].split(",")
-    raise AssertionError(f"{mp} is not mounted")
-
-
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     return make_image(tmp_path / "acc.qcow2", 4 * MiB, seed=35, writes=6)
@@ -295,7 +277,7 @@ def image(tmp_path: Path) -> Path:
 
 def test_read_only_modes_and_owner(image: Path, mount: Mount) -> None:
     mp = mount(image)
-    options = _mount_options(mp)
+    _, options = mount_entry(mp)
     assert "ro" in options and "default_permissions" in options
     assert "allow_other" not in options
     assert f"user_id={os.getuid()}" in options
@@ -365,8 +347,8 @@ def test_other_users_only_with_allow_other(image: Path) -> None:
         with mounted(top / "private", top / "acc.qcow2") as mp:
             assert as_nobody(mp) == ["read", "EACCES"]
         with mounted(top / "shared", top / "acc.qcow2", options=["--allow-other"]) as mp:
-            assert "allow_other" in _mount_options(mp)
-            assert "default_permissions" in _mount_options(mp)
+            assert "allow_other" in mount_entry(mp)[1]
+            assert "default_permissions" in mount_entry(mp)[1]
             assert as_nobody(mp) == ["read", "4096", "write", "EROFS"]
     finally:
         for sub in ("private", "shared"):

@@ -29,6 +29,7 @@ from support import (
     is_mounted,
     make_encrypted_image,
     make_image,
+    one_line_error,
     qemu_data_bytes,
     qemu_io,
     qemu_map,
@@ -349,15 +350,6 @@ def test_umount_after_daemon_killed_and_remount(tmp_path: Path) -> None:
 # -- bad input at the command line ----------------------------------------------------
 
 
-def _assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def test_bad_input_is_one_line_and_mounts_nothing(tmp_path: Path) -> None:
     good = make_image(tmp_path / "good.qcow2", 4 * MiB, seed=9)
     mp = tmp_path / "mnt"
@@ -379,15 +371,15 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path: Path) -> None:
     try:
         for argv, needles in cases:
             proc = sparsefs("mount", *argv)
-            _assert_clean_error(proc, *needles)
+            one_line_error(proc, *needles)
             assert not is_mounted(mp)
         # A busy mountpoint.
         sparsefs("mount", str(good), str(mp), check=True)
         proc = sparsefs("mount", str(good), str(mp))
-        _assert_clean_error(proc, str(mp), "busy")
+        one_line_error(proc, str(mp), "busy")
         sparsefs("umount", str(mp), check=True)
         # umount of something that is not mounted.
-        _assert_clean_error(sparsefs("umount", str(mp)), str(mp), "not mounted")
+        one_line_error(sparsefs("umount", str(mp)), str(mp), "not mounted")
     finally:
         force_unmount(mp)
 
@@ -405,7 +397,7 @@ def test_refuses_pyfuse3_without_lseek(tmp_path: Path) -> None:
     )
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        _assert_clean_error(proc, "lseek", "tools/setup")
+        one_line_error(proc, "lseek", "tools/setup")
         assert not is_mounted(mp)
     finally:
         force_unmount(mp)

@@ -21,6 +21,7 @@ from support import (
     force_unmount,
     is_mounted,
     make_image,
+    mount_entry,
     qemu_map,
     qemu_raw,
     seek_walk,
@@ -31,16 +32,6 @@ LINK = Path("/usr/local/bin/sparsefs")
 VENV_SPARSEFS = REPO / ".venv" / "bin" / "sparsefs"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) of a FUSE type needs root")
-
-
-def _mount_options(mp: Path) -> list[str]:
-    target = os.path.realpath(mp)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == target:
-                return [fields[2], *fields[3].split(",")]
-    raise AssertionError(f"{mp} is not mounted")
 
 
 @pytest.fixture
@@ -66,7 +57,7 @@ def test_mount_t_fuse_sparsefs(image: Path, tmp_path: Path) -> None:
         subprocess.run(["mount", "-t", "fuse.sparsefs", "-o", "ro,allow_other", str(image),
                         str(mp)], check=True, capture_output=True, text=True)
         assert is_mounted(mp)
-        fstype, *opts = _mount_options(mp)
+        fstype, opts = mount_entry(mp)
         assert fstype == "fuse.sparsefs"
         assert "ro" in opts and "allow_other" in opts and "default_permissions" in opts
         _check_mounted_file(mp, image, tmp_path)
@@ -82,8 +73,8 @@ def test_mount_without_ro_is_still_read_only(image: Path, tmp_path: Path) -> Non
     mp.mkdir()
     try:
         subprocess.run(["mount", "-t", "fuse.sparsefs", str(image), str(mp)], check=True)
-        assert "ro" in _mount_options(mp)
-        assert "allow_other" not in _mount_options(mp)
+        assert "ro" in mount_entry(mp)[1]
+        assert "allow_other" not in mount_entry(mp)[1]
         with pytest.raises(OSError):
             open(mp / "vm.raw", "r+b")  # noqa: SIM115
     finally:
