@@ -88,8 +88,8 @@ class RawFile:
         if len(buf) < length:
             if host_offset + len(buf) < min(self.file_size, host_offset + length):
                 raise ImageReadError(
-                    f"{self.path}: file shrank while open: data at {host_offset + len(buf)} "
-                    "is gone"
+                    f"{self.path}: file shrank while open (was it truncated?): data at "
+                    f"{host_offset + len(buf):#x} is gone"
                 )
             buf += bytes(length - len(buf))
         return buf

@@ -1109,7 +1109,7 @@ class Qcow2Image:
             n = e - s
             if kind == RUN_DATA:
                 if qfile.external_data:
-                    parts.append(_pread_external(qfile, run.host, n))
+                    parts.append(qfile.data.pread(run.host, n))
                 else:
                     parts.append(_pread_exact(qfile, run.host, n))
             elif kind == RUN_ZERO:
@@ -1402,29 +1402,6 @@ def _pread_exact(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
             f"{qfile.path}: data at {host_offset:#x} is past the end of the file "
             "(was the image truncated?)"
         )
-    return buf
-
-
-def _pread_external(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
-    """Read from the external data file: past its end (as it was at open) is zeros.
-
-    qemu reads a data file's missing tail as zeros; a read that comes back
-    short *before* that end means the file shrank while open: EIO, not zeros.
-    """
-    data = qfile.data
-    try:
-        buf = os.pread(data.fd, length, host_offset)
-    except OSError as exc:
-        raise ImageReadError(
-            f"{data.path}: read of {length} bytes at {host_offset:#x} failed: {exc.strerror}"
-        ) from exc
-    if len(buf) < length:
-        if host_offset + len(buf) < data.file_size:
-            raise ImageReadError(
-                f"{data.path}: data at {host_offset + len(buf):#x} is past the end of the "
-                "file (was the data file truncated?)"
-            )
-        buf += bytes(length - len(buf))
     return buf
 
 
