@@ -114,3 +114,13 @@ def test_refusals_are_one_line(built: FmtCache, tmp_path: Path) -> None:
     vhd.write_bytes(bytes(buf))
     one_line_error(sparsefs("map", str(vhd)), str(vhd), "checksum is wrong")
     one_line_error(sparsefs("info", "-f", "vdi", str(vhd)), str(vhd), "not a VDI image")
+
+
+def test_damaged_magic_is_refused_not_read_as_raw(built: FmtCache, tmp_path: Path) -> None:
+    """No magic matches, but the suffix names a format: refused (``-f raw`` still reads it)."""
+    vdi = tmp_path / "damaged.vdi"
+    buf = bytearray(built["vdi-dynamic"].image.read_bytes())
+    buf[0x40:0x44] = bytes(4)
+    vdi.write_bytes(bytes(buf))
+    one_line_error(sparsefs("info", str(vdi)), str(vdi), "not a vdi image", "-f raw")
+    assert "file format: raw" in sparsefs("info", "-f", "raw", str(vdi), check=True).stdout
