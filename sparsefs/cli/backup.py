@@ -216,6 +216,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         with _private_mount(images, args) as mountpoint:
             for name, source in mset.files.items():
                 results.append(_backup_one(name, source, mountpoint, dest, enabled, quiet))
+        results += [Result(name, ok=False, error=problem) for name, problem in mset.damaged]
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
         xsums = {r.name: r.xxh128 for r in results if r.ok and r.xxh128}
         if sums:
