@@ -636,8 +636,12 @@ class Qcow2File:
             return (
                 f"{self.path}: {what} L1 table offset {l1_table_offset:#x} is not cluster aligned"
             )
-        if l1_table_offset + l1_size * 8 > self.file.file_size:
-            where = past_end_text(l1_table_offset, l1_size * 8, self.file.file_size)
+        # Only the entries the virtual size needs are read.  Like qemu, which
+        # reads entries past the end of the file as zeros, a longer table may
+        # end outside the file; a needed entry outside it is refused (qemu
+        # would map its range as unallocated: zeros for data the file lost).
+        if l1_table_offset + needed * 8 > self.file.file_size:
+            where = past_end_text(l1_table_offset, needed * 8, self.file.file_size)
             return f"{self.path}: {what} L1 table {where}"
         return None
 
