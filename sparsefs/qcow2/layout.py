@@ -253,8 +253,8 @@ def parse_snapshot(buf: bytes | bytearray, pos: int) -> tuple[Snapshot, int]:
     ) = _SNAPSHOT_HEADER.unpack_from(buf, pos)
     if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
         raise ValueError(
-            f"snapshot table entry has {extra_data_size} bytes of extra data "
-            f"(at most {MAX_SNAPSHOT_EXTRA_DATA})"
+            f"{extra_data_size} bytes of extra data (qemu allows at most "
+            f"{MAX_SNAPSHOT_EXTRA_DATA})"
         )
     extra_start = pos + _SNAPSHOT_HEADER.size
     id_start = extra_start + extra_data_size
