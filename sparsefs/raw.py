@@ -1,19 +1,22 @@
-"""A raw file as a SparseSource: holes come from SEEK_DATA/SEEK_HOLE.
+"""A raw file as a SparseSource: holes come from the file's written map.
 
 Used for raw backing files, for raw copies that the checksum tool reads, and
-for external data files.  Where the filesystem does not report holes (lseek
-answers EINVAL), the whole file is one data extent and is read.
+for external data files.  The map (:mod:`sparsefs.hostmap`: FIEMAP, else
+SEEK_DATA/SEEK_HOLE) is learnt once, at the first walk: holes and unwritten
+(fallocated, never written) extents are holes.  Where the filesystem reports
+neither, the whole file is one data extent and is read.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
 from sparsefs.errors import ImageReadError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import Extent
+from sparsefs.hostmap import HostMap, host_map
 
 
 class RawFile:
@@ -44,7 +47,11 @@ class RawFile:
             )
         self.file_size = st.st_size
         self._size = self.file_size if size is None else size
-        self._seek_works = True
+        # True for a file whose every byte that metadata points at must exist
+        # (a qcow2 image file): a read past its end is an error, not zeros.
+        self.strict_end = False
+        self._host_map: HostMap | None = None
+        self._map_lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -71,28 +78,51 @@ class RawFile:
     def pread(self, host_offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``host_offset`` of the file.
 
-        Bytes past the end the file had when it was opened read as zeros (as
-        qemu reads a shorter backing or data file).  Bytes the file had then
-        but no longer has (it was truncated while open) are an error, never
-        zeros.
+        The one rule for a short read, everywhere sparsefs reads a file:
+        bytes past the end the file had when it was opened read as zeros (as
+        qemu reads a shorter backing or data file), unless ``strict_end`` is
+        set (a qcow2 image file: data its metadata places past its end was
+        cut off, so it is an error); bytes the file had then but no longer
+        has (it was truncated while open) are always an error, never zeros.
 
         Raises:
             ImageReadError: on an I/O error, or when the file shrank.
         """
-        try:
-            buf = os.pread(self._fd, length, host_offset)
-        except OSError as exc:
-            raise ImageReadError(
-                f"{self.path}: read of {length} bytes at {host_offset} failed: {exc.strerror}"
-            ) from exc
-        if len(buf) < length:
-            if host_offset + len(buf) < min(self.file_size, host_offset + length):
+        buf = bytearray(length)
+        self.pread_into(memoryview(buf), host_offset)
+        return bytes(buf)
+
+    def pread_into(self, view: memoryview, host_offset: int) -> None:
+        """Fill ``view`` with the file's bytes at ``host_offset``, by the rule of :meth:`pread`.
+
+        Raises:
+            ImageReadError: on an I/O error, or when the file shrank.
+        """
+        want = len(view)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(self._fd, [view[got:]], host_offset + got)
+            except OSError as exc:
+                raise ImageReadError(
+                    f"{self.path}: read of {want} bytes at {host_offset:#x} failed: "
+                    f"{exc.strerror}"
+                ) from exc
+            if n == 0:
+                break
+            got += n
+        if got < want:
+            if self.strict_end:
+                raise ImageReadError(
+                    f"{self.path}: data at {host_offset + got:#x} is past the end of the file "
+                    "(was the image truncated?)"
+                )
+            if host_offset + got < min(self.file_size, host_offset + want):
                 raise ImageReadError(
                     f"{self.path}: file shrank while open (was it truncated?): data at "
-                    f"{host_offset + len(buf):#x} is gone"
+                    f"{host_offset + got:#x} is gone"
                 )
-            buf += bytes(length - len(buf))
-        return buf
+            view[got:] = bytes(want - got)
 
     def read(self, guest_offset: int, length: int) -> bytes:
         """Guest bytes (the stream is the file itself, zero-extended)."""
@@ -101,38 +131,49 @@ class RawFile:
             return b""
         return self.pread(guest_offset, length)
 
-    def _seek(self, offset: int, whence: int) -> int | None:
-        try:
-            return os.lseek(self._fd, offset, whence)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return None
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                self._seek_works = False
-                return None
-            raise ImageReadError(f"{self.path}: lseek failed: {exc.strerror}") from exc
+    def written_map(self) -> HostMap:
+        """The file's written map, learnt at the first call (thread-safe).
+
+        Raises:
+            ImageReadError: the filesystem failed the query.
+        """
+        found = self._host_map
+        if found is None:
+            with self._map_lock:
+                found = self._host_map
+                if found is None:
+                    found = self._host_map = host_map(self._fd, self.file_size, self.path)
+        return found
+
+    def iter_host_ranges(
+        self, guest_offset: int, guest_end: int
+    ) -> Iterator[tuple[int, int, RawFile | None, int]]:
+        """Written pieces of ``[guest_offset, guest_end)``: ``(start, end, self, start)``.
+
+        The same contract as ``Qcow2Image.iter_host_ranges``: the file's
+        bytes are the guest bytes; holes and bytes past the end are left out.
+        """
+        end = min(guest_end, self._size, self.file_size)
+        if guest_offset >= end:
+            return
+        for start, stop in self.written_map().iter_written(guest_offset):
+            if start >= end:
+                break
+            yield (start, min(stop, end), self, start)
 
     def iter_extents(self, guest_offset: int = 0) -> Iterator[Extent]:
-        """Runs of data and holes from SEEK_DATA/SEEK_HOLE on the file."""
+        """Runs of data (written bytes) and holes (holes, unwritten extents, past the end)."""
         end = self._size
         file_end = min(self.file_size, end)
         pos = guest_offset
-        while pos < file_end:
-            data: int | None = pos
-            if self._seek_works:
-                data = self._seek(pos, os.SEEK_DATA)
-                if not self._seek_works:  # no hole support here: all data
-                    data = pos
-            if data is None or data >= file_end:
-                break
-            if data > pos:
-                yield Extent(pos, data - pos, data=False, zero=True)
-            hole: int | None = file_end
-            if self._seek_works:
-                hole = self._seek(data, os.SEEK_HOLE)
-            if hole is None or hole > file_end:
-                hole = file_end
-            yield Extent(data, hole - data, data=True)
-            pos = hole
+        if pos < file_end:
+            for start, stop in self.written_map().iter_written(pos):
+                if start >= file_end:
+                    break
+                stop = min(stop, file_end)
+                if start > pos:
+                    yield Extent(pos, start - pos, data=False, zero=True)
+                yield Extent(start, stop - start, data=True)
+                pos = stop
         if pos < end:
             yield Extent(pos, end - pos, data=False, zero=True)

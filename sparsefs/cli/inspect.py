@@ -103,9 +103,11 @@ def describe(image: SparseSource) -> dict[str, Any]:
                 "virtual-size": s.disk_size if s.disk_size is not None else h.size,
                 "date-sec": s.date_sec,
                 "vm-state-size": s.vm_state_size,
+                "damaged": image.snapshot_problem(s),
             }
             for s in image.snapshots
         ],
+        "snapshot-table-damaged": image.snapshot_table_problem,
         "features": features,
     }
 
@@ -147,7 +149,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"data: {_human(info['data-bytes'])} ({info['data-bytes']} bytes)")
     shown = {"filename", "format", "version", "compat", "virtual-size", "data-bytes",
              "backing-filename", "backing-format", "backing-chain", "data-file", "snapshots",
-             "features"}
+             "snapshot-table-damaged", "features"}
     for key, value in info.items():
         if key not in shown and not isinstance(value, (dict, list)):
             print(f"{key.replace('-', ' ')}: {value}")
@@ -162,7 +164,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("snapshots:")
         print(f"  {'ID':<6}{'NAME':<24}{'VIRTUAL SIZE':>16}")
         for s in info["snapshots"]:
-            print(f"  {s['id']:<6}{s['name']:<24}{s['virtual-size']:>16}")
+            state = f"  damaged: {s['damaged']}" if s["damaged"] else ""
+            print(f"  {s['id']:<6}{s['name']:<24}{s['virtual-size']:>16}{state}")
+    if info.get("snapshot-table-damaged"):
+        print(f"snapshots: damaged: {info['snapshot-table-damaged']}")
     print(f"features: {', '.join(info['features']) or 'none'}")
     return EXIT_OK
 

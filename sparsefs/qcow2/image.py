@@ -34,6 +34,7 @@ from sparsefs.errors import (
 )
 from sparsefs import locking
 from sparsefs.extents import Extent, SparseSource, coalesce
+from sparsefs.hostmap import HOLE, WRITTEN
 from sparsefs.layered import MAX_CHAIN_LENGTH as MAX_CHAIN_LENGTH  # re-exported
 from sparsefs.layered import MapEntry, resolve_name
 from sparsefs.layered import check_regular_file as _check_regular_file
@@ -47,6 +48,10 @@ RUN_COMPRESSED = 1  # one compressed cluster; host is (host_offset, nb_bytes)
 RUN_ZERO = 2  # reads as zeros, nothing read from below (ZERO_PLAIN / ZERO_ALLOC)
 RUN_UNALLOCATED = 3  # not in this layer: the backing file, or zeros
 RUN_ERROR = 4  # metadata is invalid for this range; host is the message
+# Mapped to a host range that the host file stores as nothing (a hole, or an
+# unwritten extent: preallocation=metadata/falloc); host as RUN_DATA.  Reads as
+# zeros without a read; a hole for copies; still "data" in qemu-img map's sense.
+RUN_UNWRITTEN = 5
 
 RUN_KIND_NAMES = {
     RUN_DATA: "data",
@@ -54,7 +59,10 @@ RUN_KIND_NAMES = {
     RUN_ZERO: "zero",
     RUN_UNALLOCATED: "unallocated",
     RUN_ERROR: "error",
+    RUN_UNWRITTEN: "unwritten",
 }
+# Kinds that read as zeros from this layer without reading anything.
+_ZERO_KINDS = (RUN_ZERO, RUN_UNWRITTEN)
 
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_COMPRESSED_CACHE_BYTES = 16 * 1024 * 1024
@@ -170,7 +178,7 @@ class _TableRuns:
         if self.kinds and self.ends[-1] == start and kind != RUN_COMPRESSED:
             last = self.kinds[-1]
             if last == kind:
-                if kind == RUN_DATA:
+                if kind == RUN_DATA or kind == RUN_UNWRITTEN:
                     if self.hosts[-1] + (start - self.starts[-1]) == host:
                         self.ends[-1] = end
                         return
@@ -260,9 +268,15 @@ class Qcow2File:
             raise self._err(
                 f"refcount table too large ({header.refcount_table_clusters} clusters)"
             )
-        if header.refcount_table_offset % cs:
+        # qemu's qcow2_validate_table: aligned, and ending below 2^63 (its int64_t offsets).
+        reftable_offset = header.refcount_table_offset
+        reftable_bytes = header.refcount_table_clusters * cs
+        if reftable_offset % cs:
+            raise self._err(f"refcount table offset {reftable_offset:#x} is not cluster aligned")
+        if reftable_offset > L.MAX_FILE_OFFSET - reftable_bytes:
             raise self._err(
-                f"refcount table offset {header.refcount_table_offset} is not cluster aligned"
+                f"refcount table at {reftable_offset:#x} ({size_text(reftable_bytes)}) ends "
+                "past the largest file offset qemu accepts (2^63 - 1)"
             )
         if header.crypt_method != L.CRYPT_NONE:
             kind = {L.CRYPT_AES: "AES", L.CRYPT_LUKS: "LUKS"}.get(
@@ -355,8 +369,9 @@ class Qcow2File:
         if L.EXT_DATA_FILE in ext:
             self.data_file_name = ext[L.EXT_DATA_FILE].data.decode("utf-8", "replace")
         self.data_file_raw = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
-        # Snapshots (validated here, their L1 tables loaded on demand)
-        self.snapshots = self._read_snapshot_table()
+        # Snapshots: the table is read on first use (``snapshots``), so that the
+        # active disk never depends on it; a damaged table costs the snapshots only.
+        self._snapshot_table: tuple[list[L.Snapshot], str | None] | None = None
         # External data file
         self.data: RawFile = self.file
         self.external_data = header.has_data_file
@@ -375,6 +390,9 @@ class Qcow2File:
                 ) from None
             self._closers.append(self.data)
             self._lock(self.data, locking.ROLE_DATA_FILE)
+        # From here on, every read of the image file is of something its
+        # metadata places there: past the end of the file means truncated.
+        self.file.strict_end = True
         # Backing chain
         self.backing: SparseSource | None = None
         self.backing_path: str | None = None
@@ -426,16 +444,53 @@ class Qcow2File:
             self.path, self.file.fd, self.backing_name, self.backing_format, self.options, chain
         )
 
+    @property
+    def snapshots(self) -> list[L.Snapshot]:
+        """The entries of the snapshot table; empty when the table is damaged.
+
+        Read on first use.  An entry is listed even when its L1 table is
+        invalid: :meth:`l1_problem` and :meth:`Qcow2Image.open_snapshot` tell.
+        """
+        return self._load_snapshot_table()[0]
+
+    @property
+    def snapshot_table_problem(self) -> str | None:
+        """Why the snapshot table cannot be read at all (one line naming the file), or None."""
+        return self._load_snapshot_table()[1]
+
+    def _load_snapshot_table(self) -> tuple[list[L.Snapshot], str | None]:
+        if self._snapshot_table is None:
+            try:
+                self._snapshot_table = (self._read_snapshot_table(), None)
+            except _SnapshotTableError as exc:
+                self._snapshot_table = ([], f"{self.path}: {exc}")
+        return self._snapshot_table
+
     def _read_snapshot_table(self) -> list[L.Snapshot]:
+        """Decode the snapshot table (qemu: qcow2_read_snapshots).
+
+        Raises:
+            _SnapshotTableError: the table cannot be read: too many entries, an
+                offset that is not cluster aligned or past the end of the file,
+                an entry running past the end, more than 64 MiB, an invalid
+                entry.  Then no snapshot is trusted.
+        """
         h = self.header
         if h.nb_snapshots == 0:
-            return []
+            return []  # the offset means nothing then (qemu checks it anyway)
         if h.nb_snapshots > L.MAX_SNAPSHOTS:
-            raise self._err(f"too many snapshots ({h.nb_snapshots})")
-        if h.snapshots_offset % self.cluster_size or h.snapshots_offset == 0:
-            raise self._err(f"snapshot table offset {h.snapshots_offset} is not cluster aligned")
-        if h.snapshots_offset >= self.file.file_size:
-            raise self._err(f"snapshot table at {h.snapshots_offset} is past the end of the file")
+            raise _SnapshotTableError(
+                f"snapshot table lists {h.nb_snapshots} snapshots "
+                f"(qemu allows at most {L.MAX_SNAPSHOTS})"
+            )
+        offset = h.snapshots_offset
+        file_size = self.file.file_size
+        if offset % self.cluster_size or offset == 0:
+            raise _SnapshotTableError(f"snapshot table offset {offset:#x} is not cluster aligned")
+        if offset >= file_size:
+            raise _SnapshotTableError(
+                f"snapshot table at {offset:#x} is past the end of the file ({file_size:#x})"
+            )
         snaps: list[L.Snapshot] = []
         # Read in chunks: entries are variable-length.  Parsed bytes are dropped
         # so memory stays near a chunk; the table itself is bounded like qemu's
@@ -444,7 +499,7 @@ class Qcow2File:
         base = 0  # table offset of buf[0]
         chunk = 64 * 1024
         pos = 0
-        in_file = self.file.file_size - h.snapshots_offset
+        in_file = file_size - offset
         limit = min(in_file, L.MAX_SNAPSHOTS_TABLE_BYTES)
         for index in range(h.nb_snapshots):
             while True:
@@ -453,30 +508,30 @@ class Qcow2File:
                     break
                 except L.TruncatedError:
                     if base + len(buf) >= limit:
+                        entry_at = offset + base + pos
                         if limit < in_file:
-                            raise self._err(
-                                f"snapshot table is larger than {limit >> 20} MiB"
+                            raise _SnapshotTableError(
+                                f"snapshot table at {offset:#x} is larger than "
+                                f"{limit >> 20} MiB (entry {index + 1} of {h.nb_snapshots} "
+                                f"at {entry_at:#x} ends past that)"
                             ) from None
-                        raise self._err("snapshot table runs past the end of the file") from None
+                        raise _SnapshotTableError(
+                            f"snapshot table at {offset:#x} runs past the end of the file "
+                            f"({file_size:#x}): entry {index + 1} of {h.nb_snapshots} "
+                            f"at {entry_at:#x} does not end in it"
+                        ) from None
                     del buf[:pos]
                     base += pos
                     pos = 0
                     more = min(chunk, limit - base - len(buf))
                     if more > 0:
-                        buf += self.file.pread(h.snapshots_offset + base + len(buf), more)
+                        buf += self.file.pread(offset + base + len(buf), more)
                     chunk = min(chunk * 2, 4 * 1024 * 1024)
                 except ValueError as exc:
-                    raise self._err(f"snapshot {index}: {exc}") from None
-            # qemu's qcow2_read_snapshots: the L1 table must be sane to list the snapshot.
-            if snap.l1_size * 8 > L.MAX_L1_SIZE_BYTES:
-                raise self._err(
-                    f"snapshot {snap.id_str!r} L1 table too large ({snap.l1_size} entries)"
-                )
-            if snap.l1_table_offset % self.cluster_size:
-                raise self._err(
-                    f"snapshot {snap.id_str!r} L1 table offset {snap.l1_table_offset} "
-                    "is not cluster aligned"
-                )
+                    raise _SnapshotTableError(
+                        f"snapshot table entry {index + 1} of {h.nb_snapshots} "
+                        f"at {offset + base + pos:#x}: {exc}"
+                    ) from None
             snaps.append(snap)
             pos = nxt
         return snaps
@@ -492,27 +547,52 @@ class Qcow2File:
 
     # -- L1/L2 tables ----------------------------------------------------------------
 
-    def read_l1(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> list[int]:
-        """Read and validate an L1 table covering a virtual ``size``."""
+    def l1_problem(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> str | None:
+        """Why an L1 table covering a virtual ``size`` is invalid (one line), or None.
+
+        ``what`` names the table in the message ("active", "snapshot 'x' (id 1)").
+        """
         needed = (size + (1 << self.table_shift) - 1) >> self.table_shift
         if l1_size * 8 > L.MAX_L1_SIZE_BYTES:
-            raise self._err(f"{what} L1 table too large ({l1_size} entries)")
+            return f"{self.path}: {what} L1 table too large ({l1_size} entries)"
         if l1_size < needed:
-            raise self._err(
-                f"{what} L1 table has {l1_size} entries, too few for a virtual size of "
-                f"{size} bytes ({needed} needed)"
+            return (
+                f"{self.path}: {what} L1 table has {l1_size} entries, too few for a virtual "
+                f"size of {size} bytes ({needed} needed)"
             )
         if l1_size == 0:
-            return []
+            return None
         if l1_table_offset % self.cluster_size or l1_table_offset == 0:
-            raise self._err(f"{what} L1 table offset {l1_table_offset} is not cluster aligned")
-        if l1_table_offset + l1_size * 8 > self.file.file_size:
-            raise self._err(f"{what} L1 table runs past the end of the file")
+            return (
+                f"{self.path}: {what} L1 table offset {l1_table_offset:#x} is not cluster aligned"
+            )
+        # Only the entries the virtual size needs are read.  Like qemu, which
+        # reads entries past the end of the file as zeros, a longer table may
+        # end outside the file; a needed entry outside it is refused (qemu
+        # would map its range as unallocated: zeros for data the file lost).
+        if l1_table_offset + needed * 8 > self.file.file_size:
+            where = past_end_text(l1_table_offset, needed * 8, self.file.file_size)
+            return f"{self.path}: {what} L1 table {where}"
+        return None
+
+    def read_l1(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> list[int]:
+        """Read and validate an L1 table covering a virtual ``size``.
+
+        Raises:
+            ImageFormatError: the table is invalid (:meth:`l1_problem`).
+            UnsupportedFeatureError: the L1 tables loaded for this file would
+                pass ``MAX_TOTAL_L1_BYTES``.
+        """
+        problem = self.l1_problem(l1_table_offset, l1_size, size, what)
+        if problem is not None:
+            raise ImageFormatError(problem)
+        needed = (size + (1 << self.table_shift) - 1) >> self.table_shift
+        if needed == 0:
+            return []
         if self._l1_bytes_loaded + needed * 8 > MAX_TOTAL_L1_BYTES:
             raise UnsupportedFeatureError(
-                f"{self.path}: {what} L1 table would bring the L1 tables held for this file "
-                f"past {MAX_TOTAL_L1_BYTES >> 20} MiB (many snapshots of a huge disk?); "
-                "use --no-snapshots"
+                f"{self.path}: {what} L1 table not loaded: the L1 tables held for this file "
+                f"would pass {MAX_TOTAL_L1_BYTES >> 20} MiB (many snapshots of a huge disk?)"
             )
         self._l1_bytes_loaded += needed * 8
         buf = self.file.pread(l1_table_offset, needed * 8)
@@ -532,7 +612,7 @@ class Qcow2File:
         elif l2_offset < cs:
             problem = f"L2 table offset {l2_offset:#x} overlaps the header"
         elif l2_offset + cs > self.file.file_size:
-            problem = f"L2 table at {l2_offset:#x} is past the end of the file"
+            problem = f"L2 table {past_end_text(l2_offset, cs, self.file.file_size)}"
         if problem is None:
             # Not RawFile.pread: a short read (the file shrank since open) must
             # not turn into a zero table, which would serve holes for data.
@@ -543,8 +623,8 @@ class Qcow2File:
             else:
                 if len(buf) != cs:
                     problem = (
-                        f"L2 table at {l2_offset:#x} is past the end of the file "
-                        "(was the image truncated?)"
+                        f"L2 table at {l2_offset:#x} ({size_text(cs)}) runs past the end "
+                        "of the file (was the image truncated?)"
                     )
         runs = _TableRuns()
         if problem is not None:
@@ -556,8 +636,34 @@ class Qcow2File:
             self._decode_extended_l2(buf, runs)
         else:
             self._decode_l2(buf, runs)
+        if RUN_DATA in runs.kinds:
+            runs = self._split_unwritten(runs)
         self._l2_cache.put(l2_offset, runs, runs.cost())
         return runs
+
+    def _split_unwritten(self, runs: _TableRuns) -> _TableRuns:
+        """Split the RUN_DATA runs of a table by the data file's written map.
+
+        Host bytes that the data file stores as nothing (a hole or an
+        unwritten extent, see :mod:`sparsefs.hostmap`) become RUN_UNWRITTEN.
+        Costs one bisect per data run when the file is written throughout.
+        """
+        host_map = self.data.written_map()
+        fully_written = host_map.fully_written
+        if all(kind != RUN_DATA or fully_written(host, end - start)
+               for start, end, kind, host in zip(runs.starts, runs.ends, runs.kinds, runs.hosts,
+                                                 strict=True)):
+            return runs
+        out = _TableRuns()
+        for start, end, kind, host in zip(runs.starts, runs.ends, runs.kinds, runs.hosts,
+                                          strict=True):
+            if kind != RUN_DATA or fully_written(host, end - start):
+                out.add(start, end, kind, host)
+                continue
+            for rel_start, rel_end, state in host_map.classify(host, end - start):
+                out.add(start + rel_start, start + rel_end,
+                        RUN_DATA if state == WRITTEN else RUN_UNWRITTEN, host + rel_start)
+        return out
 
     def _data_problem(self, host_offset: int, length: int) -> str | None:
         """Why a data cluster at ``host_offset`` cannot be read, or None."""
@@ -785,7 +891,7 @@ class Qcow2File:
             )
         # The last sector may run past the end of the file (qemu reads it short).
         nb_bytes = min(nb_bytes, self.file.file_size - host_offset)
-        raw = _pread_exact(self, host_offset, nb_bytes)
+        raw = self.file.pread(host_offset, nb_bytes)
         try:
             if self.compression_type == L.COMPRESSION_ZSTD:
                 out = self._zstd_decompress(raw)
@@ -817,6 +923,28 @@ class Qcow2File:
         with dctx.stream_reader(raw, read_across_frames=False) as reader:
             out: bytes = reader.read(self.cluster_size + 1)
         return out
+
+
+class _SnapshotTableError(Exception):
+    """The snapshot table cannot be read (the message lacks the file name)."""
+
+
+def size_text(nb_bytes: int) -> str:
+    """``nb_bytes`` exactly, in the largest binary unit that divides it: "64 KiB", "1000 bytes"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nb_bytes and not nb_bytes % (1 << shift):
+            return f"{nb_bytes >> shift} {unit}"
+    return f"{nb_bytes} bytes"
+
+
+def past_end_text(host_offset: int, length: int, file_size: int) -> str:
+    """ "at 0x30000 (64 KiB) runs past the end of the file (0x3c000)", or "is past" when
+    the range starts at or after the end."""
+    verb = "is" if host_offset >= file_size else "runs"
+    return (
+        f"at {host_offset:#x} ({size_text(length)}) {verb} past the end of the file "
+        f"({file_size:#x})"
+    )
 
 
 _ZERO_BLOCK = bytes(_L2_BLOCK_ENTRIES * 8)
@@ -967,7 +1095,7 @@ class Qcow2Image:
                 e = min(table_base + ends[i], stop)
                 kind = kinds[i]
                 host = hosts[i]
-                if kind == RUN_DATA:
+                if kind == RUN_DATA or kind == RUN_UNWRITTEN:
                     host = host + (s - run_start)
                 yield (s, e, kind, host)
                 i += 1
@@ -989,11 +1117,8 @@ class Qcow2Image:
             s, e, kind = run.guest_offset, run.guest_end, run.kind
             n = e - s
             if kind == RUN_DATA:
-                if qfile.external_data:
-                    parts.append(qfile.data.pread(run.host, n))
-                else:
-                    parts.append(_pread_exact(qfile, run.host, n))
-            elif kind == RUN_ZERO:
+                parts.append(qfile.data.pread(run.host, n))
+            elif kind == RUN_ZERO or kind == RUN_UNWRITTEN:
                 parts.append(bytes(n))
             elif kind == RUN_UNALLOCATED:
                 parts.append(self._read_below(s, n))
@@ -1053,7 +1178,7 @@ class Qcow2Image:
         backing = self._backing
         reads_zeros = True
         for s, _, kind, _ in self._runs(guest_offset, end):
-            if kind == RUN_ZERO or (
+            if kind in _ZERO_KINDS or (
                 kind == RUN_UNALLOCATED and (backing is None or s >= backing.size)
             ):
                 continue
@@ -1080,7 +1205,7 @@ class Qcow2Image:
         fd = qfile.file.fd
         cmask = qfile.cluster_size - 1
         for s, e, kind, host in self._runs(guest_offset, end):
-            if kind == RUN_ZERO:
+            if kind in _ZERO_KINDS:
                 continue
             part = view[s - guest_offset : e - guest_offset]
             if kind == RUN_DATA:
@@ -1110,6 +1235,37 @@ class Qcow2Image:
             else:
                 return False
         return True
+
+    def iter_host_ranges(
+        self, guest_offset: int, guest_end: int
+    ) -> Iterator[tuple[int, int, RawFile | None, int]]:
+        """What a copy of ``[guest_offset, guest_end)`` must write, piece by piece.
+
+        Yields ``(guest_start, guest_end, file, host_offset)`` in order:
+        ``file`` holds exactly the guest bytes at ``host_offset`` (read them
+        with ``file.pread_into``, or let the kernel copy them with
+        ``copy_file_range``), or is None when the piece must come from
+        :meth:`read` (compressed clusters, broken ranges, layers that cannot
+        say).  Ranges that read as zeros are left out.
+        """
+        backing = self._backing
+        data_file = self.qfile.data
+        for s, e, kind, host in self._runs(guest_offset, min(guest_end, self._size)):
+            if kind == RUN_DATA:
+                yield (s, e, data_file, host)
+            elif kind in _ZERO_KINDS:
+                continue
+            elif kind == RUN_UNALLOCATED:
+                if backing is None or s >= backing.size:
+                    continue
+                stop = min(e, backing.size)
+                below = getattr(backing, "iter_host_ranges", None)
+                if below is None:
+                    yield (s, stop, None, 0)
+                else:
+                    yield from below(s, stop)
+            else:
+                yield (s, e, None, 0)
 
     def _read_below(self, guest_offset: int, length: int) -> bytes:
         backing = self._backing
@@ -1142,7 +1298,7 @@ class Qcow2Image:
         pending_start = pending_end = guest_offset
         pending_data = False
         for s, e, kind, _ in self._runs(guest_offset, self._size):
-            data = kind != RUN_ZERO and kind != RUN_UNALLOCATED
+            data = kind != RUN_ZERO and kind != RUN_UNALLOCATED and kind != RUN_UNWRITTEN
             if data == pending_data and s == pending_end:
                 pending_end = e
                 continue
@@ -1158,7 +1314,7 @@ class Qcow2Image:
         backing = self._backing
         for run in self.iter_runs(start, end):
             s, e, kind = run.guest_offset, run.guest_end, run.kind
-            if kind == RUN_ZERO:
+            if kind in _ZERO_KINDS:
                 yield Extent(s, e - s, data=False, zero=True)
             elif kind != RUN_UNALLOCATED:
                 yield Extent(s, e - s, data=True)
@@ -1194,6 +1350,16 @@ class Qcow2Image:
             n = e - s
             if kind == RUN_DATA:
                 yield MapEntry(s, n, depth, True, False, True, False, run.host)
+            elif kind == RUN_UNWRITTEN:
+                # qemu-img map: data (allocated), and "zero" where the image
+                # file has a hole (qemu asks the file layer below a
+                # preallocated image); an unwritten extent, or anything in an
+                # external data file, it calls data only.
+                host_map = self.qfile.data.written_map()
+                external = self.qfile.external_data
+                for rel_s, rel_e, state in host_map.classify(run.host, n):
+                    yield MapEntry(s + rel_s, rel_e - rel_s, depth, True,
+                                   state == HOLE and not external, True, False, run.host + rel_s)
             elif kind == RUN_COMPRESSED:
                 yield MapEntry(s, n, depth, True, False, True, True, None)
             elif kind == RUN_ZERO:
@@ -1225,16 +1391,29 @@ class Qcow2Image:
         """The internal snapshots of the image file."""
         return self.qfile.snapshots
 
+    @property
+    def snapshot_table_problem(self) -> str | None:
+        """Why the image's snapshot table cannot be read at all, or None."""
+        return self.qfile.snapshot_table_problem
+
+    def snapshot_problem(self, snap: L.Snapshot) -> str | None:
+        """Why ``snap`` cannot be opened (its L1 table is invalid), or None; reads nothing."""
+        size = snap.disk_size if snap.disk_size is not None else self.qfile.header.size
+        return self.qfile.l1_problem(snap.l1_table_offset, snap.l1_size, size,
+                                     snapshot_label(snap))
+
     def open_snapshot(self, snap: L.Snapshot) -> Qcow2Image:
         """A view of ``snap``: its own L1 table and virtual size, same file and chain.
 
+        A damaged snapshot costs only itself: the active image and the other
+        snapshots stay readable.
+
         Raises:
             ImageFormatError: the snapshot's L1 table is invalid.
+            UnsupportedFeatureError: loading it would pass the L1 memory bound.
         """
         size = snap.disk_size if snap.disk_size is not None else self.qfile.header.size
-        l1 = self.qfile.read_l1(
-            snap.l1_table_offset, snap.l1_size, size, f"snapshot {snap.id_str!r}"
-        )
+        l1 = self.qfile.read_l1(snap.l1_table_offset, snap.l1_size, size, snapshot_label(snap))
         return Qcow2Image(self.qfile, l1, size, snapshot=snap, owns_file=False)
 
     def chain(self) -> list[tuple[str, str]]:
@@ -1251,6 +1430,11 @@ class Qcow2Image:
         return out
 
 
+def snapshot_label(snap: L.Snapshot) -> str:
+    """How messages name a snapshot: ``snapshot 'NAME' (id ID)``."""
+    return f"snapshot {snap.name!r} (id {snap.id_str})"
+
+
 def _clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]:
     """Extents of ``source`` over ``[start, end)``, clipped."""
     for ext in source.iter_extents(start):
@@ -1260,21 +1444,6 @@ def _clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent
             yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
             break
         yield ext
-
-
-def _pread_exact(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
-    try:
-        buf = os.pread(qfile.file.fd, length, host_offset)
-    except OSError as exc:
-        raise ImageReadError(
-            f"{qfile.path}: read of {length} bytes at {host_offset:#x} failed: {exc.strerror}"
-        ) from exc
-    if len(buf) != length:
-        raise ImageReadError(
-            f"{qfile.path}: data at {host_offset:#x} is past the end of the file "
-            "(was the image truncated?)"
-        )
-    return buf
 
 
 def open_image(
