@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from sparsefs.errors import ImageFormatError, ImageReadError, UnsupportedFeatureError
 from sparsefs.extents import Extent, SparseSource, coalesce
+from sparsefs.hostmap import WRITTEN
 
 # Kinds of runs (spec-neutral; the numbers match qcow2's RUN_* constants).
 DATA = 0  # stored in this layer; host = (RawFile, host_offset of the run's start)
@@ -279,6 +280,44 @@ class LayeredImage:
         except Exception:
             return False
         return True
+
+    def iter_host_ranges(
+        self, guest_offset: int, guest_end: int
+    ) -> Iterator[tuple[int, int, Any, int]]:
+        """What a copy of ``[guest_offset, guest_end)`` must write, piece by piece.
+
+        The contract of ``Qcow2Image.iter_host_ranges``: yields ``(guest_start,
+        guest_end, file, host_offset)`` in order, ``file`` a RawFile holding
+        exactly those guest bytes at ``host_offset``, or None when the piece
+        must come from :meth:`read` (OTHER and ERROR runs, a source below that
+        cannot say).  Ranges that read as zeros are left out: ZERO runs, BELOW
+        runs with nothing below, and DATA over host bytes the file stores as
+        nothing (:meth:`sparsefs.raw.RawFile.written_map`).
+        """
+        below = self._below
+        for s, e, kind, host in self.layer.runs(guest_offset, min(guest_end, self.size)):
+            if kind == DATA:
+                raw, host_offset = host
+                host_map = raw.written_map()
+                if host_map.fully_written(host_offset, e - s):
+                    yield (s, e, raw, host_offset)
+                    continue
+                for rel_s, rel_e, state in host_map.classify(host_offset, e - s):
+                    if state == WRITTEN:
+                        yield (s + rel_s, s + rel_e, raw, host_offset + rel_s)
+            elif kind == ZERO:
+                continue
+            elif kind == BELOW:
+                if below is None or s >= below.size:
+                    continue
+                stop = min(e, below.size)
+                deeper = getattr(below, "iter_host_ranges", None)
+                if deeper is None:
+                    yield (s, stop, None, 0)
+                else:
+                    yield from deeper(s, stop)
+            else:
+                yield (s, e, None, 0)
 
     def _read_below(self, guest_offset: int, length: int) -> bytes:
         below = self._below

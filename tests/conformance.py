@@ -185,6 +185,16 @@ def check_conformance(image: Path, fmt: str, expected: Path, qmap: list[dict[str
                     assert bytes(fast) == want[off : off + 200000], f"read_nowait at {off}"
             if isinstance(source, LayeredImage):  # qcow2 over another format: always None
                 assert answered, "read_nowait answered nothing from a warm page cache"
+        host_ranges = getattr(source, "iter_host_ranges", None)
+        if host_ranges is not None:  # what checksum and backup copy: zeros left out
+            rebuilt = bytearray(len(want))
+            pos = 0
+            for start, stop, raw, host in host_ranges(0, len(want)):
+                assert pos <= start < stop, f"host ranges out of order at {start}"
+                rebuilt[start:stop] = source.read(start, stop - start) if raw is None else (
+                    raw.pread(host, stop - start))
+                pos = stop
+            assert rebuilt == want, f"host ranges differ at {_first_difference(rebuilt, want)}"
         segments = data_segments(source)
         check_map_agrees(segments, qmap)
         pos = 0

@@ -144,6 +144,9 @@ class VpcLayer:
             if not options.force_share:
                 locking.lock_file(self.raw.fd, path, locking.ROLE_IMAGE)
             self._open()
+            # Every host byte the metadata maps lies inside the file (checked at
+            # open, or an ERROR run): a short read now means the file shrank.
+            self.raw.strict_end = True
         except BaseException:
             self.raw.close()
             raise
