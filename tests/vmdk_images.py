@@ -23,7 +23,8 @@ from support import GiB, KiB, MiB, qemu_img_create, qemu_io, random_writes, run
 SECTOR = 512
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF
 # Byte offsets of header fields (VMDK4 SparseExtentHeader).
-OFF_FLAGS, OFF_CAPACITY, OFF_GRAIN, OFF_GTES, OFF_RGD, OFF_GD, OFF_OVERHEAD = 8, 12, 20, 44, 48, 56, 64
+OFF_FLAGS, OFF_CAPACITY, OFF_GRAIN, OFF_GTES = 8, 12, 20, 44
+OFF_RGD, OFF_GD, OFF_OVERHEAD = 48, 56, 64
 
 Builder = Callable[[Path], Path]
 
@@ -113,7 +114,7 @@ def stream_footer(d: Path) -> Path:
 
 
 def two_gb_sparse(d: Path) -> Path:
-    """twoGbMaxExtentSparse of 3 GiB + 64 KiB: writes at the start, across the 2 GiB seam, the end."""
+    """twoGbMaxExtentSparse over 3 GiB: writes at the start, across the 2 GiB seam, at the end."""
     size = 3 * GiB + 64 * KiB
     p = _create(d / "split.vmdk", size, "subformat=twoGbMaxExtentSparse")
     qemu_io(p, "write -P 1 0 100k", f"write -P 2 {2 * GiB - 48 * KiB} 96k",

@@ -26,9 +26,17 @@ from sparsefs.errors import (
 from sparsefs.extents import SparseSource, seek_data, seek_hole
 from sparsefs.formats import detect, open_source
 from sparsefs.formats.vmdk import open_layer, probe
+from sparsefs.layered import LayeredImage
 from sparsefs.qcow2.image import OpenOptions
 
 CHUNK = 100_003  # odd read size
+
+
+def _open(path: Path, options: OpenOptions | None = None) -> LayeredImage:
+    """Open through the registry, forced to vmdk; a VMDK is always a layered image."""
+    source = open_source(path, fmt="vmdk", options=options)
+    assert isinstance(source, LayeredImage)
+    return source
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,7 @@ def _raw_segments(path: Path) -> list[tuple[int, int]]:
 def check_against_qemu(image: Path, tmp: Path) -> None:
     """Bytes, extents, SEEK walk and map of ``image`` agree with qemu's answers."""
     raw_path = qemu_raw(image, tmp / (image.name + ".raw"), fmt="vmdk")
-    with open_source(image, fmt="vmdk") as source, open(raw_path, "rb") as raw:
+    with _open(image) as source, open(raw_path, "rb") as raw:
         assert source.size == os.path.getsize(raw_path)
         segments = _data_segments(source)
         # Every data byte, read in odd chunks, equals qemu's.
@@ -99,8 +107,9 @@ def check_against_qemu(image: Path, tmp: Path) -> None:
         check_map_agrees(segments, qemu_map(image, fmt="vmdk"))
         # The layered map tiles the image.
         pos = 0
-        for entry in source.iter_map():  # type: ignore[attr-defined]
-            assert entry.start == pos and entry.length > 0
+        for entry in source.iter_map():
+            assert entry.start == pos
+            assert entry.length > 0
             pos += entry.length
         assert pos == source.size
 
@@ -163,7 +172,8 @@ def test_stream_footer_is_what_is_read(images: dict[str, Path]) -> None:
 
 def _one_line(exc: SparsefsError, path: Path) -> str:
     msg = str(exc)
-    assert "\n" not in msg and str(path) in msg, msg
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
     return msg
 
 
@@ -236,14 +246,14 @@ def test_parent_cid_mismatch_refused(tmp_path: Path) -> None:
     base = qemu_img_create(tmp_path / "b.vmdk", MiB, fmt="vmdk")
     top = qemu_img_create(tmp_path / "t.vmdk", MiB, "backing_file=b.vmdk", "backing_fmt=vmdk",
                           fmt="vmdk")
-    with open_source(top, fmt="vmdk") as ok:
+    with _open(top) as ok:
         assert ok.read(0, 4) == bytes(4)
     qemu_io(base, "write -P 1 0 4k", fmt="vmdk")
     with pytest.raises(ImageFormatError) as info:
         open_source(top, fmt="vmdk")
     assert "parentCID" in _one_line(info.value, top)
     # Without the chain the delta alone opens.
-    with open_source(top, fmt="vmdk", options=OpenOptions(backing=False)) as alone:
+    with _open(top, OpenOptions(backing=False)) as alone:
         assert alone.read(0, 4096) == bytes(4096)
 
 
@@ -271,7 +281,7 @@ def test_access_modes_and_zero_extent(tmp_path: Path) -> None:
         'RDONLY 512 FLAT "p.flat" 0', "RW 128 ZERO", 'NOACCESS 64 FLAT "p.flat" 0',
         'RW 512 FLAT "p.flat" 0',
     ])
-    with open_source(desc, fmt="vmdk") as img:
+    with _open(desc) as img:
         assert img.size == (512 + 128 + 64 + 512) * SECTOR
         assert img.read(0, 256 * KiB) == want
         z0, z1 = 256 * KiB, 320 * KiB
@@ -286,9 +296,10 @@ def test_access_modes_and_zero_extent(tmp_path: Path) -> None:
 # -- bad tables: EIO for one grain; bounded memory ----------------------------------------
 
 
-def _first_gt(buf: bytes) -> int:
-    gd = struct.unpack_from("<Q", buf, OFF_GD)[0]
-    return struct.unpack_from("<I", buf, gd * SECTOR)[0] * SECTOR
+def _first_gt(buf: bytes | bytearray) -> int:
+    (gd,) = struct.unpack_from("<Q", buf, OFF_GD)
+    (gt,) = struct.unpack_from("<I", buf, gd * SECTOR)
+    return int(gt) * SECTOR
 
 
 def test_bad_gte_is_eio_for_that_grain_only(tmp_path: Path) -> None:
@@ -299,7 +310,7 @@ def test_bad_gte_is_eio_for_that_grain_only(tmp_path: Path) -> None:
     struct.pack_into("<I", buf, _first_gt(buf) + 4, 0x7FFF_0000)
     bad = tmp_path / "bad.vmdk"
     bad.write_bytes(bytes(buf))
-    with open_source(bad, fmt="vmdk") as img:
+    with _open(bad) as img:
         assert img.read(0, 64 * KiB) == b"\1" * (64 * KiB)
         assert img.read(128 * KiB, 64 * KiB) == b"\3" * (64 * KiB)
         with pytest.raises(ImageReadError) as info:
@@ -319,7 +330,7 @@ def test_corrupt_compressed_grain_is_eio_for_that_grain_only(images: dict[str, P
     buf[first * SECTOR + 14:first * SECTOR + 30] = b"\xff" * 16
     bad = tmp_path / "bad-stream.vmdk"
     bad.write_bytes(bytes(buf))
-    with open_source(bad, fmt="vmdk") as img:
+    with _open(bad) as img:
         with pytest.raises(ImageReadError):
             img.read(0, 4096)
         segments = _data_segments(img)
@@ -361,7 +372,7 @@ def test_never_writes_the_source(images: dict[str, Path], tmp_path: Path) -> Non
     """Opening and reading leaves every file of a chain unchanged."""
     d = images["delta-chain"].parent
     before = {f.name: f.read_bytes() for f in d.iterdir()}
-    with open_source(images["delta-chain"], fmt="vmdk") as img:
+    with _open(images["delta-chain"]) as img:
         img.read(0, img.size)
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before
     shutil.rmtree(tmp_path, ignore_errors=True)
