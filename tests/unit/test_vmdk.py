@@ -376,3 +376,17 @@ def test_never_writes_the_source(images: dict[str, Path], tmp_path: Path) -> Non
         img.read(0, img.size)
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_extent_outside_backing_dir_refused(tmp_path: Path) -> None:
+    """With --backing-dir, an extent file elsewhere on the host is refused, not served."""
+    inside = tmp_path / "in"
+    inside.mkdir()
+    (tmp_path / "outside.flat").write_bytes(b"secret" * 1000)
+    desc = _descriptor(inside / "d.vmdk", "monolithicFlat",
+                       [f'RW 8 FLAT "{tmp_path / "outside.flat"}" 0'])
+    with _open(desc) as img:  # without confinement qemu's rule: any path
+        assert img.read(0, 6) == b"secret"
+    with pytest.raises(UnsupportedFeatureError) as info:
+        open_source(desc, fmt="vmdk", options=OpenOptions(backing_dir=str(inside)))
+    assert "outside --backing-dir" in _one_line(info.value, desc)

@@ -31,7 +31,7 @@ from sparsefs.formats.vmdk.extents import (
     format_error,
     unsupported,
 )
-from sparsefs.layered import ERROR, OTHER, ZERO
+from sparsefs.layered import ERROR, OTHER, ZERO, check_regular_file, resolve_name
 from sparsefs.raw import RawFile
 
 EMBEDDED_DESCRIPTOR_OFFSET = 0x200  # qemu reads the embedded descriptor here
@@ -42,29 +42,6 @@ GRAIN_CACHE_BYTES = 4 << 20  # decompressed grains kept, per image (default)
 NO_PARENT_CID = 0xFFFF_FFFF
 
 Extent = SparseExtent | FlatExtent | ConstExtent
-
-
-def _has_protocol(name: str) -> bool:
-    colon = name.find(":")
-    if colon <= 0:
-        return False
-    slash = name.find("/")
-    return slash < 0 or colon < slash
-
-
-def resolve_name(image_path: str, name: str, what: str) -> str:
-    """The path an extent or parent name refers to: relative names beside the image.
-
-    Raises:
-        UnsupportedFeatureError: the name has a NUL byte or names a protocol.
-    """
-    if "\0" in name:
-        raise format_error(image_path, f"{what} name contains a NUL byte")
-    if _has_protocol(name):
-        raise unsupported(image_path, f"{what} {name!r} names a protocol, which sparsefs refuses")
-    if not os.path.isabs(name):
-        name = os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
-    return os.path.normpath(name)
 
 
 def read_descriptor(raw: RawFile) -> tuple[bool, L.Descriptor]:
@@ -254,23 +231,25 @@ def _open_layer(path: str, top: RawFile, files: list[RawFile], options: Any) -> 
                           f"{MAX_EXTENTS})")
     extents: list[Extent] = []
     for n, line in enumerate(desc.extents):
-        extents.append(_open_extent(path, n, line, files, tables, grains))
+        extents.append(_open_extent(path, n, line, files, tables, grains,
+                                    getattr(options, "backing_dir", None)))
     return VmdkLayer(path, create_type, desc, extents, files)
 
 
 def _open_extent(path: str, n: int, line: L.ExtentLine, files: list[RawFile],
-                 tables: int, grains: int) -> Extent:
+                 tables: int, grains: int, backing_dir: str | None) -> Extent:
     size = line.sectors * L.SECTOR_SIZE
     if line.access == "NOACCESS":
         return ConstExtent(size, ERROR, f"{path}: extent {n} is NOACCESS")
     if line.kind == "ZERO":
         return ConstExtent(size, ZERO)
     assert line.file_name is not None
-    ext_path = resolve_name(path, line.file_name, "extent file")
-    if not os.path.exists(ext_path):
+    # Extent names resolve like parent names; --backing-dir confines them too, so a
+    # descriptor cannot make a mount serve a file from elsewhere on the host.
+    ext_path = resolve_name(path, line.file_name, what="extent file", backing_dir=backing_dir)
+    if not os.path.lexists(ext_path):
         raise MissingFileError(f"{path}: extent file {ext_path} is missing")
-    if os.path.isdir(ext_path):
-        raise format_error(path, f"extent file {ext_path} is a directory")
+    check_regular_file(ext_path, "extent file", path)
     raw = RawFile(ext_path)
     files.append(raw)
     if line.kind == "FLAT":
