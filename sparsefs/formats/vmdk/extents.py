@@ -8,6 +8,7 @@ bounded LRU; a bad grain table entry becomes an ERROR run for that grain only.
 
 from __future__ import annotations
 
+import bisect
 import struct
 import threading
 import zlib
@@ -80,6 +81,8 @@ class SparseExtent:
         self.grain_size = header.grain_sectors * L.SECTOR_SIZE
         self.gt_span = header.num_gtes_per_gt * self.grain_size
         self._gt_struct = struct.Struct(f"<{header.num_gtes_per_gt}I")
+        # Indexes of the allocated grain tables, to step over unallocated ones at once.
+        self._present = [i for i, sector in enumerate(gd) if sector]
         self._tables = _LRU(table_cache_items)
         self._grains = _LRU(grain_cache_items)
 
@@ -172,6 +175,8 @@ class SparseExtent:
             gt_start = gd_index * self.gt_span
             stop = min(end, gt_start + self.gt_span)
             if gd_index >= len(self.gd) or self.gd[gd_index] == 0:
+                k = bisect.bisect_left(self._present, gd_index)
+                stop = min(end, self._present[k] * self.gt_span) if k < len(self._present) else end
                 items: Iterator[Run] = iter(((pos, stop, BELOW, None),))
             else:
                 items = self._table_runs(gd_index, gt_start, pos, stop)

@@ -233,7 +233,10 @@ def _open_layer(path: str, top: RawFile, files: list[RawFile], options: Any) -> 
     for n, line in enumerate(desc.extents):
         extents.append(_open_extent(path, n, line, files, tables, grains,
                                     getattr(options, "backing_dir", None)))
-    return VmdkLayer(path, create_type, desc, extents, files)
+    layer = VmdkLayer(path, create_type, desc, extents, files)
+    if layer.size > L.MAX_DISK_BYTES:
+        raise format_error(path, f"the extents add up to {layer.size} bytes, too large a disk")
+    return layer
 
 
 def _open_extent(path: str, n: int, line: L.ExtentLine, files: list[RawFile],

@@ -43,6 +43,7 @@ MAX_GTES_PER_GT = 512  # qemu: "L2 table size too big" above this
 MAX_GRAIN_SECTORS = 0x200000  # qemu: 1 GiB grains are "unrealistic"
 MAX_GD_ENTRIES = 32 * 1024 * 1024  # qemu's bound on the L1 (grain directory) size
 MAX_DESCRIPTOR_BYTES = (1 << 20) - 1  # qemu reads at most this much descriptor text
+MAX_DISK_BYTES = 1 << 62  # host and guest offsets stay well inside off_t
 
 # magic, version, flags, capacity, grainSize, descriptorOffset, descriptorSize,
 # numGTEsPerGT, rgdOffset, gdOffset, overHead, uncleanShutdown, 4 newline check
@@ -153,6 +154,8 @@ class SparseHeader:
             raise LayoutError(f"grain table size {self.num_gtes_per_gt} entries is invalid")
         if not 1 <= self.grain_sectors <= MAX_GRAIN_SECTORS:
             raise LayoutError(f"grain size {self.grain_sectors} sectors is invalid")
+        if self.capacity * SECTOR_SIZE > MAX_DISK_BYTES:
+            raise LayoutError(f"capacity of {self.capacity} sectors is too large")
         if self.nb_gd_entries > MAX_GD_ENTRIES:
             raise LayoutError(f"grain directory of {self.nb_gd_entries} entries is too big")
 
@@ -326,6 +329,8 @@ def _extent_line(m: re.Match[str], line: str) -> ExtentLine:
         raise LayoutUnsupported(f"unknown extent type {kind!r}")
     if sectors <= 0:
         raise LayoutError(f"invalid extent line (size 0): {line[:120]}")
+    if (sectors + int(offset_s or 0)) * SECTOR_SIZE > MAX_DISK_BYTES:
+        raise LayoutError(f"invalid extent line (size or offset too large): {line[:120]}")
     if kind == "ZERO":
         if name is not None:
             raise LayoutError(f"invalid extent line (ZERO names a file): {line[:120]}")
