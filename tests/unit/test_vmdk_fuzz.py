@@ -1,6 +1,6 @@
 """Fuzz: seeded mutants of qemu-made VMDKs cost at most a clean error or EIO.
 
-Same contract as tests/unit/test_fuzz.py (qcow2): every mutant either fails
+Same contract as tests/unit/test_fuzz.py (qcow2): conformance.exercise: every mutant either fails
 to open with a one-line :class:`~sparsefs.errors.SparsefsError`, or is
 self-consistent under ``exercise`` (extents tile the image, holes read zeros,
 data reads fully or raises ImageReadError, whole and piecewise reads agree,
@@ -22,7 +22,6 @@ changes, and keeps the mutant beside the bases.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import re
@@ -35,26 +34,12 @@ from types import FrameType
 
 import pytest
 import vmdk_images as V
+from conformance import exercise
 from support import MiB
 
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import open_source
 from sparsefs.layered import LayeredImage
-
-
-def _load_exercise() -> Callable[..., None]:
-    """``exercise`` of the qcow2 fuzz test: the one consistency contract for every format."""
-    spec = importlib.util.spec_from_file_location(
-        "_sparsefs_fuzz_contract", Path(__file__).with_name("test_fuzz.py"))
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    fn: Callable[..., None] = module.exercise
-    return fn
-
-
-exercise = _load_exercise()
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "400"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20261127"))
