@@ -390,3 +390,11 @@ def test_extent_outside_backing_dir_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFeatureError) as info:
         open_source(desc, fmt="vmdk", options=OpenOptions(backing_dir=str(inside)))
     assert "outside --backing-dir" in _one_line(info.value, desc)
+
+
+def test_huge_compressed_grains_refused(images: dict[str, Path], tmp_path: Path) -> None:
+    """A stream whose grains would inflate to 32 MiB each is refused, not inflated."""
+    bad = _patch(images["streamOptimized"], tmp_path / "huge.vmdk", 20, "<Q", 0x10000)
+    with pytest.raises(UnsupportedFeatureError) as info:
+        open_source(bad, fmt="vmdk")
+    assert "compressed grains" in _one_line(info.value, bad)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import bisect
 import struct
+import sys
 import threading
 import zlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +24,7 @@ from sparsefs.layered import BELOW, DATA, ERROR, OTHER, ZERO
 from sparsefs.raw import RawFile
 
 Run = tuple[int, int, int, Any]
+_U32 = "I" if array("I").itemsize == 4 else "L"  # array typecode of a 32-bit entry
 
 
 def format_error(path: str, problem: str) -> ImageFormatError:
@@ -68,11 +71,12 @@ class SparseExtent:
         header: its header (the footer's copy for a stream with GD_AT_END).
         gd: the grain directory: grain table sector per entry, 0 = none.
         table_cache_items: bound on decoded grain tables kept.
-        grain_cache_items: bound on decompressed grains kept.
+        grain_cache_bytes: bound on the decompressed grains kept, in bytes (at
+            least one grain is kept).
     """
 
     def __init__(self, raw: RawFile, header: L.SparseHeader, gd: tuple[int, ...],
-                 table_cache_items: int, grain_cache_items: int) -> None:
+                 table_cache_items: int, grain_cache_bytes: int) -> None:
         self.raw = raw
         self.path = raw.path
         self.header = header
@@ -80,15 +84,14 @@ class SparseExtent:
         self.size = header.capacity * L.SECTOR_SIZE
         self.grain_size = header.grain_sectors * L.SECTOR_SIZE
         self.gt_span = header.num_gtes_per_gt * self.grain_size
-        self._gt_struct = struct.Struct(f"<{header.num_gtes_per_gt}I")
         # Indexes of the allocated grain tables, to step over unallocated ones at once.
         self._present = [i for i, sector in enumerate(gd) if sector]
         self._tables = _LRU(table_cache_items)
-        self._grains = _LRU(grain_cache_items)
+        self._grains = _LRU(grain_cache_bytes // self.grain_size)
 
     @classmethod
     def open(cls, raw: RawFile, table_cache_items: int = 64,
-             grain_cache_items: int = 16) -> SparseExtent:
+             grain_cache_bytes: int = 1 << 20) -> SparseExtent:
         """Read and validate the header (or stream footer) and the grain directory.
 
         Raises:
@@ -135,13 +138,19 @@ class SparseExtent:
                 if gt_sector and gt_sector * L.SECTOR_SIZE + gt_bytes > file_size:
                     raise format_error(path, f"grain table {i} at sector {gt_sector} "
                                        "lies outside the file")
-        return cls(raw, header, gd, table_cache_items, grain_cache_items)
+        if header.compressed and header.grain_sectors * L.SECTOR_SIZE > L.MAX_COMPRESSED_GRAIN:
+            raise unsupported(path, f"compressed grains of {header.grain_sectors} sectors "
+                              f"(sparsefs inflates grains up to {L.MAX_COMPRESSED_GRAIN} bytes)")
+        return cls(raw, header, gd, table_cache_items, grain_cache_bytes)
 
-    def _table(self, gd_index: int) -> tuple[int, ...]:
-        table: tuple[int, ...] | None = self._tables.get(gd_index)
+    def _table(self, gd_index: int) -> array[int]:
+        """Grain table ``gd_index``, decoded (4 bytes an entry in memory, as on disk)."""
+        table: array[int] | None = self._tables.get(gd_index)
         if table is None:
             offset = self.gd[gd_index] * L.SECTOR_SIZE
-            table = self._gt_struct.unpack(self.raw.pread(offset, self._gt_struct.size))
+            table = array(_U32, self.raw.pread(offset, 4 * self.header.num_gtes_per_gt))
+            if sys.byteorder == "big":
+                table.byteswap()
             self._tables.put(gd_index, table)
         return table
 

@@ -181,7 +181,7 @@ def _cache_items(options: Any, extent_count: int) -> tuple[int, int]:
     grain_bytes = int(getattr(options, "compressed_cache_bytes", GRAIN_CACHE_BYTES)
                       or GRAIN_CACHE_BYTES)
     per = max(1, extent_count)
-    return max(2, gt_bytes // (2048 * per)), max(2, grain_bytes // (65536 * per))
+    return max(2, gt_bytes // (2048 * per)), grain_bytes // per
 
 
 def open_layer(path: str | os.PathLike[str], options: Any = None) -> VmdkLayer:

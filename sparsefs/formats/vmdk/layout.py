@@ -41,6 +41,7 @@ MARKER_FOOTER = 3
 MAX_VERSION = 3
 MAX_GTES_PER_GT = 512  # qemu: "L2 table size too big" above this
 MAX_GRAIN_SECTORS = 0x200000  # qemu: 1 GiB grains are "unrealistic"
+MAX_COMPRESSED_GRAIN = 16 << 20  # streamOptimized writers use 64 KiB; bounds inflate memory
 MAX_GD_ENTRIES = 32 * 1024 * 1024  # qemu's bound on the L1 (grain directory) size
 MAX_DESCRIPTOR_BYTES = (1 << 20) - 1  # qemu reads at most this much descriptor text
 MAX_DISK_BYTES = 1 << 62  # host and guest offsets stay well inside off_t
