@@ -170,6 +170,16 @@ def delta_chain(d: Path) -> Path:
     return top
 
 
+def delta_split_over_flat(d: Path) -> Path:
+    """A twoGbMaxExtentSparse delta (descriptor file) over a monolithicFlat parent."""
+    base = _create(d / "fbase.vmdk", 3 * MiB, "subformat=monolithicFlat")
+    _writes(base, 9, 3 * MiB, 6, zero_writes=0)
+    top = _create(d / "sdelta.vmdk", 3 * MiB, "subformat=twoGbMaxExtentSparse",
+                  f"backing_file={base.name}", "backing_fmt=vmdk")
+    _writes(top, 10, 3 * MiB, 4, zero_writes=1)
+    return top
+
+
 BUILDERS: dict[str, Builder] = {
     "monolithicSparse": monolithic_sparse,
     "zeroedGrain": zeroed_grain,
@@ -180,6 +190,7 @@ BUILDERS: dict[str, Builder] = {
     "twoGbMaxExtentFlat": two_gb_flat,
     "mixed-descriptor": mixed_descriptor,
     "delta-chain": delta_chain,
+    "delta-split-over-flat": delta_split_over_flat,
 }
 
 
