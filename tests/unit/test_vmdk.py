@@ -398,3 +398,16 @@ def test_huge_compressed_grains_refused(images: dict[str, Path], tmp_path: Path)
     with pytest.raises(UnsupportedFeatureError) as info:
         open_source(bad, fmt="vmdk")
     assert "compressed grains" in _one_line(info.value, bad)
+
+
+def test_many_extent_lines_share_one_file(tmp_path: Path) -> None:
+    """3000 extent lines naming one flat file open it once (no descriptor per line)."""
+    flat = tmp_path / "one.flat"
+    flat.write_bytes(bytes(range(256)) * 2)
+    desc = _descriptor(tmp_path / "many.vmdk", "monolithicFlat",
+                       ['RW 1 FLAT "one.flat" 0'] * 3000)
+    with _open(desc) as img:
+        assert img.size == 3000 * SECTOR
+        assert img.read(2999 * SECTOR, SECTOR) == flat.read_bytes()[:SECTOR]
+        fds = os.listdir("/proc/self/fd")
+        assert len(fds) < 100

@@ -230,8 +230,9 @@ def _open_layer(path: str, top: RawFile, files: list[RawFile], options: Any) -> 
         raise unsupported(path, f"{len(desc.extents)} extents (sparsefs reads at most "
                           f"{MAX_EXTENTS})")
     extents: list[Extent] = []
+    opened = {os.path.realpath(path): top}
     for n, line in enumerate(desc.extents):
-        extents.append(_open_extent(path, n, line, files, tables, grains,
+        extents.append(_open_extent(path, n, line, files, opened, tables, grains,
                                     getattr(options, "backing_dir", None)))
     layer = VmdkLayer(path, create_type, desc, extents, files)
     if layer.size > L.MAX_DISK_BYTES:
@@ -240,7 +241,8 @@ def _open_layer(path: str, top: RawFile, files: list[RawFile], options: Any) -> 
 
 
 def _open_extent(path: str, n: int, line: L.ExtentLine, files: list[RawFile],
-                 tables: int, grains: int, backing_dir: str | None) -> Extent:
+                 opened: dict[str, RawFile], tables: int, grains: int,
+                 backing_dir: str | None) -> Extent:
     size = line.sectors * L.SECTOR_SIZE
     if line.access == "NOACCESS":
         return ConstExtent(size, ERROR, f"{path}: extent {n} is NOACCESS")
@@ -253,8 +255,12 @@ def _open_extent(path: str, n: int, line: L.ExtentLine, files: list[RawFile],
     if not os.path.lexists(ext_path):
         raise MissingFileError(f"{path}: extent file {ext_path} is missing")
     check_regular_file(ext_path, "extent file", path)
-    raw = RawFile(ext_path)
-    files.append(raw)
+    # One open file per distinct file, however many extent lines name it.
+    real = os.path.realpath(ext_path)
+    raw = opened.get(real)
+    if raw is None:
+        raw = opened[real] = RawFile(ext_path)
+        files.append(raw)
     if line.kind == "FLAT":
         return FlatExtent(raw, line.offset * L.SECTOR_SIZE, size)
     head = raw.pread(0, 4) if raw.file_size >= 4 else b""
