@@ -9,7 +9,9 @@ compared by checksum (holes cost nothing), not byte by byte.
 
 from __future__ import annotations
 
+import errno
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from support import (
     files_equal,
     first_difference,
     one_line_error,
+    qemu_img_create,
+    qemu_io,
     qemu_map,
     qemu_raw,
     run,
@@ -106,3 +110,24 @@ def test_cli_refusal_is_one_line(tmp_path: Path) -> None:
                     'RW 2048 FLAT "gone-flat.vmdk" 0\n')
     for command in ("info", "checksum", "map"):
         one_line_error(sparsefs(command, str(desc)), str(desc), "gone-flat.vmdk", "missing")
+
+
+def test_bad_grain_is_eio_through_the_mount(mount: Mount, tmp_path: Path) -> None:
+    """A grain table entry pointing outside the file: EIO for that grain, the rest reads."""
+    image = qemu_img_create(tmp_path / "g.vmdk", 1 << 20, fmt="vmdk")
+    qemu_io(image, "write -P 1 0 64k", "write -P 2 64k 64k", "write -P 3 128k 64k", fmt="vmdk")
+    buf = bytearray(image.read_bytes())
+    (gd,) = struct.unpack_from("<Q", buf, 56)
+    (gt,) = struct.unpack_from("<I", buf, gd * 512)
+    struct.pack_into("<I", buf, gt * 512 + 4, 0x7FFF_0000)
+    image.write_bytes(bytes(buf))
+    mounted = mount(image) / "g.raw"
+    fd = os.open(mounted, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 65536, 0) == b"\1" * 65536
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 4096, 65536)
+        assert info.value.errno == errno.EIO
+        assert os.pread(fd, 65536, 131072) == b"\3" * 65536
+    finally:
+        os.close(fd)
