@@ -125,7 +125,7 @@ def test_bad_grain_is_eio_through_the_mount(mount: Mount, tmp_path: Path) -> Non
     fd = os.open(mounted, os.O_RDONLY)
     try:
         assert os.pread(fd, 65536, 0) == b"\1" * 65536
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="Input/output error") as info:
             os.pread(fd, 4096, 65536)
         assert info.value.errno == errno.EIO
         assert os.pread(fd, 65536, 131072) == b"\3" * 65536
