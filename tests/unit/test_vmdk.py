@@ -7,13 +7,23 @@ are compared with ``qemu-img convert -f vmdk -O raw``, the data/hole map with
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from support import KiB, MiB, check_map_agrees, qemu_img_create, qemu_io, qemu_map, qemu_raw
+from support import (
+    KiB,
+    MiB,
+    check_map_agrees,
+    qemu_img_create,
+    qemu_io,
+    qemu_map,
+    qemu_raw,
+    run,
+)
 from vmdk_images import BUILDERS, OFF_FLAGS, OFF_GD, OFF_GTES, SECTOR, build_all, monolithic_sparse
 
 from sparsefs.errors import (
@@ -411,3 +421,18 @@ def test_many_extent_lines_share_one_file(tmp_path: Path) -> None:
         assert img.read(2999 * SECTOR, SECTOR) == flat.read_bytes()[:SECTOR]
         fds = os.listdir("/proc/self/fd")
         assert len(fds) < 100
+
+
+@pytest.mark.parametrize("prefix", [
+    "", "# Disk DescriptorFile\n", "# a\n# b\n", "   \n", "  \r\n# c\n", "\n", "x\n", " x\n",
+])
+@pytest.mark.parametrize("version", ["version=1\n", "version=3\r\n", "version=4\n"])
+def test_text_probe_as_qemu(tmp_path: Path, prefix: str, version: str) -> None:
+    """A text descriptor is VMDK to the registry exactly when qemu-img probes it as vmdk."""
+    (tmp_path / "p.flat").write_bytes(bytes(64 * KiB))
+    path = tmp_path / "probe.img"  # no .vmdk suffix: only the magic decides
+    path.write_text(prefix + version + 'CID=fffffffe\nparentCID=ffffffff\n'
+                    'createType="monolithicFlat"\n# Extent description\n'
+                    'RW 128 FLAT "p.flat" 0\n', newline="")
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(path)]).stdout)
+    assert detect(str(path)) == info["format"]
