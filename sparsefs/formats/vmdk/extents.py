@@ -9,7 +9,6 @@ bounded LRU; a bad grain table entry becomes an ERROR run for that grain only.
 from __future__ import annotations
 
 import bisect
-import struct
 import sys
 import threading
 import zlib
@@ -25,6 +24,14 @@ from sparsefs.raw import RawFile
 
 Run = tuple[int, int, int, Any]
 _U32 = "I" if array("I").itemsize == 4 else "L"  # array typecode of a 32-bit entry
+
+
+def _u32_array(buf: bytes) -> array[int]:
+    """Little-endian 32-bit entries (GD and GT) as a compact array."""
+    out = array(_U32, buf)
+    if sys.byteorder == "big":
+        out.byteswap()
+    return out
 
 
 def format_error(path: str, problem: str) -> ImageFormatError:
@@ -75,7 +82,7 @@ class SparseExtent:
             least one grain is kept).
     """
 
-    def __init__(self, raw: RawFile, header: L.SparseHeader, gd: tuple[int, ...],
+    def __init__(self, raw: RawFile, header: L.SparseHeader, gd: array[int],
                  table_cache_items: int, grain_cache_bytes: int) -> None:
         self.raw = raw
         self.path = raw.path
@@ -85,7 +92,7 @@ class SparseExtent:
         self.grain_size = header.grain_sectors * L.SECTOR_SIZE
         self.gt_span = header.num_gtes_per_gt * self.grain_size
         # Indexes of the allocated grain tables, to step over unallocated ones at once.
-        self._present = [i for i, sector in enumerate(gd) if sector]
+        self._present = array(_U32, (i for i, sector in enumerate(gd) if sector))
         self._tables = _LRU(table_cache_items)
         self._grains = _LRU(grain_cache_bytes // self.grain_size)
 
@@ -126,13 +133,13 @@ class SparseExtent:
             raise format_error(path, f"file truncated: the header says metadata takes "
                                f"{header.overhead * L.SECTOR_SIZE} bytes, the file has {file_size}")
         nb = header.nb_gd_entries
-        gd: tuple[int, ...] = ()
+        gd = array(_U32)
         if nb:
             gd_bytes = header.gd_offset * L.SECTOR_SIZE
             if header.gd_offset == 0 or gd_bytes + 4 * nb > file_size:
                 raise format_error(path, f"grain directory at sector {header.gd_offset} "
                                    f"({nb} entries) lies outside the file")
-            gd = struct.unpack(f"<{nb}I", raw.pread(gd_bytes, 4 * nb))
+            gd = _u32_array(raw.pread(gd_bytes, 4 * nb))
             gt_bytes = 4 * header.num_gtes_per_gt
             for i, gt_sector in enumerate(gd):
                 if gt_sector and gt_sector * L.SECTOR_SIZE + gt_bytes > file_size:
@@ -148,9 +155,7 @@ class SparseExtent:
         table: array[int] | None = self._tables.get(gd_index)
         if table is None:
             offset = self.gd[gd_index] * L.SECTOR_SIZE
-            table = array(_U32, self.raw.pread(offset, 4 * self.header.num_gtes_per_gt))
-            if sys.byteorder == "big":
-                table.byteswap()
+            table = _u32_array(self.raw.pread(offset, 4 * self.header.num_gtes_per_gt))
             self._tables.put(gd_index, table)
         return table
 
