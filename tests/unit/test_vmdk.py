@@ -436,3 +436,17 @@ def test_text_probe_as_qemu(tmp_path: Path, prefix: str, version: str) -> None:
                     'RW 128 FLAT "p.flat" 0\n', newline="")
     info = json.loads(run(["qemu-img", "info", "--output=json", str(path)]).stdout)
     assert detect(str(path)) == info["format"]
+
+
+def test_shared_grain_table_refused(tmp_path: Path) -> None:
+    """Two grain directory entries naming one grain table: refused at open, one line."""
+    p = qemu_img_create(tmp_path / "g.vmdk", 64 * MiB, fmt="vmdk")
+    qemu_io(p, "write -P 1 0 64k", fmt="vmdk")
+    buf = bytearray(p.read_bytes())
+    gd = struct.unpack_from("<Q", buf, OFF_GD)[0]
+    struct.pack_into("<I", buf, gd * SECTOR + 4, struct.unpack_from("<I", buf, gd * SECTOR)[0])
+    bad = tmp_path / "bad.vmdk"
+    bad.write_bytes(bytes(buf))
+    with pytest.raises(ImageFormatError) as info:
+        open_source(bad, fmt="vmdk")
+    assert "overlap" in _one_line(info.value, bad)

@@ -9,6 +9,7 @@ bounded LRU; a bad grain table entry becomes an ERROR run for that grain only.
 from __future__ import annotations
 
 import bisect
+import itertools
 import sys
 import threading
 import zlib
@@ -145,6 +146,13 @@ class SparseExtent:
                 if gt_sector and gt_sector * L.SECTOR_SIZE + gt_bytes > file_size:
                     raise format_error(path, f"grain table {i} at sector {gt_sector} "
                                        "lies outside the file")
+            # Two entries naming overlapping tables would alias guest ranges (and let a
+            # small file describe an endless disk of data): no writer does that.
+            starts = sorted(sector * L.SECTOR_SIZE for sector in gd if sector)
+            for a, b in itertools.pairwise(starts):
+                if b < a + gt_bytes:
+                    raise format_error(path, f"grain tables at sectors {a // L.SECTOR_SIZE} "
+                                       f"and {b // L.SECTOR_SIZE} overlap")
         if header.compressed and header.grain_sectors * L.SECTOR_SIZE > L.MAX_COMPRESSED_GRAIN:
             raise unsupported(path, f"compressed grains of {header.grain_sectors} sectors "
                               f"(sparsefs inflates grains up to {L.MAX_COMPRESSED_GRAIN} bytes)")
