@@ -89,8 +89,11 @@ def _probe_qcow2(head: bytes, tail: bytes, file_size: int) -> bool:
 
 
 def _probe_vmdk(head: bytes, tail: bytes, file_size: int) -> bool:
-    # Sparse extent (KDMV), hosted COWD, or a text descriptor.
-    return head[:4] in (b"KDMV", b"COWD") or head.startswith(b"# Disk DescriptorFile")
+    # Sparse extent (KDMV), hosted COWD, or a text descriptor by qemu's vmdk_probe rule
+    # (comment and blank lines, then "version=1|2|3"): pure bytes, in the layout module.
+    from sparsefs.formats.vmdk.layout import probe
+
+    return probe(head, tail, file_size)
 
 
 def _probe_vhdx(head: bytes, tail: bytes, file_size: int) -> bool:
