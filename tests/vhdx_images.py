@@ -99,7 +99,8 @@ def regions(buf: bytes | bytearray) -> dict[bytes, tuple[int, int]]:
     count = struct.unpack_from("<I", buf, L.REGION_TABLE_OFFSET + 8)[0]
     out = {}
     for i in range(count):
-        guid, off, length, _ = struct.unpack_from("<16sQII", buf, L.REGION_TABLE_OFFSET + 16 + 32 * i)
+        at = L.REGION_TABLE_OFFSET + 16 + 32 * i
+        guid, off, length, _ = struct.unpack_from("<16sQII", buf, at)
         out[guid] = (off, length)
     return out
 

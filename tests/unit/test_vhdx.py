@@ -24,7 +24,6 @@ from sparsefs.errors import (
     ImageFormatError,
     ImageReadError,
     MissingFileError,
-    SparsefsError,
     UnsupportedFeatureError,
 )
 from sparsefs.extents import Extent, SparseSource
@@ -68,7 +67,8 @@ def assert_matches_raw(source: SparseSource, raw: Path, rng: random.Random) -> l
     extents = list(source.iter_extents(0))
     pos = 0
     for ext in extents:
-        assert ext.guest_offset == pos and ext.length > 0
+        assert ext.guest_offset == pos
+        assert ext.length > 0
         pos = ext.end
     assert pos == source.size
     with raw.open("rb") as f:
@@ -116,7 +116,7 @@ def _build(name: str, tmp_path_factory: pytest.TempPathFactory,
 @pytest.mark.parametrize("kind", sorted(V.BUILDERS))
 def test_matches_qemu(kind: str, built: dict[str, V.VhdxBuilt],
                       tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """Every builder's image reads as qemu reads it; written ranges are data, untouched blocks holes."""
+    """Each image reads as qemu reads it; written ranges are data, untouched blocks holes."""
     b = _build(kind, tmp_path_factory, built)
     raw = qemu_raw(b.qemu_image, tmp_path / "q.raw", fmt="vhdx")
     with open_image(b.image, OPTS) as image:
@@ -133,7 +133,8 @@ def test_matches_qemu(kind: str, built: dict[str, V.VhdxBuilt],
             assert covered(extents, lo, hi) == want, f"block {blk}"
         assert image.describe()["subformat"] == ("fixed" if kind.startswith("fixed") else "dynamic")
         if kind == "sector_4k":
-            assert layer.logical_sector_size == 4096 and layer.chunk_ratio == 32768
+            assert layer.logical_sector_size == 4096
+            assert layer.chunk_ratio == 32768
         if kind == "interleaved":
             # the BAT really holds a sector bitmap entry after the first chunk's payload entries
             assert layer.nb_bat_entries == layer.nb_blocks + 1
@@ -198,7 +199,8 @@ def test_bad_bat_entry_is_eio_for_that_block_only(
     with open_image(img, OPTS) as image:
         with pytest.raises(ImageReadError, match=why) as exc:
             image.read(block * MiB + 100, 10)
-        assert str(img) in str(exc.value) and "\n" not in str(exc.value)
+        assert str(img) in str(exc.value)
+        assert "\n" not in str(exc.value)
         data = raw.read_bytes()
         for blk in range(image.layer.nb_blocks):  # type: ignore[attr-defined]
             if blk != block:
@@ -304,7 +306,9 @@ def test_refusals_are_one_line(case: str, tmp_path: Path, built: dict[str, V.Vhd
     with pytest.raises(error) as exc:
         open_image(img, OPTS)
     message = str(exc.value)
-    assert needle in message and str(img) in message and "\n" not in message, message
+    assert needle in message, message
+    assert str(img) in message
+    assert "\n" not in message
 
 
 def test_qemu_also_refuses_a_log_read_only(tmp_path: Path, built: dict[str, V.VhdxBuilt],
@@ -424,8 +428,8 @@ def test_differencing_reads_child_over_parent(where: str, tmp_path: Path) -> Non
 
 
 def test_partially_present_uses_the_sector_bitmap(tmp_path: Path) -> None:
-    """A PARTIALLY_PRESENT block takes sectors with bitmap bit 1 from the child, 0 from the parent."""
-    parent, child, parent_raw, child_raw, writes = _family(tmp_path)
+    """PARTIALLY_PRESENT: sectors with bitmap bit 1 come from the child, 0 from the parent."""
+    _parent, child, parent_raw, child_raw, _writes = _family(tmp_path)
     buf = child.read_bytes()
     full = [b for b in range(11) if V.get_bat(buf, b)[0] == L.PAYLOAD_BLOCK_FULLY_PRESENT]
     block = full[0]
@@ -469,7 +473,7 @@ def test_parent_linkage_mismatch_and_missing_parent(tmp_path: Path) -> None:
 
 def test_parent_outside_backing_dir_and_loops(tmp_path: Path) -> None:
     """--backing-dir confines the parent; a disk that is its own parent is a loop."""
-    parent, child, *_ = _family(tmp_path)
+    _parent, child, *_ = _family(tmp_path)
     elsewhere = tmp_path / "jail"
     elsewhere.mkdir()
     with pytest.raises(UnsupportedFeatureError, match="outside --backing-dir"):
@@ -521,3 +525,20 @@ def test_not_vhdx_is_refused(tmp_path: Path) -> None:
         open_image(img, OPTS)
 
 
+
+
+def test_registry_detects_and_opens_vhdx(tmp_path: Path, built: dict[str, V.VhdxBuilt],
+                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The registry probes a VHDX file by its magic and opens it, under any name."""
+    from sparsefs import formats
+
+    b = _build("dynamic", tmp_path_factory, built)
+    renamed = tmp_path / "disk.img"
+    shutil.copy(b.image, renamed)
+    assert formats.detect(str(renamed)) == "vhdx"
+    raw = qemu_raw(b.image, tmp_path / "q.raw", fmt="vhdx")
+    source = formats.open_source(renamed)
+    try:
+        assert source.read(0, source.size) == raw.read_bytes()
+    finally:
+        source.close()  # type: ignore[attr-defined]

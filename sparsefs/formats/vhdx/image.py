@@ -42,17 +42,16 @@ from sparsefs.errors import (
     MissingFileError,
     UnsupportedFeatureError,
 )
+from sparsefs.formats import open_parent
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.layered import (
     BELOW,
     DATA,
     ERROR,
-    MAX_CHAIN_LENGTH,
     ZERO,
     LayeredImage,
     LayerOptions,
     check_regular_file,
-    file_identity,
     resolve_name,
 )
 from sparsefs.raw import RawFile
@@ -67,11 +66,6 @@ _ZERO_STATES = (
     L.PAYLOAD_BLOCK_UNMAPPED,
     L.PAYLOAD_BLOCK_UNMAPPED_V095,
 )
-
-
-def probe(head: bytes, tail: bytes, file_size: int) -> bool:
-    """True when the file starts with the VHDX file identifier, as qemu's vhdx_probe."""
-    return head[:8] == L.FILE_SIGNATURE
 
 
 class VhdxLayer:
@@ -162,7 +156,8 @@ class VhdxLayer:
                 self._add_region(region.file_offset, region.length,
                                  f"region {L.guid_text(region.guid)}")
         if bat is None or metadata is None:
-            raise self._err("region table lacks the " + ("BAT" if bat is None else "metadata region"))
+            missing = "BAT" if bat is None else "metadata region"
+            raise self._err(f"region table lacks the {missing}")
         self._parse_metadata(metadata)
         self._setup_bat(bat)
 
@@ -429,7 +424,7 @@ def _continues(a: list[Any], b: tuple[int, int, int, Any]) -> bool:
         return False
     if a[2] == DATA:
         return bool(a[3][0] is b[3][0] and a[3][1] + (a[1] - a[0]) == b[3][1])
-    return a[2] != ERROR or a[3] == b[3]
+    return bool(a[2] != ERROR or a[3] == b[3])
 
 
 # -- differencing disks: finding and checking the parent ----------------------------------
@@ -543,20 +538,11 @@ def open_image(
     try:
         if layer.has_parent and options.backing:
             parent = _find_parent(layer, options)
-            here = (os.path.realpath(path), file_identity(layer.raw.fd))
-            if os.path.realpath(parent) in chain + here or file_identity(parent) in chain + here:
-                raise ImageFormatError(f"{path}: parent {parent} makes a loop in the chain")
-            if len(chain) // 2 + 2 > MAX_CHAIN_LENGTH:
-                raise UnsupportedFeatureError(
-                    f"{path}: parent chain is longer than {MAX_CHAIN_LENGTH} images"
-                )
-            below = _open_parent(parent, options, chain + here)
+            # [MS-VHDX] 2.6.2.6.1: the parent of a VHDX differencing disk is a VHDX file.
+            # open_parent is typed with OpenOptions; it reads only LayerOptions' fields.
+            _, below = open_parent(layer.path, layer.raw.fd, parent, "vhdx",
+                                   options, chain, what="parent")  # type: ignore[arg-type]
     except BaseException:
         layer.close()
         raise
     return LayeredImage(layer, below)
-
-
-def _open_parent(path: str, options: LayerOptions, chain: tuple[str, ...]) -> LayeredImage:
-    """Open the parent, which [MS-VHDX] says is a VHDX file."""
-    return open_image(path, options, chain)

@@ -164,7 +164,7 @@ def checksum_ok(block: bytes, checksum_offset: int = 4) -> bool:
     """
     if len(block) < checksum_offset + 4:
         return False
-    (stored,) = struct.unpack_from("<I", block, checksum_offset)
+    stored = int(struct.unpack_from("<I", block, checksum_offset)[0])
     zeroed = block[:checksum_offset] + b"\0\0\0\0" + block[checksum_offset + 4:]
     return crc32c(zeroed) == stored
 
