@@ -10,11 +10,16 @@ checked against qemu's raw copies of the parent and of the child alone.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import random
 import shutil
+import signal
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import vhdx_images as V
@@ -24,6 +29,7 @@ from sparsefs.errors import (
     ImageFormatError,
     ImageReadError,
     MissingFileError,
+    SparsefsError,
     UnsupportedFeatureError,
 )
 from sparsefs.extents import Extent, SparseSource
@@ -542,3 +548,183 @@ def test_registry_detects_and_opens_vhdx(tmp_path: Path, built: dict[str, V.Vhdx
         assert source.read(0, source.size) == raw.read_bytes()
     finally:
         source.close()  # type: ignore[attr-defined]
+
+
+# -- fuzz: seeded mutants of qemu-made VHDX images (the contract of test_fuzz.py) --------------
+
+FUZZ_ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "400"))
+FUZZ_SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))
+
+
+def _load_fuzz_module() -> Any:
+    """tests/unit/test_fuzz.py, for its exercise(), watchdog and memory cap."""
+    spec = importlib.util.spec_from_file_location(
+        "_vhdx_fuzz_contract", Path(__file__).with_name("test_fuzz.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _VhdxMutator:
+    """Seeded changes at the places a VHDX reader trusts: header, regions, metadata, BAT."""
+
+    def __init__(self, buf: bytes, rng: random.Random) -> None:
+        self.rng = rng
+        self.size = len(buf)
+        self.bat = V.bat_offset(buf)
+        self.items = [(off, length) for _, off, length, _ in V.metadata_items(buf).values()]
+        self.table = V.regions(buf)[L.METADATA_GUID][0]
+
+    def _value(self, width: int) -> int:
+        r = self.rng
+        return r.choice([0, 1, 2, 3, 5, 6, 7, 512, 4096, MiB, 3 * MiB, 256 * MiB,
+                         self.size, self.size + MiB, 2 ** (8 * width) - 1,
+                         r.randrange(2 ** (8 * width))]) % 2 ** (8 * width)
+
+    def _put(self, buf: bytearray, at: int, width: int) -> str:
+        value = self._value(width)
+        buf[at:at + width] = value.to_bytes(width, "little")
+        return f"{width}-byte field at {at:#x} = {value:#x}"
+
+    def next(self) -> tuple[str, Callable[[bytearray], None]]:
+        r = self.rng
+        kind = r.randrange(8)
+        if kind == 0:  # a header field, resealed so the header stays valid
+            at = r.choice([8, 16, 32, 48, 64, 66, 68, 72])
+            width = {8: 8, 64: 2, 66: 2, 68: 4, 72: 8}.get(at, 16 if at < 64 else 8)
+
+            def change(buf: bytearray) -> None:
+                h = V.active_header_offset(buf)
+                if width == 16:
+                    buf[h + at:h + at + 16] = r.randbytes(16) if r.random() < 0.5 else bytes(16)
+                else:
+                    self._put(buf, h + at, width)
+                V.reseal(buf, h, L.HEADER_SIZE)
+            return f"header field +{at}", change
+        if kind == 1:  # a region table entry field, resealed
+            i = r.randrange(3)
+            field_at = r.choice([(16, 8), (24, 4), (28, 4), (0, 16)])
+            at = L.REGION_TABLE_OFFSET + 16 + 32 * i + field_at[0]
+
+            def change(buf: bytearray) -> None:
+                if field_at[1] == 16:
+                    buf[at:at + 16] = r.randbytes(16)
+                else:
+                    self._put(buf, at, field_at[1])
+                if i == 2:
+                    struct.pack_into("<I", buf, L.REGION_TABLE_OFFSET + 8, r.randrange(4))
+                V.reseal(buf, L.REGION_TABLE_OFFSET, L.REGION_TABLE_SIZE)
+            return f"region entry {i} +{field_at[0]}", change
+        if kind == 2:  # a metadata table field
+            at = self.table + r.choice([10, *(32 + 32 * i + f for i in range(6) for f in
+                                              (0, 16, 20, 24))])
+            width = 2 if at == self.table + 10 else (16 if (at - self.table - 32) % 32 == 0 else 4)
+            return f"metadata table at {at:#x}", lambda buf: (
+                buf.__setitem__(slice(at, at + 16), r.randbytes(16)) if width == 16
+                else self._put(buf, at, width))
+        if kind == 3:  # a metadata item's value
+            off, length = r.choice(self.items)
+            at = off + r.randrange(max(1, min(length, 64)))
+            width = r.choice([1, 2, 4, 8])
+            return f"metadata item byte {at:#x}", lambda buf: self._put(buf, at, width) and None
+        if kind in (4, 5):  # BAT entries: state and offset
+            index = r.randrange(16) if r.random() < 0.8 else r.randrange(8192)
+            at = self.bat + 8 * index
+
+            def change(buf: bytearray) -> None:
+                state = r.randrange(8)
+                offset = r.choice([0, 1, 2, 3, 4, 8, 1 << 30, r.randrange(1 << 44)]) * MiB
+                struct.pack_into("<Q", buf, at, (offset & ((1 << 64) - MiB)) | state)
+            return f"BAT entry {index}", change
+        if kind == 6:  # random bytes anywhere in the first 4 MiB
+            at = r.randrange(min(self.size, 4 * MiB))
+            n = r.randrange(1, 16)
+            return f"{n} random bytes at {at:#x}", lambda buf: buf.__setitem__(
+                slice(at, at + n), r.randbytes(n)[:len(buf) - at])
+        cut = r.randrange(self.size)
+        return f"truncate to {cut}", lambda buf: buf.__delitem__(slice(cut, None))
+
+
+@pytest.fixture(scope="module")
+def fuzz_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("vhdx-fuzz")
+    dyn = V.create(d / "dynamic.vhdx", 6 * MiB + 512, "block_size=1M")
+    V.random_writes(dyn, random.Random(21), 6 * MiB, 6)
+    fixed = V.create(d / "fixed.vhdx", 3 * MiB, "subformat=fixed", "block_size=1M",
+                     "block_state_zero=off")
+    V.random_writes(fixed, random.Random(22), 3 * MiB, 3)
+    _parent, child, *_ = _family(d)
+    buf = child.read_bytes()
+    full = [b for b in range(10) if V.get_bat(buf, b)[0] == L.PAYLOAD_BLOCK_FULLY_PRESENT]
+    V.append_sector_bitmap(child, 0, MiB, [(full[0] * 2048 + 5, full[0] * 2048 + 900)])
+    V.edit(child, lambda b: V.set_bat(b, full[0], L.PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+                                      V.get_bat(b, full[0])[1]))
+    return {"dynamic": dyn, "fixed": fixed, "differencing": child}
+
+
+def test_fuzz_vhdx_mutants(fuzz_bases: dict[str, Path]) -> None:
+    """Every seeded mutant is refused in one line or served consistently, in time and memory."""
+    contract = _load_fuzz_module()
+    kinds = sorted(fuzz_bases)
+    originals = {k: p.read_bytes() for k, p in fuzz_bases.items()}
+    failures: list[str] = []
+    outcomes = {True: 0, False: 0}
+    old_handler = signal.signal(signal.SIGALRM, contract._alarm)
+    cap = contract.capped_memory.__wrapped__()
+    next(cap)
+    try:
+        for i in range(FUZZ_ITERATIONS):
+            kind = kinds[i % len(kinds)]
+            rng = random.Random(f"{FUZZ_SEED}:vhdx:{i}")
+            mutator = _VhdxMutator(originals[kind], rng)
+            changes = [mutator.next() for _ in range(1 if rng.random() < 0.8 else 3)]
+            changes.sort(key=lambda c: c[0].startswith("truncate"))  # cut last
+            buf = bytearray(originals[kind])
+            for _, change in changes:
+                change(buf)
+            mutant = fuzz_bases[kind].with_name(f"mutant-{kind}.vhdx")
+            mutant.write_bytes(bytes(buf))
+            # a differencing mutant must find the parent beside it: same directory
+            where = f"seed {FUZZ_SEED} iteration {i} ({kind}): " + "; ".join(d for d, _ in changes)
+            signal.setitimer(signal.ITIMER_REAL, contract.WATCHDOG_SECONDS)
+            try:
+                outcomes[_fuzz_one(contract, mutant, rng)] += 1
+            except contract.Hang:
+                failures.append(f"{where}: no answer within {contract.WATCHDOG_SECONDS} s")
+            except (AssertionError, Exception) as exc:
+                failures.append(f"{where}: {type(exc).__name__}: {exc}")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            if failures and failures[-1].startswith(where):
+                shutil.copy(mutant, mutant.with_name(f"failed-{i}-{kind}.vhdx"))
+                if len(failures) >= 10:
+                    break
+    finally:
+        signal.signal(signal.SIGALRM, old_handler)
+        with contextlib.suppress(StopIteration):
+            next(cap)
+    assert not failures, f"{len(failures)} mutants misbehaved:\n" + "\n".join(failures)
+    # both paths ran: mutants that open (and were exercised) and mutants refused
+    assert min(outcomes.values()) >= FUZZ_ITERATIONS // 10, outcomes
+
+
+def _fuzz_one(contract: Any, path: Path, rng: random.Random) -> bool:
+    """Open a mutant: True when it opened (and was consistent), False when refused cleanly."""
+    try:
+        image = open_image(path, OPTS)
+    except SparsefsError as exc:
+        message = str(exc)
+        assert message, "empty error message"
+        assert "\n" not in message, f"error message is not one line: {message!r}"
+        return False
+    with image:
+        contract.exercise(image, rng)
+        pos = 0
+        for entry in image.iter_map():
+            assert entry.start == pos
+            assert entry.length > 0
+            pos += entry.length
+        assert pos == image.size
+    return True
