@@ -134,6 +134,15 @@ def add_metadata_item(buf: bytearray, guid: bytes, data: bytes, flags: int) -> N
     buf[base + end:base + end + len(data)] = data
 
 
+def relabel_sectors(path: Path, logical_sector_size: int) -> None:
+    """Set the logical and physical sector size metadata items (qemu makes only 512)."""
+    def change(buf: bytearray) -> None:
+        for guid in (L.LOGICAL_SECTOR_SIZE_GUID, L.PHYSICAL_SECTOR_SIZE_GUID):
+            _, off, _, _ = metadata_items(buf)[guid]
+            struct.pack_into("<I", buf, off, logical_sector_size)
+    edit(path, change)
+
+
 def chunk_ratio(block_size: int, logical_sector_size: int = SECTOR) -> int:
     """Payload blocks per sector bitmap block."""
     return (1 << 23) * logical_sector_size // block_size
@@ -183,7 +192,8 @@ def make_differencing(child: Path, locator: dict[str, str]) -> None:
 
 
 def append_sector_bitmap(path: Path, chunk: int, block_size: int,
-                         present: list[tuple[int, int]]) -> None:
+                         present: list[tuple[int, int]], logical_sector_size: int = SECTOR
+                         ) -> None:
     """Give ``chunk`` a sector bitmap block at the end of the file, with ``present`` sectors set.
 
     ``present`` holds (first, end) sector ranges of the chunk.
@@ -196,7 +206,7 @@ def append_sector_bitmap(path: Path, chunk: int, block_size: int,
         for sector in range(first, end):
             bitmap[sector // 8] |= 1 << (sector % 8)
     buf += bitmap
-    ratio = chunk_ratio(block_size)
+    ratio = chunk_ratio(block_size, logical_sector_size)
     set_bat(buf, chunk * (ratio + 1) + ratio, L.SB_BLOCK_PRESENT, offset)
     path.write_bytes(bytes(buf))
 
@@ -236,6 +246,20 @@ def build_block_32m(d: Path) -> VhdxBuilt:
     return VhdxBuilt(img, writes=random_writes(img, random.Random(3), size, 6))
 
 
+def build_block_256m(d: Path) -> VhdxBuilt:
+    """The largest block size, 256 MiB: one full block written in places, one short block.
+
+    The host file stays sparse (qemu extends it by truncation), but the test
+    reads the written block whole: about 260 MiB of guest data.
+    """
+    size = 256 * MiB + 4 * MiB
+    img = create(d / "block256m.vhdx", size, "block_size=256M")
+    rng = random.Random(8)
+    writes = random_writes(img, rng, size, 3, within=(0, 256 * MiB))
+    writes += random_writes(img, rng, size, 2, within=(256 * MiB, size))
+    return VhdxBuilt(img, writes=writes)
+
+
 def build_fixed(d: Path) -> VhdxBuilt:
     """Fixed with ``block_state_zero=off``: every block FULLY_PRESENT from creation."""
     size = 5 * MiB
@@ -267,15 +291,9 @@ def build_sector_4k(d: Path) -> VhdxBuilt:
     img = create(d / "sector4k.vhdx", size, "block_size=1M")
     writes = random_writes(img, random.Random(5), size, 6, max_len=64 * KiB)
 
-    def relabel(buf: bytearray) -> None:
-        _, off, _, _ = metadata_items(buf)[L.LOGICAL_SECTOR_SIZE_GUID]
-        struct.pack_into("<I", buf, off, 4096)
-        _, off, _, _ = metadata_items(buf)[L.PHYSICAL_SECTOR_SIZE_GUID]
-        struct.pack_into("<I", buf, off, 4096)
-
     oracle = d / "sector4k-as-512.vhdx"
     shutil.copy(img, oracle)
-    edit(img, relabel)
+    relabel_sectors(img, 4096)
     return VhdxBuilt(img, writes=writes, oracle=oracle)
 
 
@@ -299,6 +317,7 @@ BUILDERS: dict[str, Callable[[Path], VhdxBuilt]] = {
     "dynamic": build_dynamic,
     "not_present": build_not_present,
     "block_32m": build_block_32m,
+    "block_256m": build_block_256m,
     "fixed": build_fixed,
     "fixed_zero": build_fixed_zero,
     "sector_4k": build_sector_4k,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import vhdx_images as V
-from support import KiB, MiB, qemu_io, qemu_raw, run
+from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, sparsefs
 
 from sparsefs.errors import (
     ImageFormatError,
@@ -368,12 +368,13 @@ def test_bat_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 # -- differencing disks -----------------------------------------------------------------------
 
 
-def _family(d: Path, *, locator: dict[str, str] | None = None) -> tuple[Path, Path, bytes, bytes,
-                                                                          list[tuple[int, int]]]:
+def _family(d: Path, *, locator: dict[str, str] | None = None, sector: int = 512
+            ) -> tuple[Path, Path, bytes, bytes, list[tuple[int, int]]]:
     """parent.vhdx (qemu-written) and child.vhdx (qemu-written, then made differencing).
 
     Returns the paths, qemu's raw copies of the parent and of the child read
-    alone (before it became differencing), and the child's writes.
+    alone (before it became differencing, and before both were relabelled to
+    ``sector``-byte logical sectors, which qemu refuses), and the child's writes.
     """
     size = 10 * MiB + 4 * KiB
     parent = V.create(d / "parent.vhdx", size, "block_size=1M")
@@ -387,6 +388,9 @@ def _family(d: Path, *, locator: dict[str, str] | None = None) -> tuple[Path, Pa
         locator = {"relative_path": ".\\parent.vhdx"}
     locator = {"parent_linkage": V.data_write_guid(parent), **locator}
     V.make_differencing(child, locator)
+    if sector != 512:
+        V.relabel_sectors(parent, sector)
+        V.relabel_sectors(child, sector)
     return parent, child, parent_raw, child_raw, writes
 
 
@@ -433,31 +437,33 @@ def test_differencing_reads_child_over_parent(where: str, tmp_path: Path) -> Non
         assert alone.read(0, alone.size) == _expected(bytes(len(parent_raw)), child_raw, blocks)
 
 
-def test_partially_present_uses_the_sector_bitmap(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_partially_present_uses_the_sector_bitmap(sector: int, tmp_path: Path) -> None:
     """PARTIALLY_PRESENT: sectors with bitmap bit 1 come from the child, 0 from the parent."""
-    _parent, child, parent_raw, child_raw, _writes = _family(tmp_path)
+    _parent, child, parent_raw, child_raw, _writes = _family(tmp_path, sector=sector)
     buf = child.read_bytes()
     full = [b for b in range(11) if V.get_bat(buf, b)[0] == L.PAYLOAD_BLOCK_FULLY_PRESENT]
     block = full[0]
-    spb = MiB // 512
-    present = [(block * spb + 3, block * spb + 4), (block * spb + 9, block * spb + 300),
-               (block * spb + 1000, block * spb + 1001)]
-    V.append_sector_bitmap(child, 0, MiB, present)
+    spb = MiB // sector
+    present = [(block * spb + 3, block * spb + 4), (block * spb + 9, block * spb + 100),
+               (block * spb + 130, block * spb + 131), (block * spb + spb - 1, block * spb + spb)]
+    V.append_sector_bitmap(child, 0, MiB, present, sector)
     V.edit(child, lambda b: V.set_bat(b, block, L.PAYLOAD_BLOCK_PARTIALLY_PRESENT,
                                       V.get_bat(b, block)[1]))
     blocks = {b for b in full if b != block}
     want = bytearray(_expected(parent_raw, child_raw, blocks))
     for first, end in present:
-        want[first * 512:end * 512] = child_raw[first * 512:end * 512]
+        want[first * sector:end * sector] = child_raw[first * sector:end * sector]
     with open_image(child, OPTS) as image:
         assert image.read(0, image.size) == bytes(want)
         for off in range(block * MiB, (block + 1) * MiB, 77 * 512 + 5):
             assert image.read(off, 1999) == bytes(want[off:off + 1999])
         m = [e for e in image.iter_map() if block * MiB <= e.start < (block + 1) * MiB]
         assert [(e.start, e.depth) for e in m][:3] == [
-            (block * MiB, 1), (block * MiB + 3 * 512, 0), (block * MiB + 4 * 512, 1)]
+            (block * MiB, 1), (block * MiB + 3 * sector, 0), (block * MiB + 4 * sector, 1)]
     # without a present sector bitmap the block is EIO, the rest still reads
-    V.edit(child, lambda b: V.set_bat(b, 4096, L.SB_BLOCK_NOT_PRESENT))
+    ratio = V.chunk_ratio(MiB, sector)
+    V.edit(child, lambda b: V.set_bat(b, ratio, L.SB_BLOCK_NOT_PRESENT))
     with open_image(child, OPTS) as image:
         with pytest.raises(ImageReadError, match="sector bitmap of chunk 0 is not present"):
             image.read(block * MiB, 512)
@@ -728,3 +734,18 @@ def _fuzz_one(contract: Any, path: Path, rng: random.Random) -> bool:
             pos += entry.length
         assert pos == image.size
     return True
+
+
+def test_cli_checksum_info_and_refusal(tmp_path: Path, built: dict[str, V.VhdxBuilt],
+                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    """checksum of a VHDX equals that of qemu's raw copy; info names it; refusals are one line."""
+    b = _build("dynamic", tmp_path_factory, built)
+    raw = qemu_raw(b.image, tmp_path / "q.raw", fmt="vhdx")
+    ours = sparsefs("checksum", "-q", str(b.image), check=True).stdout.split()[0]
+    theirs = sparsefs("checksum", "-q", str(raw), check=True).stdout.split()[0]
+    assert ours == theirs
+    info = sparsefs("info", str(b.image), check=True).stdout
+    assert "file format: vhdx" in info
+    assert "subformat: dynamic" in info
+    bad = V.edit(_dyn_copy(tmp_path, built, tmp_path_factory), _set_log_guid)
+    one_line_error(sparsefs("checksum", str(bad)), str(bad), "may need replay")
