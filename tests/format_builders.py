@@ -289,6 +289,12 @@ BUILDERS: dict[str, Callable[[Path], FmtImage]] = {
 }
 
 
+# VHDX kinds are built by tests/vhdx_images.py (see conformance_builders there).
+from vhdx_images import conformance_builders as _vhdx_conformance_builders  # noqa: E402
+
+BUILDERS.update(_vhdx_conformance_builders())
+
+
 class FmtCache:
     """Builds each kind once per session directory, on first use."""
 

@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from support import KiB, MiB, qemu_io, run
+from support import KiB, MiB, qemu_io, qemu_map, qemu_raw, run
 
 from sparsefs.formats.vhdx import layout as L
 
@@ -38,6 +39,8 @@ class VhdxBuilt:
         preallocated: every block is FULLY_PRESENT from creation (data, never holes).
         oracle: a file with the same guest bytes that qemu can read, when qemu
             refuses ``image`` itself.
+        expected: the guest bytes as a raw file, when no single file qemu reads
+            has them (differencing disks: composed from qemu's copies).
     """
 
     image: Path
@@ -45,6 +48,7 @@ class VhdxBuilt:
     writes: list[tuple[int, int]] = field(default_factory=list)
     preallocated: bool = False
     oracle: Path | None = None
+    expected: Path | None = None
 
     @property
     def qemu_image(self) -> Path:
@@ -219,6 +223,47 @@ def edit(path: Path, change: Callable[[bytearray], None]) -> Path:
     return path
 
 
+# -- differencing disks (qemu-img cannot make or open them) ---------------------------------
+
+
+def family(d: Path, *, locator: dict[str, str] | None = None, sector: int = 512
+            ) -> tuple[Path, Path, bytes, bytes, list[tuple[int, int]]]:
+    """parent.vhdx (qemu-written) and child.vhdx (qemu-written, then made differencing).
+
+    Returns the paths, qemu's raw copies of the parent and of the child read
+    alone (before it became differencing, and before both were relabelled to
+    ``sector``-byte logical sectors, which qemu refuses), and the child's writes.
+    """
+    size = 10 * MiB + 4 * KiB
+    parent = create(d / "parent.vhdx", size, "block_size=1M")
+    qemu_io(parent, f"write -q -P 17 0 {size}", fmt="vhdx")
+    random_writes(parent, random.Random(11), size, 8)
+    child = create(d / "child.vhdx", size, "block_size=1M", "block_state_zero=off")
+    writes = random_writes(child, random.Random(12), size, 4, max_len=600 * KiB)
+    parent_raw = qemu_raw(parent, d / "parent.raw", fmt="vhdx").read_bytes()
+    child_raw = qemu_raw(child, d / "child.raw", fmt="vhdx").read_bytes()
+    if locator is None:
+        locator = {"relative_path": ".\\parent.vhdx"}
+    locator = {"parent_linkage": data_write_guid(parent), **locator}
+    make_differencing(child, locator)
+    if sector != 512:
+        relabel_sectors(parent, sector)
+        relabel_sectors(child, sector)
+    return parent, child, parent_raw, child_raw, writes
+
+
+def compose(parent_raw: bytes, child_raw: bytes, blocks: set[int],
+              zero_blocks: frozenset[int] | set[int] = frozenset()) -> bytes:
+    """Parent bytes, with whole 1 MiB ``blocks`` from the child and ``zero_blocks`` zeroed."""
+    out = bytearray(parent_raw)
+    for blk in blocks:
+        out[blk * MiB:(blk + 1) * MiB] = child_raw[blk * MiB:(blk + 1) * MiB]
+    for blk in zero_blocks:
+        end = min((blk + 1) * MiB, len(out))
+        out[blk * MiB:end] = bytes(end - blk * MiB)
+    return bytes(out)
+
+
 # -- builders: each makes one kind in an empty directory ------------------------------------
 
 
@@ -323,3 +368,52 @@ BUILDERS: dict[str, Callable[[Path], VhdxBuilt]] = {
     "sector_4k": build_sector_4k,
     "interleaved": build_interleaved,
 }
+
+
+def build_differencing(d: Path) -> VhdxBuilt:
+    """A spec-built differencing disk over a qemu-made parent, one block ZERO.
+
+    Its expected bytes are composed from qemu's raw copies of the parent and
+    of the child read alone; written to ``expected.raw`` beside it.
+    """
+    _parent, child, parent_raw, child_raw, writes = family(d)
+    blocks = {b for off, n in writes for b in range(off // MiB, (off + n - 1) // MiB + 1)}
+    hidden = next(b for b in range(10) if b not in blocks)
+    edit(child, lambda buf: set_bat(buf, hidden, L.PAYLOAD_BLOCK_ZERO))
+    expected = d / "expected.raw"
+    expected.write_bytes(compose(parent_raw, child_raw, blocks, {hidden}))
+    return VhdxBuilt(child, writes=writes, expected=expected)
+
+
+# Kinds for the shared conformance run (tests/conformance.py): the multi-GiB and
+# 256 MiB-block kinds stay in test_vhdx.py, which reads only their data.
+CONFORMANCE_KINDS = ("dynamic", "not_present", "block_32m", "fixed", "fixed_zero", "sector_4k",
+                     "differencing")
+
+
+def conformance_builders() -> dict[str, Callable[[Path], Any]]:
+    """Builders of ``format_builders.FmtImage`` for the VHDX kinds, by conformance name.
+
+    qemu's vhdx driver has no block-status call, so ``qemu-img map`` calls
+    every byte data: its map carries no information about holes and would
+    demand that sparsefs report none.  These kinds pass an empty map instead
+    (no map constraint); test_vhdx.py checks holes against the writes.
+    """
+    from format_builders import FmtImage
+
+    def wrap(kind: str) -> Callable[[Path], Any]:
+        def build(d: Path) -> Any:
+            b = ALL_BUILDERS[kind](d)
+            expected = b.expected
+            if expected is None:
+                expected = qemu_raw(b.qemu_image, d / "qemu.raw", fmt="vhdx")
+                # the claim above, measured each time: qemu maps the whole disk as data
+                assert [e["data"] for e in qemu_map(b.qemu_image, fmt="vhdx")] == [True]
+            return FmtImage(b.image, "vhdx", expected, [])
+        return build
+
+    return {f"vhdx-{kind.replace('_', '-')}": wrap(kind) for kind in CONFORMANCE_KINDS}
+
+
+ALL_BUILDERS: dict[str, Callable[[Path], VhdxBuilt]] = {**BUILDERS,
+                                                        "differencing": build_differencing}

@@ -10,8 +10,6 @@ checked against qemu's raw copies of the parent and of the child alone.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import os
 import random
 import shutil
@@ -19,8 +17,8 @@ import signal
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import conformance
 import pytest
 import vhdx_images as V
 from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, sparsefs
@@ -368,41 +366,8 @@ def test_bat_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 # -- differencing disks -----------------------------------------------------------------------
 
 
-def _family(d: Path, *, locator: dict[str, str] | None = None, sector: int = 512
-            ) -> tuple[Path, Path, bytes, bytes, list[tuple[int, int]]]:
-    """parent.vhdx (qemu-written) and child.vhdx (qemu-written, then made differencing).
-
-    Returns the paths, qemu's raw copies of the parent and of the child read
-    alone (before it became differencing, and before both were relabelled to
-    ``sector``-byte logical sectors, which qemu refuses), and the child's writes.
-    """
-    size = 10 * MiB + 4 * KiB
-    parent = V.create(d / "parent.vhdx", size, "block_size=1M")
-    qemu_io(parent, f"write -q -P 17 0 {size}", fmt="vhdx")
-    V.random_writes(parent, random.Random(11), size, 8)
-    child = V.create(d / "child.vhdx", size, "block_size=1M", "block_state_zero=off")
-    writes = V.random_writes(child, random.Random(12), size, 4, max_len=600 * KiB)
-    parent_raw = qemu_raw(parent, d / "parent.raw", fmt="vhdx").read_bytes()
-    child_raw = qemu_raw(child, d / "child.raw", fmt="vhdx").read_bytes()
-    if locator is None:
-        locator = {"relative_path": ".\\parent.vhdx"}
-    locator = {"parent_linkage": V.data_write_guid(parent), **locator}
-    V.make_differencing(child, locator)
-    if sector != 512:
-        V.relabel_sectors(parent, sector)
-        V.relabel_sectors(child, sector)
-    return parent, child, parent_raw, child_raw, writes
-
-
-def _expected(parent_raw: bytes, child_raw: bytes, blocks: set[int],
-              zero_blocks: set[int] = frozenset()) -> bytes:  # type: ignore[assignment]
-    out = bytearray(parent_raw)
-    for blk in blocks:
-        out[blk * MiB:(blk + 1) * MiB] = child_raw[blk * MiB:(blk + 1) * MiB]
-    for blk in zero_blocks:
-        end = min((blk + 1) * MiB, len(out))
-        out[blk * MiB:end] = bytes(end - blk * MiB)
-    return bytes(out)
+_family = V.family
+_expected = V.compose
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute_posix", "win32_drive"])
@@ -556,21 +521,10 @@ def test_registry_detects_and_opens_vhdx(tmp_path: Path, built: dict[str, V.Vhdx
         source.close()  # type: ignore[attr-defined]
 
 
-# -- fuzz: seeded mutants of qemu-made VHDX images (the contract of test_fuzz.py) --------------
+# -- fuzz: seeded mutants of qemu-made VHDX images (the contract of test_fuzz.py) ---------
 
 FUZZ_ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "400"))
 FUZZ_SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))
-
-
-def _load_fuzz_module() -> Any:
-    """tests/unit/test_fuzz.py, for its exercise(), watchdog and memory cap."""
-    spec = importlib.util.spec_from_file_location(
-        "_vhdx_fuzz_contract", Path(__file__).with_name("test_fuzz.py"))
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _VhdxMutator:
@@ -671,15 +625,18 @@ def fuzz_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_fuzz_vhdx_mutants(fuzz_bases: dict[str, Path]) -> None:
-    """Every seeded mutant is refused in one line or served consistently, in time and memory."""
-    contract = _load_fuzz_module()
+    """Every seeded mutant is refused in one line or served consistently, in time and memory.
+
+    The contract of test_fuzz.py, with tests/conformance.py's exercise(),
+    watchdog and address-space cap.
+    """
     kinds = sorted(fuzz_bases)
     originals = {k: p.read_bytes() for k, p in fuzz_bases.items()}
     failures: list[str] = []
     outcomes = {True: 0, False: 0}
-    old_handler = signal.signal(signal.SIGALRM, contract._alarm)
-    cap = contract.capped_memory.__wrapped__()
-    next(cap)
+    old_handler = signal.signal(signal.SIGALRM, conformance._alarm)
+    cap = conformance.capped_address_space()
+    cap.__enter__()
     try:
         for i in range(FUZZ_ITERATIONS):
             kind = kinds[i % len(kinds)]
@@ -694,11 +651,11 @@ def test_fuzz_vhdx_mutants(fuzz_bases: dict[str, Path]) -> None:
             mutant.write_bytes(bytes(buf))
             # a differencing mutant must find the parent beside it: same directory
             where = f"seed {FUZZ_SEED} iteration {i} ({kind}): " + "; ".join(d for d, _ in changes)
-            signal.setitimer(signal.ITIMER_REAL, contract.WATCHDOG_SECONDS)
+            signal.setitimer(signal.ITIMER_REAL, conformance.WATCHDOG_SECONDS)
             try:
-                outcomes[_fuzz_one(contract, mutant, rng)] += 1
-            except contract.Hang:
-                failures.append(f"{where}: no answer within {contract.WATCHDOG_SECONDS} s")
+                outcomes[_fuzz_one(mutant, rng)] += 1
+            except conformance.Hang:
+                failures.append(f"{where}: no answer within {conformance.WATCHDOG_SECONDS} s")
             except (AssertionError, Exception) as exc:
                 failures.append(f"{where}: {type(exc).__name__}: {exc}")
             finally:
@@ -709,14 +666,13 @@ def test_fuzz_vhdx_mutants(fuzz_bases: dict[str, Path]) -> None:
                     break
     finally:
         signal.signal(signal.SIGALRM, old_handler)
-        with contextlib.suppress(StopIteration):
-            next(cap)
+        cap.__exit__(None, None, None)
     assert not failures, f"{len(failures)} mutants misbehaved:\n" + "\n".join(failures)
     # both paths ran: mutants that open (and were exercised) and mutants refused
     assert min(outcomes.values()) >= FUZZ_ITERATIONS // 10, outcomes
 
 
-def _fuzz_one(contract: Any, path: Path, rng: random.Random) -> bool:
+def _fuzz_one(path: Path, rng: random.Random) -> bool:
     """Open a mutant: True when it opened (and was consistent), False when refused cleanly."""
     try:
         image = open_image(path, OPTS)
@@ -726,7 +682,7 @@ def _fuzz_one(contract: Any, path: Path, rng: random.Random) -> bool:
         assert "\n" not in message, f"error message is not one line: {message!r}"
         return False
     with image:
-        contract.exercise(image, rng)
+        conformance.exercise(image, rng)
         pos = 0
         for entry in image.iter_map():
             assert entry.start == pos
@@ -749,3 +705,24 @@ def test_cli_checksum_info_and_refusal(tmp_path: Path, built: dict[str, V.VhdxBu
     assert "subformat: dynamic" in info
     bad = V.edit(_dyn_copy(tmp_path, built, tmp_path_factory), _set_log_guid)
     one_line_error(sparsefs("checksum", str(bad)), str(bad), "may need replay")
+
+
+def test_qcow2_over_vhdx_backing(tmp_path: Path, built: dict[str, V.VhdxBuilt],
+                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A qcow2 overlay with backing_fmt=vhdx reads as qemu reads it, through the registry."""
+    from sparsefs import formats
+
+    b = _build("not_present", tmp_path_factory, built)
+    base = tmp_path / "base.vhdx"
+    shutil.copy(b.image, base)
+    top = tmp_path / "top.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vhdx",
+         str(top), str(12 * MiB)])
+    qemu_io(top, f"write -q -P 200 {MiB + 512} 70000")
+    raw = qemu_raw(top, tmp_path / "q.raw", fmt="qcow2")
+    source = formats.open_source(top)
+    try:
+        assert source.read(0, source.size) == raw.read_bytes()
+        assert source.chain() == [(str(base), "vhdx")]  # type: ignore[attr-defined]
+    finally:
+        source.close()  # type: ignore[attr-defined]
