@@ -539,9 +539,10 @@ class _VhdxMutator:
 
     def _value(self, width: int) -> int:
         r = self.rng
-        return r.choice([0, 1, 2, 3, 5, 6, 7, 512, 4096, MiB, 3 * MiB, 256 * MiB,
-                         self.size, self.size + MiB, 2 ** (8 * width) - 1,
-                         r.randrange(2 ** (8 * width))]) % 2 ** (8 * width)
+        limit = 1 << (8 * width)
+        values = [0, 1, 2, 3, 5, 6, 7, 512, 4096, MiB, 3 * MiB, 256 * MiB, self.size,
+                  self.size + MiB, limit - 1, r.randrange(limit)]
+        return r.choice(values) % limit
 
     def _put(self, buf: bytearray, at: int, width: int) -> str:
         value = self._value(width)
@@ -581,14 +582,21 @@ class _VhdxMutator:
             at = self.table + r.choice([10, *(32 + 32 * i + f for i in range(6) for f in
                                               (0, 16, 20, 24))])
             width = 2 if at == self.table + 10 else (16 if (at - self.table - 32) % 32 == 0 else 4)
-            return f"metadata table at {at:#x}", lambda buf: (
-                buf.__setitem__(slice(at, at + 16), r.randbytes(16)) if width == 16
-                else self._put(buf, at, width))
+
+            def change(buf: bytearray) -> None:
+                if width == 16:
+                    buf[at:at + 16] = r.randbytes(16)
+                else:
+                    self._put(buf, at, width)
+            return f"metadata table at {at:#x}", change
         if kind == 3:  # a metadata item's value
             off, length = r.choice(self.items)
             at = off + r.randrange(max(1, min(length, 64)))
             width = r.choice([1, 2, 4, 8])
-            return f"metadata item byte {at:#x}", lambda buf: self._put(buf, at, width) and None
+
+            def change(buf: bytearray) -> None:
+                self._put(buf, at, width)
+            return f"metadata item byte {at:#x}", change
         if kind in (4, 5):  # BAT entries: state and offset
             index = r.randrange(16) if r.random() < 0.8 else r.randrange(8192)
             at = self.bat + 8 * index
