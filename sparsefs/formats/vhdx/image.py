@@ -178,9 +178,7 @@ class VhdxLayer:
         except L.LayoutError as exc:
             raise self._err(str(exc)) from None
         found: dict[bytes, L.MetadataItem] = {}
-        for item in items:
-            if item.is_user:
-                continue
+        for item in items:  # as qemu: by GUID alone, user or system
             if item.item_id in L.METADATA_ITEM_NAMES:
                 found[item.item_id] = item
             elif item.is_required:

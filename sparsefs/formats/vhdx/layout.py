@@ -301,7 +301,7 @@ def parse_metadata_table(table: bytes, region_length: int) -> list[MetadataItem]
     if entry_count > METADATA_MAX_ENTRIES:
         raise LayoutError(f"metadata table has {entry_count} entries (at most 2047)")
     items: list[MetadataItem] = []
-    seen: set[tuple[bytes, bool]] = set()
+    seen: set[bytes] = set()
     for i in range(entry_count):
         item_id, offset, length, bits = _METADATA_ENTRY.unpack_from(
             table, _METADATA_HEADER.size + i * _METADATA_ENTRY.size
@@ -315,10 +315,9 @@ def parse_metadata_table(table: bytes, region_length: int) -> list[MetadataItem]
             raise LayoutError(
                 f"metadata {name} at {offset:#x}+{length:#x} is outside the metadata region"
             )
-        key = (item_id, item.is_user)
-        if key in seen:
+        if item_id in seen:  # qemu's vhdx_parse_metadata refuses a repeated item too
             raise LayoutError(f"metadata {name} appears twice")
-        seen.add(key)
+        seen.add(item_id)
         items.append(item)
     return items
 
