@@ -152,7 +152,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if key not in shown and not isinstance(value, (dict, list)):
             print(f"{key.replace('-', ' ')}: {value}")
     if info.get("backing-filename"):
-        fmt = info["backing-format"] or "probed"
+        fmt = info.get("backing-format") or "probed"
         print(f"backing file: {info['backing-filename']} (format: {fmt})")
     for depth, layer in enumerate(info["backing-chain"], start=1):
         print(f"  chain[{depth}]: {layer['filename']} ({layer['format']})")

@@ -375,6 +375,7 @@ class VpcLayer:
         if self.disk_type == VHD_DIFFERENCING:
             info["parent-uuid"] = str(uuid_mod.UUID(bytes=self.parent_uuid))
             info["backing-filename"] = self.parent_name
+            info["backing-format"] = "vpc"
         return info
 
 

@@ -85,10 +85,18 @@ def _fix_vhd_checksums(buf: bytearray) -> None:
 
 def _mutate(buf: bytearray, rng: random.Random) -> str:
     """One seeded change to a VHD or VDI: a field, a byte, or a truncation."""
-    is_vhd = buf[-512:-504] == b"conectix"
-    regions = _vpc_regions(bytes(buf)) if is_vhd else _vdi_regions(bytes(buf))
+    if not buf:
+        return "already empty"
+    is_vhd = buf[-512:-504] == b"conectix" or buf[:8] == b"conectix"
+    try:  # an earlier change may have moved the tables out of the file
+        regions = _vpc_regions(bytes(buf)) if is_vhd else _vdi_regions(bytes(buf))
+    except struct.error:
+        regions = []
+    regions = [(s, min(e, len(buf)), o) for s, e, o in regions if 0 <= s < len(buf) - 8]
+    if not regions:
+        regions = [(0, min(len(buf), 512), ">" if is_vhd else "<")]
     roll = rng.random()
-    if roll < 0.08:
+    if roll < 0.08 or len(buf) < 16:
         cut = rng.randrange(len(buf))
         del buf[cut:]
         return f"truncated to {cut}"
