@@ -346,10 +346,12 @@ def build_interleaved(d: Path) -> VhdxBuilt:
     """A disk past one chunk (4 GiB at 512-byte sectors): a sector bitmap entry sits in the BAT.
 
     Writes land on both sides of the chunk boundary, so a reader that forgets
-    the interleaved entry reads the wrong block.
+    the interleaved entry reads the wrong block.  Unwritten blocks are
+    NOT_PRESENT (entry 0), like the sector bitmap entry between the chunks, so
+    a reader that skips runs of equal entries must stop at the chunk's end.
     """
     size = 4 * 1024 * MiB + 40 * MiB
-    img = create(d / "interleaved.vhdx", size, "block_size=16M")
+    img = create(d / "interleaved.vhdx", size, "block_size=16M", "block_state_zero=off")
     rng = random.Random(6)
     chunk = 4 * 1024 * MiB
     writes = random_writes(img, rng, size, 4, within=(chunk - 40 * MiB, chunk))
