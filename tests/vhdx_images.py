@@ -354,8 +354,11 @@ def build_interleaved(d: Path) -> VhdxBuilt:
     img = create(d / "interleaved.vhdx", size, "block_size=16M", "block_state_zero=off")
     rng = random.Random(6)
     chunk = 4 * 1024 * MiB
-    writes = random_writes(img, rng, size, 4, within=(chunk - 40 * MiB, chunk))
+    # the last block of chunk 0 stays unwritten; the first of chunk 1 is written
+    writes = random_writes(img, rng, size, 4, within=(chunk - 48 * MiB, chunk - 17 * MiB))
     writes += random_writes(img, rng, size, 4, within=(chunk, size))
+    qemu_io(img, f"write -q -P 0x66 {chunk} 4096", fmt="vhdx")
+    writes.append((chunk, 4096))
     writes += random_writes(img, rng, size, 2, within=(0, 32 * MiB))
     return VhdxBuilt(img, writes=writes)
 
