@@ -16,6 +16,7 @@ Knows nothing of FUSE or of any format's layout.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ KIND_NAMES = {DATA: "data", OTHER: "other", ZERO: "zero", BELOW: "below", ERROR:
 
 # Images in one chain, the top included (deeper chains are refused).
 MAX_CHAIN_LENGTH = 128
+# Cleared when preadv(RWF_NOWAIT) is refused (EOPNOTSUPP): then read_nowait gives up.
+_nowait_ok = [hasattr(os, "RWF_NOWAIT")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,58 @@ class LayeredImage:
             else:
                 raise ImageReadError(str(host))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_nowait(
+        self, guest_offset: int, length: int
+    ) -> bytes | bytearray | memoryview | None:
+        """Like :meth:`read`, from memory only: the page cache and zeros.
+
+        Returns the guest bytes (shortened at the end), or None when a part
+        would have to wait or fail: host data not in the page cache
+        (``preadv`` with ``RWF_NOWAIT``), an OTHER or ERROR run, a source
+        below without ``read_nowait``.  The caller then uses :meth:`read` in a
+        thread, which also reports the errors.  Never raises.
+        """
+        end = min(guest_offset + length, self.size)
+        if guest_offset >= end:
+            return b""
+        if not _nowait_ok[0]:
+            return None
+        out = bytearray(end - guest_offset)
+        with memoryview(out) as view:
+            if not self._read_nowait_into(view, guest_offset, end):
+                return None
+        return out
+
+    def _read_nowait_into(self, view: memoryview, guest_offset: int, end: int) -> bool:
+        """Fill ``view`` (zeroed, for guest bytes from ``guest_offset``) without blocking."""
+        try:
+            for s, e, kind, host in self.layer.runs(guest_offset, end):
+                if kind == ZERO:
+                    continue
+                part = view[s - guest_offset : e - guest_offset]
+                if kind == DATA:
+                    try:
+                        got = os.preadv(host[0].fd, [part], host[1], os.RWF_NOWAIT)
+                    except OSError as exc:
+                        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                            _nowait_ok[0] = False  # the filesystem cannot: stop trying
+                        return False
+                    if got != e - s:
+                        return False
+                elif kind == BELOW:
+                    below = self._below
+                    if below is None or s >= below.size:
+                        continue
+                    stop = min(e, below.size)
+                    deeper = getattr(below, "_read_nowait_into", None)
+                    if deeper is None or not deeper(part[: stop - s], s, stop):
+                        return False
+                else:
+                    return False
+        except Exception:
+            return False
+        return True
 
     def _read_below(self, guest_offset: int, length: int) -> bytes:
         below = self._below

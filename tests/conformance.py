@@ -32,6 +32,7 @@ from sparsefs.checksum import block_digest
 from sparsefs.errors import ImageReadError, SparsefsError
 from sparsefs.extents import Extent, SparseSource, data_size, seek_data, seek_hole
 from sparsefs.formats import detect, open_source
+from sparsefs.layered import LayeredImage
 from sparsefs.qcow2.image import OpenOptions
 from sparsefs.raw import RawFile
 
@@ -174,6 +175,16 @@ def check_conformance(image: Path, fmt: str, expected: Path, qmap: list[dict[str
             start = rng.randrange(min(chunk, len(want)))
             parts = [source.read(off, chunk) for off in range(start, len(want), chunk)]
             assert b"".join(parts) == want[start:], f"reads of {chunk} bytes from {start} differ"
+        read_nowait = getattr(source, "read_nowait", None)
+        if read_nowait is not None:  # from the page cache, warm after the reads above
+            answered = 0
+            for off in (0, rng.randrange(len(want)), max(0, len(want) - 70000)):
+                fast = read_nowait(off, 200000)
+                if fast is not None:
+                    answered += 1
+                    assert bytes(fast) == want[off : off + 200000], f"read_nowait at {off}"
+            if isinstance(source, LayeredImage):  # qcow2 over another format: always None
+                assert answered, "read_nowait answered nothing from a warm page cache"
         segments = data_segments(source)
         check_map_agrees(segments, qmap)
         pos = 0

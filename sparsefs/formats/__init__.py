@@ -208,6 +208,8 @@ def open_source(
         path: the image.
         fmt: qemu's format name to force; None probes by magic (only for files
             known to be images: a raw copy must be opened with ``fmt="raw"``).
+            A file no magic matches is raw, unless its suffix names another
+            format (``.qcow2``, ``.vhd``...): that is refused, not read as raw.
         options: how to open it and its chain.
         chain: for parents: the ``(real path, identity)`` entries of the images
             above, for loop detection.
@@ -227,6 +229,14 @@ def open_source(
         raise ImageFormatError(f"{path}: is a directory, not an image")
     check_regular_file(path, "image")
     spec = forced if forced is not None else spec_for(detect(path), path)
+    if forced is None and spec.name == "raw":
+        named = format_by_suffix(path)
+        if named not in (None, "raw"):
+            # A damaged header must not turn an image into a raw disk of wrong bytes.
+            raise ImageFormatError(
+                f"{path}: not a {named} image: no format's magic matches "
+                "(pass -f raw to read the file as a raw disk)"
+            )
     return spec.opener(path, options, chain)
 
 

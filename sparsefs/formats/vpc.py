@@ -118,6 +118,12 @@ def vhd_checksum(buf: bytes, checksum_offset: int) -> int:
     return ~total & 0xFFFFFFFF
 
 
+def _valid_footer(buf: bytes) -> bool:
+    """True when ``buf`` is a footer: its cookie, and its checksum holds."""
+    stored = struct.unpack_from(">I", buf, _FOOTER_CHECKSUM_OFFSET)[0]
+    return buf[:8] == FOOTER_COOKIE and vhd_checksum(buf, _FOOTER_CHECKSUM_OFFSET) == stored
+
+
 def guest_size(footer: Footer) -> int:
     """The guest size in bytes, as qemu computes it."""
     sectors = footer.cylinders * footer.heads * footer.sectors_per_track
@@ -150,15 +156,18 @@ class VpcLayer:
         if file_size < FOOTER_SIZE:
             raise self._err("too small for a VHD footer")
         head = self.raw.pread(0, FOOTER_SIZE)
-        if head[:8] == FOOTER_COOKIE:
+        tail = self.raw.pread(file_size - FOOTER_SIZE, FOOTER_SIZE)
+        # A valid footer of a fixed disk at the end wins: then sector 0 is the
+        # guest's, even if the guest wrote a VHD footer there.
+        if _valid_footer(tail) and Footer.from_bytes(tail).disk_type == VHD_FIXED:
+            buf, where = tail, "footer"
+        elif head[:8] == FOOTER_COOKIE:
             buf, where = head, "footer copy at offset 0"
+        elif tail[:8] == FOOTER_COOKIE:
+            buf, where = tail, "footer"
         else:
-            buf = self.raw.pread(file_size - FOOTER_SIZE, FOOTER_SIZE)
-            where = "footer"
-            if buf[:8] != FOOTER_COOKIE:
-                raise self._err("not a VHD image (no 'conectix' footer)")
-        stored = struct.unpack_from(">I", buf, _FOOTER_CHECKSUM_OFFSET)[0]
-        if vhd_checksum(buf, _FOOTER_CHECKSUM_OFFSET) != stored:
+            raise self._err("not a VHD image (no 'conectix' footer)")
+        if not _valid_footer(buf):
             raise self._err(f"{where} checksum is wrong (damaged footer)")
         footer = Footer.from_bytes(buf)
         self.footer = footer
@@ -167,12 +176,12 @@ class VpcLayer:
                 f"{self.path}: VHD disk type {footer.disk_type} is not fixed, dynamic or "
                 "differencing"
             )
-        if head[:8] != FOOTER_COOKIE and footer.disk_type != VHD_FIXED:
+        if buf is tail and footer.disk_type != VHD_FIXED:
             raise self._err(
                 f"{DISK_TYPE_NAMES[footer.disk_type]} VHD without the footer copy at offset 0"
             )
-        if head[:8] == FOOTER_COOKIE and footer.disk_type == VHD_FIXED:
-            raise self._err("fixed VHD with a footer copy at offset 0")
+        if buf is head and footer.disk_type == VHD_FIXED:
+            raise self._err("fixed VHD with a footer copy at offset 0 but none at the end")
         self.size = guest_size(footer)
         if self.size // SECTOR_SIZE > VHD_MAX_SECTORS:
             raise UnsupportedFeatureError(

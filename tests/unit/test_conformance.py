@@ -90,7 +90,7 @@ def _mutate(buf: bytearray, rng: random.Random) -> str:
     is_vhd = buf[-512:-504] == b"conectix" or buf[:8] == b"conectix"
     try:  # an earlier change may have moved the tables out of the file
         regions = _vpc_regions(bytes(buf)) if is_vhd else _vdi_regions(bytes(buf))
-    except struct.error:
+    except (struct.error, OverflowError):
         regions = []
     regions = [(s, min(e, len(buf)), o) for s, e, o in regions if 0 <= s < len(buf) - 8]
     if not regions:

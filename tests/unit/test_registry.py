@@ -114,3 +114,27 @@ def test_refusals_are_one_line(built: FmtCache, tmp_path: Path) -> None:
     vhd.write_bytes(bytes(buf))
     one_line_error(sparsefs("map", str(vhd)), str(vhd), "checksum is wrong")
     one_line_error(sparsefs("info", "-f", "vdi", str(vhd)), str(vhd), "not a VDI image")
+
+
+def test_damaged_magic_is_refused_not_read_as_raw(built: FmtCache, tmp_path: Path) -> None:
+    """No magic matches, but the suffix names a format: refused (``-f raw`` still reads it)."""
+    vdi = tmp_path / "damaged.vdi"
+    buf = bytearray(built["vdi-dynamic"].image.read_bytes())
+    buf[0x40:0x44] = bytes(4)
+    vdi.write_bytes(bytes(buf))
+    one_line_error(sparsefs("info", str(vdi)), str(vdi), "not a vdi image", "-f raw")
+    assert "file format: raw" in sparsefs("info", "-f", "raw", str(vdi), check=True).stdout
+
+
+def test_fixed_vhd_whose_guest_wrote_a_footer_at_sector_0(built: FmtCache, tmp_path: Path) -> None:
+    """The valid fixed footer at the end decides; sector 0 stays guest data."""
+    fixed = built["vpc-fixed"]
+    disk = tmp_path / "nested.vhd"
+    buf = bytearray(fixed.image.read_bytes())
+    buf[:512] = built["vpc-dynamic"].image.read_bytes()[:512]
+    disk.write_bytes(bytes(buf))
+    want = bytearray(fixed.expected.read_bytes())
+    want[:512] = buf[:512]
+    copy = tmp_path / "want.raw"
+    copy.write_bytes(bytes(want))
+    assert sparsefs("verify", "-q", "-f", "vpc", str(disk), str(copy)).returncode == 0
