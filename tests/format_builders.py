@@ -300,6 +300,12 @@ BUILDERS.update({f"vmdk-{name}": _vmdk(builder) for name, builder in VMDK_BUILDE
                  if name != "twoGbMaxExtentSparse"})
 
 
+# VHDX kinds are built by tests/vhdx_images.py (see conformance_builders there).
+from vhdx_images import conformance_builders as _vhdx_conformance_builders  # noqa: E402
+
+BUILDERS.update(_vhdx_conformance_builders())
+
+
 class FmtCache:
     """Builds each kind once per session directory, on first use."""
 

@@ -21,6 +21,7 @@ Mount = Callable[..., Path]
 MOUNTED = {
     "vpc-differencing": "child.raw",
     "vpc-fixed": "fixed.raw",
+    "vhdx-dynamic": "dynamic.raw",
     "vdi-static": "static.raw",
     "raw-sparse": "sparse.raw",
     "qcow2-over-vdi": "top.raw",
