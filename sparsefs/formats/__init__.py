@@ -211,8 +211,8 @@ def open_source(
         path: the image.
         fmt: qemu's format name to force; None probes by magic (only for files
             known to be images: a raw copy must be opened with ``fmt="raw"``).
-            A file no magic matches is raw, unless its suffix names another
-            format (``.qcow2``, ``.vhd``...): that is refused, not read as raw.
+            A file no magic matches is raw only when its name says so (``.raw``,
+            ``.img``); otherwise it is refused, never read as raw.
         options: how to open it and its chain.
         chain: for parents: the ``(real path, identity)`` entries of the images
             above, for loop detection.
@@ -233,9 +233,17 @@ def open_source(
     check_regular_file(path, "image")
     spec = forced if forced is not None else spec_for(detect(path), path)
     if forced is None and spec.name == "raw":
+        # Nothing is probed into raw: a raw disk is named as one (-f raw, or a
+        # .raw/.img name).  A damaged header must not turn an image into a raw
+        # disk of wrong bytes, nor a stray file into a disk.
         named = format_by_suffix(path)
-        if named not in (None, "raw"):
-            # A damaged header must not turn an image into a raw disk of wrong bytes.
+        if named is None:
+            raise ImageFormatError(
+                f"{path}: not a disk image: no format's magic matches (sparsefs reads "
+                f"{', '.join(n for n in FORMAT_NAMES if n != 'raw')}); pass -f raw to read "
+                "the file as a raw disk"
+            )
+        if named != "raw":
             raise ImageFormatError(
                 f"{path}: not a {named} image: no format's magic matches "
                 "(pass -f raw to read the file as a raw disk)"

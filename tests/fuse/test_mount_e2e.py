@@ -366,6 +366,7 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path: Path) -> None:
     cases = [
         ([str(tmp_path / "missing.qcow2"), str(mp)], ["missing.qcow2"]),
         (["--format", "qcow2", str(notq), str(mp)], ["notes.txt", "not a qcow2 image"]),
+        ([str(notq), str(mp)], ["notes.txt", "not a disk image", "-f raw"]),
         ([str(fake), str(mp)], ["fake.qcow2", "not a qcow2 image", "-f raw"]),
         ([str(trunc), str(mp)], ["trunc.qcow2", "truncated"]),
         ([str(enc), str(mp)], ["enc.qcow2", "encrypt"]),
