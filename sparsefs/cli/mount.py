@@ -39,7 +39,7 @@ log = logging.getLogger("sparsefs")
 
 INSTALL_HINT = (
     "the installed pyfuse3 has no lseek handler, so holes cannot be reported; "
-    "install the patched build with tools/setup (pyfuse3 3.5.0+sparsefs.lseek1)"
+    "install the patched build with tools/setup (pyfuse3 3.5.0+sparsefs.lseek1.fast1)"
 )
 
 # Options mount(8) and fstab pass that mean nothing here (or are implied).
