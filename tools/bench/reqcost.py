@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -131,18 +132,75 @@ def measure(args: argparse.Namespace, image: Path, base: Path, shm: Path) -> Non
     replies = counts.get("writev", 0) + counts.get("write", 0)
     cpu, user, system = sorted(cpus)[len(cpus) // 2]
     n = max(replies, 1)
-    print(f"{'null' if args.null else 'sparsefs'} {args.tool}: daemon CPU {cpu:.3f} s "
-          f"(rounds {', '.join(f'{c[0]:.2f}' for c in cpus)}), replies {replies}, "
-          f"{cpu / n * 1e6:.1f} us per request (user {user / n * 1e6:.1f}, "
-          f"system {system / n * 1e6:.1f})")
-    print("  syscalls: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(),
-                                                               key=lambda kv: -kv[1])[:10]))
+    print(
+        f"{'null' if args.null else 'sparsefs'} {args.tool}: daemon CPU {cpu:.3f} s "
+        f"(rounds {', '.join(f'{c[0]:.2f}' for c in cpus)}), replies {replies}, "
+        f"{cpu / n * 1e6:.1f} us per request (user {user / n * 1e6:.1f}, "
+        f"system {system / n * 1e6:.1f})"
+    )
+    print(
+        "  syscalls: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+    )
+
+
+def _run_sync(coro: Any) -> Any:
+    """Run a handler coroutine that never suspends, as the patched pyfuse3 loop does."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    except Exception as exc:  # FUSEError (ENXIO) is an answer too
+        return exc
+    raise RuntimeError("the handler suspended")
+
+
+def handler_costs(image: Path) -> None:
+    """CPU µs per call of the sparsefs handlers, in-process (no FUSE, no kernel)."""
+    from sparsefs.fusefs import SparseFS
+    from sparsefs.qcow2 import OpenOptions, open_image
+
+    subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)  # page cache
+    with open_image(str(image), OpenOptions()) as src:
+        ops = SparseFS({"disk.raw": src})
+        ops.precompute()
+        inode = next(iter(ops._nodes))
+        index = ops._nodes[inode].index
+        assert index is not None
+        pairs = [(index._bounds[i], index._bounds[i + 1]) for i in range(0, len(index._bounds), 2)]
+        data = [(s, min(e - s, 64 * KiB)) for s, e in pairs]
+        holes = [(e, MiB) for _, e in pairs if index.is_hole(e, min(e + MiB, src.size))]
+
+        def cost(label: str, calls: list[Any]) -> None:
+            t0 = time.process_time()
+            for make in calls:
+                _run_sync(make())
+            us = (time.process_time() - t0) / len(calls) * 1e6
+            print(f"  {label}: {us:.1f} us per call ({len(calls)} calls)")
+
+        print(f"handlers, in-process, {len(pairs)} data extents:")
+        cost(
+            "lseek SEEK_DATA",
+            [lambda o=s: ops.lseek(inode, inode, o, os.SEEK_DATA) for s, _ in pairs] * 4,
+        )
+        cost(
+            "lseek SEEK_HOLE",
+            [lambda o=s: ops.lseek(inode, inode, o, os.SEEK_HOLE) for s, _ in pairs] * 4,
+        )
+        cost("read hole 1 MiB", [lambda o=o, n=n: ops.read(inode, o, n) for o, n in holes] * 4)
+        cost(
+            "read data 64 KiB (page cache)",
+            [lambda o=o, n=n: ops.read(inode, o, n) for o, n in data] * 2,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tool", default="cp", choices=("cp", "cat", "rsync"))
     p.add_argument("--null", action="store_true", help="serve from the do-nothing nullfs")
+    p.add_argument(
+        "--handlers", action="store_true", help="time the sparsefs handlers in-process instead"
+    )
     p.add_argument("--virtual-gib", type=int, default=4)
     p.add_argument("--count", type=int, default=8192, help="data extents")
     p.add_argument("--max-len", type=int, default=64, help="max extent length in KiB")
@@ -159,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.work_dir.mkdir(parents=True, exist_ok=True)
     image = bench.build_image(spec, args.work_dir)
+    if args.handlers:
+        handler_costs(image)
+        return 0
     with (
         tempfile.TemporaryDirectory(prefix="reqcost-") as base,
         tempfile.TemporaryDirectory(prefix="reqcost-", dir="/dev/shm") as shm,
