@@ -109,11 +109,13 @@ def count_requests(pid: int, cmd: list[str]) -> dict[str, int]:
 
 
 def measure(args: argparse.Namespace, image: Path, base: Path, shm: Path) -> None:
-    mount = (
-        (lambda: null_mount(image, base))
-        if args.null
-        else (lambda: bench.sparsefs_mount(image, base, args.sparsefs_opt))
-    )
+    mount: Any
+    if args.null:
+        mount = lambda: null_mount(image, base)  # noqa: E731
+    elif args.qsd:
+        mount = lambda: bench.qsd_mount(image, base)  # noqa: E731
+    else:
+        mount = lambda: bench.sparsefs_mount(image, base, args.sparsefs_opt)  # noqa: E731
     out = shm / "reqcost.out"
     cpus = []
     for _ in range(args.rounds):
@@ -132,8 +134,9 @@ def measure(args: argparse.Namespace, image: Path, base: Path, shm: Path) -> Non
     replies = counts.get("writev", 0) + counts.get("write", 0)
     cpu, user, system = sorted(cpus)[len(cpus) // 2]
     n = max(replies, 1)
+    who = "null" if args.null else "qsd" if args.qsd else "sparsefs"
     print(
-        f"{'null' if args.null else 'sparsefs'} {args.tool}: daemon CPU {cpu:.3f} s "
+        f"{who} {args.tool}: daemon CPU {cpu:.3f} s "
         f"(rounds {', '.join(f'{c[0]:.2f}' for c in cpus)}), replies {replies}, "
         f"{cpu / n * 1e6:.1f} us per request (user {user / n * 1e6:.1f}, "
         f"system {system / n * 1e6:.1f})"
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tool", default="cp", choices=("cp", "cat", "rsync"))
     p.add_argument("--null", action="store_true", help="serve from the do-nothing nullfs")
+    p.add_argument("--qsd", action="store_true", help="measure qemu-storage-daemon's export")
     p.add_argument(
         "--handlers", action="store_true", help="time the sparsefs handlers in-process instead"
     )
