@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """A do-nothing pyfuse3 filesystem: the per-request floor for tools/bench/reqcost.py.
 
-``nullfs.py IMAGE MOUNTPOINT`` serves one file, ``disk.raw``, with IMAGE's
+``nullfs.py IMAGE MOUNTPOINT [direct]`` serves one file, ``disk.raw``, with IMAGE's
 virtual size and data layout (from ``qemu-img map --output=json``), answering
 SEEK_DATA/SEEK_HOLE by bisection and every read from a shared zero buffer.
 So a copier makes the same requests as through sparsefs, and the daemon does
-nothing but pyfuse3, trio and the kernel round trip.  Runs in the foreground
+nothing but pyfuse3, trio and the kernel round trip.  With ``direct`` the file
+is opened with ``direct_io`` (as sparsefs does by default), else ``keep_cache``.
+Runs in the foreground
 until unmounted.  A tool, never imported by the package or the tests.
 """
 
@@ -29,8 +31,9 @@ INODE = pyfuse3.ROOT_INODE + 1
 class NullFS(pyfuse3.Operations):
     """One read-only file whose data/hole layout is given, whose bytes are zeros."""
 
-    def __init__(self, size: int, data: list[tuple[int, int]]) -> None:
+    def __init__(self, size: int, data: list[tuple[int, int]], direct_io: bool) -> None:
         super().__init__()
+        self.direct_io = direct_io
         self.size = size
         self.starts = [s for s, _ in data]
         self.ends = [e for _, e in data]
@@ -62,6 +65,8 @@ class NullFS(pyfuse3.Operations):
         return self._attr(INODE)
 
     async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
+        if self.direct_io:
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
@@ -95,7 +100,7 @@ def main() -> None:
                 data[-1] = (data[-1][0], ent["start"] + ent["length"])
             else:
                 data.append((ent["start"], ent["start"] + ent["length"]))
-    ops = NullFS(size, data)
+    ops = NullFS(size, data, sys.argv[3:4] == ["direct"])
     pyfuse3.init(ops, mountpoint, {"ro", "fsname=nullfs", "subtype=nullfs"})
     try:
         trio.run(pyfuse3.main, 1, 99)

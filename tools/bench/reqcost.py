@@ -43,12 +43,18 @@ GiB = bench.GiB
 
 
 @contextlib.contextmanager
-def null_mount(image: Path, base: Path) -> Iterator[bench.Mounted]:
+def null_mount(image: Path, base: Path, direct: bool) -> Iterator[bench.Mounted]:
     """The do-nothing filesystem over IMAGE's extent layout; always unmounted."""
     mp = Path(tempfile.mkdtemp(prefix="nullfs-", dir=base))
     ready = mp / ".ready"
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve().parent / "nullfs.py"), str(image), str(mp)],
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "nullfs.py"),
+            str(image),
+            str(mp),
+            *(["direct"] if direct else []),
+        ],
         cwd=bench.REPO,
     )
     try:
@@ -111,7 +117,7 @@ def count_requests(pid: int, cmd: list[str]) -> dict[str, int]:
 def measure(args: argparse.Namespace, image: Path, base: Path, shm: Path) -> None:
     mount: Any
     if args.null:
-        mount = lambda: null_mount(image, base)  # noqa: E731
+        mount = lambda: null_mount(image, base, args.direct)  # noqa: E731
     elif args.qsd:
         mount = lambda: bench.qsd_mount(image, base)  # noqa: E731
     else:
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tool", default="cp", choices=("cp", "cat", "rsync"))
     p.add_argument("--null", action="store_true", help="serve from the do-nothing nullfs")
+    p.add_argument("--direct", action="store_true", help="nullfs opens with direct_io")
     p.add_argument("--qsd", action="store_true", help="measure qemu-storage-daemon's export")
     p.add_argument(
         "--handlers", action="store_true", help="time the sparsefs handlers in-process instead"
