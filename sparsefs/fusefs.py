@@ -12,13 +12,15 @@ fall entirely in a hole are answered from a shared zero buffer, found by the
 index; reads of data in memory (page cache, caches) on the event loop; the
 rest in worker threads (``os.pread`` and decompression release the GIL).
 
-Files are opened with ``direct_io`` by default: the kernel then sends each
-read(2) as one request of the reader's size (up to 1 MiB) and copies the reply
-straight into the reader's buffer, with no page cache and no readahead.  So a
-full-stream reader (cat, rsync) gets its holes with one copy per byte, and a
-seeking copier (cp) never has the kernel read ahead past a data extent into
-the hole behind it.  ``direct_io=False`` serves through the page cache instead
-(``keep_cache``; its readahead is then the mount's).
+A file that is mostly holes is opened with ``direct_io``: the kernel then
+sends each read(2) as one request of the reader's size (up to 1 MiB) and
+copies the reply straight into the reader's buffer, with no page cache and no
+readahead.  So a full-stream reader (cat, rsync) gets its holes with one copy
+per byte, and a seeking copier (cp) never has the kernel read ahead past a
+data extent into the hole behind it.  A file that is at least half data is
+served through the page cache (``keep_cache``), whose readahead (the mount's)
+turns a copier's small reads of data into large requests.  ``page_cache``
+forces one or the other for all files.
 
 Errors: a :class:`~sparsefs.errors.SparsefsError` from a source becomes EIO
 for that request (logged once per message); the mount keeps serving.
@@ -119,8 +121,10 @@ class SparseFS(pyfuse3.Operations):
         max_threads: reads served at once in worker threads.
         after_init: called on the event loop once FUSE_INIT is answered
             (the mount then has its kernel parameters, e.g. its readahead).
-        direct_io: open files with ``direct_io`` (no page cache, no
-            readahead); False serves through the page cache (``keep_cache``).
+        page_cache: True serves every file through the page cache
+            (``keep_cache``), False none (``direct_io``: no page cache, no
+            readahead); None (default) the files that are at least half
+            data (known after :meth:`precompute`; before, none).
     """
 
     def __init__(
@@ -132,10 +136,10 @@ class SparseFS(pyfuse3.Operations):
         mtime_ns: dict[str, int] | None = None,
         max_threads: int = 8,
         after_init: Callable[[], None] | None = None,
-        direct_io: bool = True,
+        page_cache: bool | None = None,
     ) -> None:
         super().__init__()
-        self._direct_io = direct_io
+        self._page_cache = page_cache
         self._after_init = after_init
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
@@ -187,6 +191,10 @@ class SparseFS(pyfuse3.Operations):
             data, extents = node.survey()
             self.data_bytes += data
             self.data_extents += extents
+
+    def inodes(self) -> list[int]:
+        """The inodes of the files."""
+        return list(self._nodes)
 
     def mean_data_extent(self) -> int | None:
         """Mean length in bytes of the data extents of all files (after :meth:`precompute`).
@@ -292,10 +300,17 @@ class SparseFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         # The fh is the inode: files are immutable, no per-open state is needed.
-        if self._direct_io:
+        if not self.uses_page_cache(inode):
             return pyfuse3.FileInfo(fh=inode, direct_io=True)
         # keep_cache: the content never changes while mounted.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    def uses_page_cache(self, inode: int) -> bool:
+        """True when the file is served through the page cache, False for ``direct_io``."""
+        if self._page_cache is not None:
+            return self._page_cache
+        index = self._node(inode).index
+        return index is not None and index.data_bytes * 2 >= index.size > 0
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._node(fh)

@@ -87,3 +87,32 @@ def test_private_map_reads_the_bytes(image: Path, reference: Path, mount: Mount)
                 assert m[off : off + 64 * KiB] == want[off : off + 64 * KiB]
     finally:
         os.close(fd)
+
+
+def test_mostly_data_file_goes_through_the_page_cache(tmp_path: Path, mount: Mount) -> None:
+    """A file at least half data is not direct_io: a shared map works and the bytes are qemu's."""
+    dense = tmp_path / "dense.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dense), "32M"], check=True)
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -q -P 0x5a 0 24M",
+            "-c",
+            "write -q -P 0x17 4M 1M",
+            str(dense),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    want = qemu_raw(dense, tmp_path / "dense.ref.raw").read_bytes()
+    raw = mount(dense) / "dense.raw"
+    assert raw.read_bytes() == want
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+            assert m[:] == want
+    finally:
+        os.close(fd)

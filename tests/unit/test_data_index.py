@@ -11,10 +11,10 @@ import pyfuse3
 import pytest
 import trio
 
-from sparsefs.extents import DataIndex, Extent, data_size, seek_data, seek_hole
+from sparsefs.extents import DataIndex, Extent, SparseSource, data_size, seek_data, seek_hole
 from sparsefs.fusefs import SparseFS
 from sparsefs.qcow2 import OpenOptions, open_image
-from tests.support import MiB, make_image, qemu_map
+from tests.support import MiB, make_image, qemu_img_create, qemu_io, qemu_map
 
 
 class RunsSource:
@@ -168,3 +168,26 @@ async def _handlers_agree(image: Path) -> None:
             assert got == src.read(start, length)
             if not ent["data"]:
                 assert got == bytes(length)
+
+
+def test_direct_io_for_mostly_holes_page_cache_for_mostly_data(tmp_path: Path) -> None:
+    """Auto mode: direct_io unless the file is at least half data; page_cache forces either."""
+    dense = qemu_img_create(tmp_path / "dense.qcow2", 4 * MiB)
+    qemu_io(dense, "write -q -P 7 0 3M")  # three quarters data
+    sparse = qemu_img_create(tmp_path / "sparse.qcow2", 4 * MiB)
+    qemu_io(sparse, "write -q -P 7 1M 1M")  # one quarter data
+    with open_image(str(dense), OpenOptions()) as d, open_image(str(sparse), OpenOptions()) as s:
+        files: dict[str, SparseSource] = {"dense.raw": d, "sparse.raw": s}
+        for page_cache, before, after in (
+            (None, (False, False), (True, False)),
+            (True, (True, True), (True, True)),
+            (False, (False, False), (False, False)),
+        ):
+            ops = SparseFS(files, page_cache=page_cache)
+            inodes = sorted(ops.inodes())  # dense.raw, sparse.raw (sorted by name)
+            assert tuple(ops.uses_page_cache(i) for i in inodes) == before
+            ops.precompute()
+            assert tuple(ops.uses_page_cache(i) for i in inodes) == after
+            for inode, cached in zip(inodes, after, strict=True):
+                info = trio.run(ops.open, inode, os.O_RDONLY, None)  # type: ignore[arg-type]
+                assert info.direct_io == (not cached)

@@ -716,8 +716,8 @@ def rows(bench: Bench) -> list[Row]:
     def cp_row(wl: str) -> None:
         s, q, c = (med(wl, w, "copy_s") for w in ("sparsefs+cp", "qsd+cp", "convert"))
         rq, rc = ratio(s, q), ratio(s, c)
-        if wl == "W7":
-            ok, target = (None if rq is None else rq <= 1.0), "<=1.0x qsd"
+        if wl == "W7":  # issue 12: report it
+            ok, target = None, "(info)"
         else:
             ok = None if rq is None or rc is None else rq <= 1.0 and rc <= 2.5
             target = "<=1.0x qsd, <=2.5x convert"

@@ -82,6 +82,8 @@ def copier(tool: str, src: Path, out: Path) -> list[str]:
         return ["cp", "--sparse=always", str(src), str(out)]
     if tool == "cat":
         return ["sh", "-c", f"cat '{src}' > /dev/null"]
+    if tool == "dd128":  # what cp does to a 4 KiB-blksize destination, without seeking
+        return ["dd", f"if={src}", "of=/dev/null", "bs=128k", "status=none"]
     if tool == "rsync":
         return ["rsync", "--sparse", str(src), str(out)]
     raise SystemExit(f"reqcost: unknown tool {tool}")
@@ -205,7 +207,7 @@ def handler_costs(image: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tool", default="cp", choices=("cp", "cat", "rsync"))
+    p.add_argument("--tool", default="cp", choices=("cp", "cat", "rsync", "dd128"))
     p.add_argument("--null", action="store_true", help="serve from the do-nothing nullfs")
     p.add_argument("--direct", action="store_true", help="nullfs opens with direct_io")
     p.add_argument("--qsd", action="store_true", help="measure qemu-storage-daemon's export")
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=8192, help="data extents")
     p.add_argument("--max-len", type=int, default=64, help="max extent length in KiB")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--image", type=Path, help="measure this qcow2 image instead of building one")
     p.add_argument("--sparsefs-opt", action="append", default=[])
     p.add_argument(
         "--work-dir",
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "reqcost", args.virtual_gib * GiB, "scatter", args.count, 64 * KiB, args.max_len * KiB
     )
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    image = bench.build_image(spec, args.work_dir)
+    image = args.image or bench.build_image(spec, args.work_dir)
     if args.handlers:
         handler_costs(image)
         return 0
