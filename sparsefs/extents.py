@@ -12,6 +12,8 @@ computes ``st_blocks`` with :func:`data_size`, and the checksum tool walks
 
 from __future__ import annotations
 
+import bisect
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -122,3 +124,68 @@ def seek_hole(source: SparseSource, offset: int) -> int | None:
 def data_size(source: SparseSource) -> int:
     """Bytes of the stream that hold stored data (what a sparse copy occupies)."""
     return sum(ext.length for ext in source.iter_extents(0) if ext.data)
+
+
+class DataIndex:
+    """The data extents of a source, merged, as one sorted array: seeks without I/O.
+
+    Built by one walk of :meth:`SparseSource.iter_extents` (so it says what
+    :func:`seek_data`, :func:`seek_hole` and :func:`data_size` say, for a
+    source whose content does not change).  ``bounds`` holds
+    ``start0, end0, start1, end1, ...`` (guest offsets in bytes, strictly
+    increasing: touching data extents are merged), 16 bytes per extent.
+
+    Attributes:
+        size: the source's size in bytes.
+        data_bytes: bytes of stored data (``data_size``).
+        nb_extents: data extents after merging.
+    """
+
+    __slots__ = ("_bounds", "data_bytes", "nb_extents", "size")
+
+    def __init__(self, size: int, bounds: array[int]) -> None:
+        self.size = size
+        self._bounds = bounds
+        self.nb_extents = len(bounds) // 2
+        self.data_bytes = sum(bounds[1::2]) - sum(bounds[0::2])
+
+    @classmethod
+    def build(cls, source: SparseSource, max_extents: int | None = None) -> DataIndex | None:
+        """Walk ``source`` once; None when it has more than ``max_extents`` data extents.
+
+        Raises:
+            SparsefsError: what the source's ``iter_extents`` raises.
+        """
+        bounds: array[int] = array("q")
+        for ext in source.iter_extents(0):
+            if not ext.data:
+                continue
+            if bounds and bounds[-1] == ext.guest_offset:
+                bounds[-1] = ext.end
+                continue
+            if max_extents is not None and len(bounds) >= 2 * max_extents:
+                return None
+            bounds.append(ext.guest_offset)
+            bounds.append(ext.end)
+        return cls(source.size, bounds)
+
+    def seek_data(self, offset: int) -> int | None:
+        """As :func:`seek_data`: the first data offset >= ``offset``, or None (ENXIO)."""
+        if offset >= self.size:
+            return None
+        i = bisect.bisect_right(self._bounds, offset)
+        if i & 1:  # inside data extent i // 2
+            return offset
+        return self._bounds[i] if i < len(self._bounds) else None
+
+    def seek_hole(self, offset: int) -> int | None:
+        """As :func:`seek_hole`: the first hole offset >= ``offset``, or None (ENXIO)."""
+        if offset >= self.size:
+            return None
+        i = bisect.bisect_right(self._bounds, offset)
+        return self._bounds[i] if i & 1 else offset
+
+    def is_hole(self, start: int, end: int) -> bool:
+        """True when ``[start, end)`` (non-empty, within the source) holds no data."""
+        i = bisect.bisect_right(self._bounds, start)
+        return not i & 1 and (i == len(self._bounds) or self._bounds[i] >= end)

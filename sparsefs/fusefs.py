@@ -1,11 +1,26 @@
 """The FUSE filesystem: a read-only directory of raw files over SparseSources.
 
 Knows nothing of any image format: each file is a
-:class:`~sparsefs.extents.SparseSource`.  Reads of stored data run in worker
-threads (``os.pread`` and decompression release the GIL); reads that fall
-entirely in a hole are answered from a shared zero buffer on the event loop.
-``lseek(SEEK_DATA/SEEK_HOLE)`` is answered from the source's extent map; it
-needs pyfuse3 built with the lseek handler (tools/pyfuse3-lseek.patch).
+:class:`~sparsefs.extents.SparseSource`.  At mount, one walk of each file's
+extents builds its :class:`~sparsefs.extents.DataIndex` (``st_blocks``, and
+the data extents as one sorted array).  ``lseek(SEEK_DATA/SEEK_HOLE)`` is
+answered from that index by bisection, on the event loop and without I/O (a
+file with too many extents for the index, or not yet surveyed, is answered in
+a worker thread, so a cold metadata read never blocks the loop); it needs
+pyfuse3 built with the lseek handler (tools/pyfuse3-lseek.patch).  Reads that
+fall entirely in a hole are answered from a shared zero buffer, found by the
+index; reads of data in memory (page cache, caches) on the event loop; the
+rest in worker threads (``os.pread`` and decompression release the GIL).
+
+A file that is mostly holes is opened with ``direct_io``: the kernel then
+sends each read(2) as one request of the reader's size (up to 1 MiB) and
+copies the reply straight into the reader's buffer, with no page cache and no
+readahead.  So a full-stream reader (cat, rsync) gets its holes with one copy
+per byte, and a seeking copier (cp) never has the kernel read ahead past a
+data extent into the hole behind it.  A file that is at least half data is
+served through the page cache (``keep_cache``), whose readahead (the mount's)
+turns a copier's small reads of data into large requests.  ``page_cache``
+forces one or the other for all files.
 
 Errors: a :class:`~sparsefs.errors.SparsefsError` from a source becomes EIO
 for that request (logged once per message); the mount keeps serving.
@@ -26,7 +41,7 @@ import pyfuse3
 import trio
 
 from sparsefs.errors import SparsefsError
-from sparsefs.extents import SparseSource, data_size, seek_data, seek_hole
+from sparsefs.extents import DataIndex, SparseSource, data_size, seek_data, seek_hole
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +51,9 @@ _ZEROS = memoryview(bytes(ZERO_BUFFER_SIZE))
 # What st_blksize tells copiers; cp and rsync size their reads by it.
 PREFERRED_IO_SIZE = 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# Data extents a file's index may hold (16 bytes each); a file with more seeks
+# through its source, in a worker thread.
+MAX_INDEX_EXTENTS = 4 * 1024 * 1024
 
 
 # A source's optional ``read_nowait(guest_offset, length)``: the bytes from
@@ -58,6 +76,11 @@ class FileNode:
     mtime_ns: int
     _blocks: int | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    index: DataIndex | None = field(default=None, repr=False)
+
+    def blocks_nowait(self) -> int | None:
+        """``st_blocks`` when already known, else None."""
+        return self._blocks
 
     def blocks(self) -> int:
         """512-byte blocks of stored data (``st_blocks``), computed once."""
@@ -67,18 +90,24 @@ class FileNode:
             return self._blocks
 
     def survey(self) -> tuple[int, int]:
-        """Walk the map once: (data bytes, data extents); sets ``st_blocks`` too.
+        """Walk the map once: (data bytes, data extents); sets ``st_blocks`` and the index.
 
         The data bytes are :func:`~sparsefs.extents.data_size`, summed from
         the same extents, so ``st_blocks`` is what :meth:`blocks` computes.
+        Touching data extents count as one.
         """
-        data = extents = 0
-        for ext in self.source.iter_extents(0):
-            if ext.data:
-                data += ext.length
-                extents += 1
+        index = DataIndex.build(self.source, MAX_INDEX_EXTENTS)
+        if index is None:  # too many extents to keep: count them only
+            data = extents = 0
+            for ext in self.source.iter_extents(0):
+                if ext.data:
+                    data += ext.length
+                    extents += 1
+        else:
+            data, extents = index.data_bytes, index.nb_extents
         with self._lock:
             self._blocks = (data + 511) // 512
+            self.index = index
         return data, extents
 
 
@@ -92,6 +121,10 @@ class SparseFS(pyfuse3.Operations):
         max_threads: reads served at once in worker threads.
         after_init: called on the event loop once FUSE_INIT is answered
             (the mount then has its kernel parameters, e.g. its readahead).
+        page_cache: True serves every file through the page cache
+            (``keep_cache``), False none (``direct_io``: no page cache, no
+            readahead); None (default) the files that are at least half
+            data (known after :meth:`precompute`; before, none).
     """
 
     def __init__(
@@ -103,8 +136,10 @@ class SparseFS(pyfuse3.Operations):
         mtime_ns: dict[str, int] | None = None,
         max_threads: int = 8,
         after_init: Callable[[], None] | None = None,
+        page_cache: bool | None = None,
     ) -> None:
         super().__init__()
+        self._page_cache = page_cache
         self._after_init = after_init
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
@@ -157,6 +192,10 @@ class SparseFS(pyfuse3.Operations):
             self.data_bytes += data
             self.data_extents += extents
 
+    def inodes(self) -> list[int]:
+        """The inodes of the files."""
+        return list(self._nodes)
+
     def mean_data_extent(self) -> int | None:
         """Mean length in bytes of the data extents of all files (after :meth:`precompute`).
 
@@ -204,7 +243,12 @@ class SparseFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return self._dir_attr()
-        node = self._node(inode)
+        return await self._file_attr_async(self._node(inode))
+
+    async def _file_attr_async(self, node: FileNode) -> pyfuse3.EntryAttributes:
+        """:meth:`_file_attr`, in a worker thread unless ``st_blocks`` is known."""
+        if node.blocks_nowait() is not None:
+            return self._file_attr(node)
         return await trio.to_thread.run_sync(self._file_attr, node, limiter=self._limiter)
 
     async def lookup(
@@ -220,7 +264,7 @@ class SparseFS(pyfuse3.Operations):
         node = self._by_name.get(bytes(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await trio.to_thread.run_sync(self._file_attr, node, limiter=self._limiter)
+        return await self._file_attr_async(node)
 
     # -- directory ------------------------------------------------------------------
 
@@ -238,7 +282,7 @@ class SparseFS(pyfuse3.Operations):
         for node in nodes:
             if node.inode <= start_id:
                 continue
-            attr = await trio.to_thread.run_sync(self._file_attr, node, limiter=self._limiter)
+            attr = await self._file_attr_async(node)
             if not pyfuse3.readdir_reply(token, os.fsencode(node.name), attr, node.inode):
                 break
 
@@ -256,8 +300,17 @@ class SparseFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         # The fh is the inode: files are immutable, no per-open state is needed.
+        if not self.uses_page_cache(inode):
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
         # keep_cache: the content never changes while mounted.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    def uses_page_cache(self, inode: int) -> bool:
+        """True when the file is served through the page cache, False for ``direct_io``."""
+        if self._page_cache is not None:
+            return self._page_cache
+        index = self._node(inode).index
+        return index is not None and index.data_bytes * 2 >= index.size > 0
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._node(fh)
@@ -266,6 +319,10 @@ class SparseFS(pyfuse3.Operations):
         if off >= end:
             return b""
         length = end - off
+        index = node.index
+        if index is not None and length <= ZERO_BUFFER_SIZE and index.is_hole(off, end):
+            self.bytes_served += length
+            return _ZEROS[:length]  # type: ignore[return-value]  # any buffer does for pyfuse3
         try:
             # From memory on the event loop when the source can (page cache,
             # caches, holes): a thread hop costs more than the copy.  Else a thread.
@@ -273,7 +330,12 @@ class SparseFS(pyfuse3.Operations):
             data: bytes | bytearray | memoryview | None = (
                 read_nowait(off, length) if read_nowait is not None else None
             )
-            if data is None and read_nowait is None and length <= ZERO_BUFFER_SIZE:
+            if (
+                data is None
+                and read_nowait is None
+                and index is None
+                and length <= ZERO_BUFFER_SIZE
+            ):
                 first = next(source.iter_extents(off), None)
                 if first is not None and not first.data and first.end >= end:
                     data = _ZEROS[:length]
@@ -294,16 +356,20 @@ class SparseFS(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT, offset: int, whence: int
     ) -> int:
         node = self._node(fh)
-        if whence == os.SEEK_DATA:
-            func = seek_data
-        elif whence == os.SEEK_HOLE:
-            func = seek_hole
-        else:
+        if whence != os.SEEK_DATA and whence != os.SEEK_HOLE:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if offset < 0:
             raise pyfuse3.FUSEError(errno.ENXIO)
+        index = node.index
+        if index is not None:  # from memory: no I/O, no thread
+            result = index.seek_data(offset) if whence == os.SEEK_DATA else index.seek_hole(offset)
+            if result is None:
+                raise pyfuse3.FUSEError(errno.ENXIO)
+            return result
+        func = seek_data if whence == os.SEEK_DATA else seek_hole
         try:
-            result = func(node.source, offset)
+            # The walk may read metadata from disk: never on the event loop.
+            result = await trio.to_thread.run_sync(func, node.source, offset, limiter=self._limiter)
         except SparsefsError as exc:
             self._log_once(exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -40,7 +40,7 @@ log = logging.getLogger("sparsefs")
 
 INSTALL_HINT = (
     "the installed pyfuse3 has no lseek handler, so holes cannot be reported; "
-    "install the patched build with tools/setup (pyfuse3 3.5.0+sparsefs.lseek1)"
+    "install the patched build with tools/setup (pyfuse3 3.5.0+sparsefs.lseek1.fast1)"
 )
 
 # Options mount(8) and fstab pass that mean nothing here (or are implied).
@@ -226,32 +226,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# The kernel readahead of a FUSE mount starts at 128 KiB, and a read request
-# is as large as the readahead window (cp asks for sequential access, which
-# doubles it), up to 1 MiB, the largest libfuse takes.  Larger requests mean
-# fewer of them, and each costs Python time: rsync, which reads the holes
-# too, used half the daemon CPU with 1024 KiB (16 GiB file).  But the kernel
-# also reads ahead past the end of every data extent into the hole after it,
-# and through FUSE every byte of that is copied into the page cache: cp of an
-# image of 512 KiB extents took three times as long with 1024 KiB, and of
-# 2 MiB extents 1.3 times.  So the readahead is the largest power of two up
-# to 1024 KiB that keeps that waste (up to two windows per extent) within a
-# quarter of the data: a mean extent of 8 times the readahead.
-READAHEAD_DEFAULT_KIB = 128
-READAHEAD_MAX_KIB = 1024
-
-
-def auto_readahead_kib(mean_data_extent: int | None) -> int | None:
-    """The readahead in KiB for a mount whose data extents have this mean length.
-
-    None keeps the kernel's default (128 KiB), which is also the floor.
-    """
-    if mean_data_extent is None:
-        return None
-    kib = READAHEAD_MAX_KIB
-    while kib > READAHEAD_DEFAULT_KIB and kib * 1024 * 8 > mean_data_extent:
-        kib //= 2
-    return kib if kib > READAHEAD_DEFAULT_KIB else None
+# A file that is mostly holes is opened with direct_io: every read(2) reaches
+# the daemon as one request of the reader's size (up to 1 MiB), copied straight
+# into the reader's buffer.  Full-stream readers (cat, rsync) read holes with
+# one copy per byte and no page cache churn; seeking copiers (cp) read exactly
+# their data extents, never ahead into the hole behind one.  But cp reads 128
+# KiB at a time (its buffer follows the destination's st_blksize), and direct
+# requests that small cost the daemon twice the CPU per byte of data that
+# page-cache requests enlarged by readahead do.  So a file that is at least
+# half data goes through the page cache, with this readahead (root only).
+# An explicit --readahead serves every file through the page cache.
+AUTO_READAHEAD_KIB = 1024
 
 
 def mount_device(mountpoint: str) -> str | None:
@@ -305,9 +290,11 @@ def serve(
     ``max_threads`` bounds the reads served at once in worker threads (those
     not in memory); ``max_tasks`` bounds the FUSE requests handled at once
     (pyfuse3 worker tasks; 1 answers one request at a time, with the least
-    overhead per request); ``readahead_kib`` sets the kernel readahead of
-    the mount when permitted (root); None sizes it by the data extents (see
-    :func:`auto_readahead_kib`).
+    overhead per request); ``readahead_kib`` serves every file through the
+    page cache with that kernel readahead (set when permitted: root); None
+    serves the files that are at least half data through the page cache
+    (readahead :data:`AUTO_READAHEAD_KIB`) and the others with ``direct_io``
+    (no page cache, no readahead).
     """
     import pyfuse3
     import trio
@@ -324,11 +311,15 @@ def serve(
             set_readahead(real_mountpoint, readahead[0])
 
     ops = SparseFS(
-        files.files, mtime_ns=files.mtime_ns, max_threads=max_threads, after_init=after_init
+        files.files,
+        mtime_ns=files.mtime_ns,
+        max_threads=max_threads,
+        after_init=after_init,
+        page_cache=None if readahead_kib is None else True,
     )
     ops.precompute()
-    if readahead_kib is None:
-        readahead[0] = auto_readahead_kib(ops.mean_data_extent())
+    if readahead_kib is None and any(ops.uses_page_cache(inode) for inode in ops.inodes()):
+        readahead[0] = AUTO_READAHEAD_KIB
     first = getattr(files.images[0], "path", "sparsefs") if len(files.images) == 1 else None
     fsname = first.replace(",", "_") if first is not None else "sparsefs"
     try:
@@ -594,10 +585,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="FUSE requests handled at once (default "
                    f"{DEFAULT_MAX_TASKS}); 1 costs the least per request")
     p.add_argument("--readahead", type=_positive_int, metavar="KIB",
-                   help="kernel readahead of the mount in KiB (root only). Default: an "
-                   "eighth of the mean data extent, from 128 (the kernel's) to 1024. Larger "
-                   "means fewer, larger requests (rsync reads the holes too), but the kernel "
-                   "also reads past every data extent into the hole after it")
+                   help="serve every file through the kernel page cache with this "
+                   f"readahead in KiB (set only as root). Default: files that are at least "
+                   f"half data through the page cache ({AUTO_READAHEAD_KIB} KiB readahead), "
+                   "the others without (direct I/O): every read reaches the daemon at the "
+                   "reader's size, up to 1 MiB, and the kernel never reads ahead past a data "
+                   "extent into the hole after it")
     p.add_argument("--log-file", metavar="FILE",
                    help="where the daemon logs (default: syslog)")
     add_open_options(p)
