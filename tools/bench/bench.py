@@ -36,6 +36,11 @@ Workloads (full size; ``--quick`` shrinks them):
         loop-mounted, a third of its files deleted, half of /usr copied in
         again, fstrim'ed, converted to qcow2 (see :func:`build_aged_ext4`;
         needs root and loop devices; built once, in a few minutes)
+    P1  W1's extents in a 16 GiB ``preallocation=metadata`` image (issue 10): every
+        cluster mapped, the unwritten ones over holes of the image file
+    P2  the same with ``preallocation=falloc`` (unwritten extents)
+    V1  W1's data as a monolithicSparse VMDK (``qemu-img convert -O vmdk``)
+    X1  W1's data as a dynamic VHDX with 1 MiB blocks
 
 Every output is checked once (first round) against the warm-up convert: the
 byte ranges where either file stores data must be equal, which is the whole
@@ -99,6 +104,9 @@ class ImageSpec:
     min_len: int = CLUSTER
     max_len: int = CLUSTER
     seed: int = 20260509
+    preallocation: str = "off"  # qemu-img create -o preallocation=...
+    fmt: str = "qcow2"  # other formats: the qcow2 image converted with fmt_options
+    fmt_options: str = ""
 
     @property
     def file_name(self) -> str:
@@ -107,8 +115,11 @@ class ImageSpec:
             shape = "full"
         else:
             shape = f"{self.count}x{self.min_len // KiB}-{self.max_len // KiB}k"
+        prealloc = "" if self.preallocation == "off" else f"-p{self.preallocation}"
+        opts = f"-{self.fmt_options.replace('=', '').replace(',', '-')}" if self.fmt_options else ""
         return (
-            f"{self.label}-v{BUILD_VERSION}-{self.virtual_size // MiB}m-{shape}-s{self.seed}.qcow2"
+            f"{self.label}-v{BUILD_VERSION}-{self.virtual_size // MiB}m-{shape}-s{self.seed}"
+            f"{prealloc}{opts}.{self.fmt}"
         )
 
     def extents(self) -> list[tuple[int, int]]:
@@ -138,16 +149,30 @@ class ImageSpec:
         return sum(length for _, length in self.extents())
 
 
+def image_format(image: Path) -> str:
+    """qemu's format name of a benchmark image, from its suffix."""
+    return {".vmdk": "vmdk", ".vhdx": "vhdx"}.get(image.suffix, "qcow2")
+
+
 def build_image(spec: ImageSpec, work_dir: Path) -> Path:
     """Create the image with qemu-img/qemu-io unless it is cached; return its path."""
     path = work_dir / spec.file_name
     if path.exists():
         return path
+    if spec.fmt != "qcow2":
+        source = build_image(dataclasses.replace(spec, fmt="qcow2", fmt_options=""), work_dir)
+        tmp = path.with_suffix(".partial")
+        log(f"converting {source.name} to {spec.fmt} {spec.fmt_options} ...")
+        opts = ["-o", spec.fmt_options] if spec.fmt_options else []
+        run(["qemu-img", "convert", "-f", "qcow2", "-O", spec.fmt, *opts, str(source), str(tmp)])
+        os.rename(tmp, path)
+        return path
     tmp = path.with_suffix(".partial")
     tmp.unlink(missing_ok=True)
     log(f"building {path.name} ({human(spec.data_bytes())} of data) ...")
     t0 = time.perf_counter()
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(spec.virtual_size)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"preallocation={spec.preallocation}",
+         str(tmp), str(spec.virtual_size)])
     rng = random.Random(spec.seed ^ 0x5EED)
     lines = []
     for off, length in spec.extents():
@@ -310,6 +335,10 @@ def workloads(quick: bool) -> dict[str, Workload]:
         w4 = ImageSpec("w4", 4 * GiB, "full")
         aged = AGED_EXT4
     cp3 = ("sparsefs+cp", "qsd+cp", "convert")
+    v1 = dataclasses.replace(w1, fmt="vmdk")
+    x1 = dataclasses.replace(w1, fmt="vhdx", fmt_options="block_size=1M")
+    p1 = dataclasses.replace(w1, label=f"{w1.label}p", preallocation="metadata")
+    p2 = dataclasses.replace(w1, label=f"{w1.label}p", preallocation="falloc")
     return {
         "W1": Workload("W1", "everyday disk, cp", w1, cp3),
         "W2": Workload("W2", "64 KiB fragments, cp", w2, cp3),
@@ -318,7 +347,16 @@ def workloads(quick: bool) -> dict[str, Workload]:
         "W5": Workload("W5", "rsync --sparse of W1", w1, ("sparsefs+rsync", "qsd+rsync")),
         "W6": Workload("W6", "cat of W1 to /dev/null", w1, ("sparsefs+cat", "qsd+cat")),
         "W7": Workload("W7", "aged ext4 filesystem, cp", aged, cp3),
+        "P1": Workload("P1", "W1's data, preallocation=metadata, cp", p1, cp3),
+        "P2": Workload("P2", "W1's data, preallocation=falloc, cp", p2, cp3),
+        "V1": Workload("V1", "W1 as a monolithicSparse VMDK, cp", v1, cp3),
+        "X1": Workload("X1", "W1 as a dynamic VHDX (1 MiB blocks), cp", x1, cp3),
     }
+
+
+def preallocated_spec(name: str) -> ImageSpec:
+    """The image of workload P1 or P2 (for tools/bench/backup_bench.py)."""
+    return workloads(False)[name].image  # type: ignore[return-value]
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -521,8 +559,7 @@ def sparsefs_mount(image: Path, base: Path, extra: Sequence[str]) -> Iterator[Mo
         run(cmd, cwd=REPO)
         ready = time.perf_counter() - t0
         pid = daemon_pid(mp)
-        stem = image.name[: -len(".qcow2")] if image.name.endswith(".qcow2") else image.name
-        yield Mounted(mp / f"{stem}.raw", pid, ready)
+        yield Mounted(mp / f"{image.stem}.raw", pid, ready)
     finally:
         if is_mounted(mp):
             subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
@@ -541,7 +578,7 @@ def qsd_mount(image: Path, base: Path) -> Iterator[Mounted]:
     cmd = [
         "qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
         "--blockdev", f"driver=file,node-name=f,filename={image},read-only=on",
-        "--blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
+        "--blockdev", f"driver={image_format(image)},node-name=q,file=f,read-only=on",
         "--export", f"type=fuse,id=e,node-name=q,mountpoint={export}",
     ]  # fmt: skip
     pid = None
@@ -605,7 +642,8 @@ class Bench:
                 samples.add(
                     "copy_s",
                     timed(
-                        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(out)]
+                        ["qemu-img", "convert", "-f", image_format(image), "-O", "raw", str(image),
+                         str(out)]
                     ),
                 )
                 self.check(wl.name, who, out, ref, rnd == 0)
@@ -666,7 +704,7 @@ class Bench:
             f"warm-up convert (also the reference copy)"
         )
         ref = self.out_path(f"{wl.name}-reference.raw")
-        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(ref)])
+        run(["qemu-img", "convert", "-f", image_format(image), "-O", "raw", str(image), str(ref)])
         try:
             order = list(wl.contenders)
             for rnd in range(self.args.rounds):
@@ -826,6 +864,37 @@ def rows(bench: Bench) -> list[Row]:
         )
     if "W7" in res:
         cp_row("W7")
+    for wl in ("V1", "X1"):
+        if wl not in res:
+            continue
+        s, q, c = (med(wl, w, "copy_s") for w in ("sparsefs+cp", "qsd+cp", "convert"))
+        rp = ratio(s, med("W1", "sparsefs+cp", "copy_s"))
+        out.append(
+            Row(
+                wl,
+                "cp wall s",
+                {"sparsefs": s, "qsd": q, "convert": c},
+                {"/qsd": ratio(s, q), "/convert": ratio(s, c)},
+                f"<=1.2x W1 sparsefs ({fmt(rp, 2)}x)",
+                None if rp is None else rp <= 1.2,
+            )
+        )
+    for wl in ("P1", "P2"):
+        if wl not in res:
+            continue
+        s, q, c = (med(wl, w, "copy_s") for w in ("sparsefs+cp", "qsd+cp", "convert"))
+        plain = med("W1", "sparsefs+cp", "copy_s")
+        rq, rp = ratio(s, q), ratio(s, plain)
+        out.append(
+            Row(
+                wl,
+                "cp wall s",
+                {"sparsefs": s, "qsd": q, "convert": c},
+                {"/qsd": rq, "/convert": ratio(s, c)},
+                "<=0.1x qsd, <=1.5x W1 sparsefs",
+                None if rq is None or rp is None else rq <= 0.1 and rp <= 1.5,
+            )
+        )
     return out
 
 
@@ -917,8 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds per workload (default 5, 3 with --quick)")
     p.add_argument(
         "--workloads",
-        default="W1,W2,W3,W4,W5,W6,W7",
-        help="comma-separated subset of W1..W7 (default: all)",
+        default="W1,W2,W3,W4,W5,W6,W7,P1,P2,V1,X1",
+        help="comma-separated subset of W1..W7, P1, P2, V1, X1 (default: all; the targets "
+        "of P1/P2/V1/X1 compare with W1, so run W1 with them)",
     )
     p.add_argument("--quick", action="store_true", help="small images: a smoke run")
     p.add_argument(
@@ -960,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     all_wl = workloads(args.quick)
     unknown = [w for w in wanted if w not in all_wl]
     if unknown:
-        raise SystemExit(f"bench: unknown workloads {', '.join(unknown)} (W1..W7)")
+        raise SystemExit(f"bench: unknown workloads {', '.join(unknown)} (W1..W7, P1, P2, V1, X1)")
     preflight()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     with (
