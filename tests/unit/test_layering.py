@@ -20,6 +20,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.checksum": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio",
                           "struct"),
     "sparsefs.progress": ("sparsefs.", "pyfuse3", "trio"),
+    "sparsefs.qmp": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "sparsefs.raw",
+                     "sparsefs.checksum", "pyfuse3", "trio"),
     "sparsefs.locking": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio"),
 }
 
