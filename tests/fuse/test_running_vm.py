@@ -9,16 +9,28 @@ the base without --force-share, block-commit + job-complete (pivot back).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import KiB, MiB, files_equal, make_image, qemu_raw, run, sparsefs
+from support import (
+    REPO,
+    KiB,
+    MiB,
+    files_equal,
+    make_image,
+    one_line_error,
+    qemu_raw,
+    run,
+    sparsefs,
+)
 
 from sparsefs.qmp import QMPClient, QMPError
 
@@ -27,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SIZE = 32 * MiB
+BLOCK = 64 * KiB
 
 
 class VM:
@@ -68,28 +81,50 @@ class VM:
 
 
 class Writer(threading.Thread):
-    """Keeps writing 64 KiB patterns at random offsets through the NBD export."""
+    """Keeps writing 64 KiB patterns at random offsets through the NBD export.
+
+    ``log`` holds every write in the order issued, as (offset, pattern byte).
+    """
 
     def __init__(self, uri: str) -> None:
         super().__init__(daemon=True)
         self.uri = uri
         self.rounds = 0
         self.error: str | None = None
+        self.log: list[tuple[int, int]] = []
         self._halt = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._idle = threading.Event()
         self._rng = random.Random(7)
 
     def run(self) -> None:
         while not self._halt.is_set():
+            if not self._running.is_set():
+                self._idle.set()
+                self._running.wait(0.1)
+                continue
+            self._idle.clear()
             cmds: list[str] = []
             for _ in range(8):
-                offset = self._rng.randrange(0, SIZE // (64 * KiB)) * 64 * KiB
-                cmds += ["-c", f"write -q -P {self._rng.randrange(1, 255)} {offset} 64k"]
+                offset = self._rng.randrange(0, SIZE // BLOCK) * BLOCK
+                pattern = self._rng.randrange(1, 255)
+                self.log.append((offset, pattern))
+                cmds += ["-c", f"write -q -P {pattern} {offset} {BLOCK}"]
             proc = subprocess.run(["qemu-io", "-f", "raw", *cmds, self.uri],
                                   capture_output=True, text=True)
             if proc.returncode != 0 or proc.stdout.strip() or proc.stderr.strip():
                 self.error = proc.stdout + proc.stderr
                 return
             self.rounds += 1
+
+    def pause(self) -> None:
+        self._running.clear()
+        assert self._idle.wait(30), "writer did not pause"
+
+    def resume(self) -> None:
+        self.log.clear()
+        self._running.set()
 
     def wait_rounds(self, more: int) -> None:
         target = self.rounds + more
@@ -106,10 +141,35 @@ class Writer(threading.Thread):
         assert self.error is None, self.error
 
 
-@pytest.fixture
-def vm(tmp_path: Path) -> Iterator[tuple[Path, VM, Writer]]:
-    image = make_image(tmp_path / "vm.qcow2", SIZE, seed=91, writes=10, max_len=MiB)
-    machine = VM(image, tmp_path)
+def consistent_prefix(start: bytes, log: list[tuple[int, int]], got: bytes) -> list[int]:
+    """Every k such that ``got`` equals ``start`` with the first k writes of ``log`` applied."""
+    n = len(log)
+    allowed = [True] * (n + 1)
+    blocks: dict[int, list[int]] = {}
+    for index, (offset, _) in enumerate(log):
+        blocks.setdefault(offset, []).append(index)
+    for offset in range(0, len(start), BLOCK):
+        mine = got[offset:offset + BLOCK]
+        writes = blocks.get(offset, [])
+        # Version v of the block holds for k in [end of write v, start of write v+1].
+        ok = [False] * (n + 1)
+        bounds = [-1, *writes, n]
+        for v in range(len(writes) + 1):
+            if v == 0:
+                value = start[offset:offset + BLOCK]
+            else:
+                value = bytes([log[writes[v - 1]][1]]) * BLOCK
+            if mine == value:
+                for k in range(bounds[v] + 1, bounds[v + 1] + 1):
+                    ok[k] = True
+        allowed = [a and b for a, b in zip(allowed, ok, strict=True)]
+    return [k for k, a in enumerate(allowed) if a]
+
+
+@contextlib.contextmanager
+def running(image: Path, workdir: Path) -> Iterator[tuple[Path, VM, Writer]]:
+    """The VM on ``image`` with the writer writing; both stopped afterwards."""
+    machine = VM(image, workdir)
     writer = Writer(machine.nbd_uri)
     writer.start()
     try:
@@ -117,6 +177,13 @@ def vm(tmp_path: Path) -> Iterator[tuple[Path, VM, Writer]]:
     finally:
         writer.stop()
         machine.stop()
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[tuple[Path, VM, Writer]]:
+    image = make_image(tmp_path / "vm.qcow2", SIZE, seed=91, writes=10, max_len=MiB)
+    with running(image, tmp_path) as parts:
+        yield parts
 
 
 def test_snapshot_backup_commit_while_writing(
@@ -140,7 +207,7 @@ def test_snapshot_backup_commit_while_writing(
 
         # Commit while sparsefs has the base mounted: QEMU is refused, sparsefs unharmed.
         mp = mount(image)
-        with pytest.raises(QMPError, match="lock") as refused:
+        with pytest.raises(QMPError, match="lock"):
             qmp.commit("top", "commit0", timeout=30)
         assert files_equal(mp / "vm.raw", at_snapshot)
         sparsefs("umount", str(mp), check=True)
@@ -160,3 +227,104 @@ def test_snapshot_backup_commit_while_writing(
     committed = qemu_raw(image, tmp_path / "committed.raw", fmt="qcow2")
     assert files_equal(committed, tmp_path / "final.raw")
     assert not files_equal(committed, at_snapshot)
+
+
+LIVE = [sys.executable, "-m", "sparsefs.cli.live"]
+
+
+def test_backup_qmp_snapshots_backs_up_and_commits(
+    vm: tuple[Path, VM, Writer], tmp_path: Path
+) -> None:
+    image, machine, writer = vm
+    writer.wait_rounds(2)
+    writer.pause()
+    start = run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri,
+                 str(tmp_path / "start.raw")])
+    assert start.returncode == 0
+    writer.resume()
+    writer.wait_rounds(1)
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                           str(image), str(dest)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    writer.wait_rounds(2)
+    log = list(writer.log)
+    # The copy is the disk at one instant: the start plus a prefix of the writes since.
+    got = (dest / "vm.raw").read_bytes()
+    prefixes = consistent_prefix((tmp_path / "start.raw").read_bytes(), log, got)
+    assert prefixes, "the backup is not the disk at any one instant"
+    assert prefixes[0] > 0, "the backup should hold some of the writes made before it"
+    assert prefixes[-1] < len(log), "writes after the snapshot must not be in the backup"
+    # Committed back and pivoted: no overlay node, no overlay file, the VM writes to the base.
+    with QMPClient(str(machine.qmp_sock)) as qmp:
+        names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
+        assert not [n for n in names if n.startswith("sparsefs-overlay")], names
+        assert qmp.execute("query-jobs") == []
+    assert not list(image.parent.glob(".vm.qcow2.sparsefs-overlay-*"))
+    writer.stop()
+    final = tmp_path / "final.raw"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri, str(final)])
+    machine.stop()
+    assert files_equal(qemu_raw(image, tmp_path / "committed.raw", fmt="qcow2"), final)
+
+
+def test_backup_qmp_commits_even_when_the_backup_fails(
+    vm: tuple[Path, VM, Writer], tmp_path: Path
+) -> None:
+    image, machine, writer = vm
+    writer.wait_rounds(1)
+    missing = tmp_path / "no-such-dir"
+    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                           str(image), str(missing)], capture_output=True, text=True, cwd=REPO)
+    one_line_error(proc, "destination directory does not exist")
+    # A failure inside the snapshot window (the bitmap is missing) still commits.
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                           "--since", "nope", str(image), str(dest)],
+                          capture_output=True, text=True, cwd=REPO)
+    one_line_error(proc, "no bitmap named 'nope'")
+    with QMPClient(str(machine.qmp_sock)) as qmp:
+        names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
+    assert not [n for n in names if n.startswith("sparsefs-overlay")], names
+    assert not list(image.parent.glob(".vm.qcow2.sparsefs-overlay-*"))
+    # A node that is not this image: refused before any snapshot.
+    other = make_image(tmp_path / "other.qcow2", SIZE, seed=92, writes=1)
+    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                           str(other), str(dest)], capture_output=True, text=True, cwd=REPO)
+    one_line_error(proc, "not this image")
+    # A protocol node over the image file: refused before any snapshot.
+    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "f",
+                           str(image), str(dest)], capture_output=True, text=True, cwd=REPO)
+    one_line_error(proc, "not the qcow2 format node")
+    writer.wait_rounds(1)
+
+
+def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
+    """--qmp with --since: QEMU stores the bitmap when the base turns read-only."""
+    image = make_image(tmp_path / "vm.qcow2", SIZE, seed=93, writes=10, max_len=MiB)
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    copy = qemu_raw(image, dest / "vm.raw")
+    (dest / "SPARSEFS-SUMS").write_text(
+        run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"],
+            cwd=dest).stdout)
+    run(["qemu-img", "bitmap", "--add", str(image), "nightly"])
+    with running(image, tmp_path) as (_, machine, writer):
+        writer.wait_rounds(2)
+        writer.pause()
+        run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri,
+             str(tmp_path / "start.raw")])
+        writer.resume()
+        writer.wait_rounds(1)
+        proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                               "--since", "nightly", "--json", str(image), str(dest)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        writer.wait_rounds(1)
+        log = list(writer.log)
+    got = copy.read_bytes()
+    prefixes = consistent_prefix((tmp_path / "start.raw").read_bytes(), log, got)
+    assert prefixes, "the incremental copy is not the disk at any one instant"
+    run([sys.executable, "-m", "sparsefs", "checksum", "--check", "SPARSEFS-SUMS"], cwd=dest)

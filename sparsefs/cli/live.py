@@ -1,0 +1,171 @@
+"""``sparsefs backup --qmp SOCKET --node NODE``: back up the disk of a running VM safely.
+
+The flow (README "Backing up a running VM"): over QEMU's monitor, put an
+external snapshot overlay on top of NODE (``blockdev-snapshot-sync``), so the
+VM writes to the overlay and the image file under NODE stops changing; back
+it up like any image (no --force-share needed: QEMU now only reads it); then
+commit the overlay back and pivot (``block-commit`` + ``job-complete``) and
+delete the overlay file.  The commit is always attempted, after a failed
+backup, after Ctrl-C and after SIGTERM too; Ctrl-C during the commit itself
+is ignored.  The monitor connection is held only for the snapshot and the
+commit (a monitor serves one client at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from types import FrameType
+
+from sparsefs.errors import SparsefsError
+from sparsefs.qmp import QMPClient, QMPError
+
+COMMIT_TIMEOUT = 3600.0
+
+
+def _node_file(qmp: QMPClient, node: str) -> str:
+    """The qcow2 image file QEMU has open under format node ``node``.
+
+    Raises:
+        QMPError: no such node, or it is not a qcow2 format node (a protocol
+            node such as ``file`` names the same file but must not be snapshotted).
+    """
+    for entry in qmp.execute("query-named-block-nodes"):
+        if entry.get("node-name") == node:
+            if entry.get("drv") != "qcow2":
+                raise QMPError(
+                    f"{qmp.path}: QEMU's node {node!r} is a {entry.get('drv')!r} node, not the "
+                    "qcow2 format node of the image"
+                )
+            return str(entry.get("file", ""))
+    raise QMPError(f"{qmp.path}: QEMU has no block node named {node!r}")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def snapshot_for_backup(socket_path: str, node: str, image_path: str) -> Iterator[str]:
+    """Freeze ``image_path`` (the image under ``node``) for the ``with`` body; yield the overlay.
+
+    Raises:
+        QMPError: the monitor is unreachable, ``node`` is not ``image_path``,
+            QEMU refused the snapshot, or the commit failed (the message says
+            which overlay the VM still runs on).
+    """
+    overlay = os.path.join(
+        os.path.dirname(os.path.abspath(image_path)),
+        f".{os.path.basename(image_path)}.sparsefs-overlay-{os.getpid()}.qcow2",
+    )
+    overlay_node = f"sparsefs-overlay-{os.getpid()}"
+    with QMPClient(socket_path) as qmp:
+        current = _node_file(qmp, node)
+        if os.path.realpath(current) != os.path.realpath(image_path):
+            raise QMPError(
+                f"{image_path}: QEMU's node {node!r} is {current!r}, not this image"
+            )
+        if os.path.exists(overlay):
+            raise SparsefsError(f"{overlay}: exists already (left by another run?)")
+        qmp.snapshot(node, overlay, overlay_node)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield overlay
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _commit(socket_path, overlay_node, overlay)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _commit(socket_path: str, overlay_node: str, overlay: str) -> None:
+    try:
+        with QMPClient(socket_path) as qmp:
+            qmp.commit(overlay_node, f"sparsefs-commit-{os.getpid()}", timeout=COMMIT_TIMEOUT)
+    except QMPError as exc:
+        raise QMPError(
+            f"{exc}; the VM still writes to the overlay {overlay}: commit it with "
+            f"block-commit (device {overlay_node!r}) or 'virsh blockcommit --active --pivot'"
+        ) from None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(overlay)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--qmp`` and ``--node`` options of ``backup``."""
+    parser.add_argument(
+        "--qmp", metavar="SOCKET",
+        help="the image belongs to a running VM whose QMP monitor listens on SOCKET: take an "
+        "external snapshot of --node, back up the frozen image, then always commit the "
+        "overlay back and pivot (README 'Backing up a running VM')",
+    )
+    parser.add_argument("--node", metavar="NODE",
+                        help="with --qmp: the block node (node-name) of the image")
+
+
+def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]) -> int:
+    """Run ``backup`` with ``--since`` and ``--qmp`` applied; ``full`` is the plain backup.
+
+    Raises:
+        SparsefsError: bad option combination, or what the run raises.
+    """
+    from sparsefs.cli import incremental
+    from sparsefs.cli.common import open_options
+
+    *images, dest = args.paths
+
+    def inner(ns: argparse.Namespace) -> int:
+        if getattr(ns, "since", None):
+            return incremental.run_since(images, dest, ns.since, open_options(ns),
+                                         quiet=ns.quiet, as_json=ns.json)
+        return full(ns)
+
+    if not getattr(args, "qmp", None):
+        if getattr(args, "node", None):
+            raise SparsefsError("--node needs --qmp")
+        return inner(args)
+    if not args.node:
+        raise SparsefsError("--qmp needs --node NODE (the block node of the image)")
+    if len(images) != 1:
+        raise SparsefsError("--qmp backs up exactly one image (the one under --node)")
+    if getattr(args, "snapshots", False):
+        raise SparsefsError("--qmp cannot be combined with --snapshots")
+    with snapshot_for_backup(args.qmp, args.node, images[0]):
+        return inner(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry until ``backup`` takes these options: ``python -m sparsefs.cli.live``.
+
+    Takes ``backup``'s arguments plus ``--qmp``, ``--node`` and ``--since``.
+    """
+    import sys
+
+    from sparsefs.cli import backup, incremental
+    from sparsefs.cli.common import fail_message
+
+    top = argparse.ArgumentParser(prog="sparsefs")
+    sub = top.add_subparsers(dest="command")
+    backup.add_parser(sub)
+    parser = sub.choices["backup"]
+    add_arguments(parser)
+    incremental.add_arguments(parser)
+    args = top.parse_args(["backup", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return dispatch(args, backup.cmd_backup)
+    except (SparsefsError, OSError) as exc:
+        print(fail_message(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparsefs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
