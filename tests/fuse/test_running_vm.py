@@ -10,6 +10,7 @@ the base without --force-share, block-commit + job-complete (pivot back).
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shutil
 import subprocess
@@ -92,6 +93,7 @@ class Writer(threading.Thread):
         self.rounds = 0
         self.error: str | None = None
         self.log: list[tuple[int, int]] = []
+        self.total = 0  # writes issued since the start (the log is cleared on resume)
         self._halt = threading.Event()
         self._running = threading.Event()
         self._running.set()
@@ -110,6 +112,7 @@ class Writer(threading.Thread):
                 offset = self._rng.randrange(0, SIZE // BLOCK) * BLOCK
                 pattern = self._rng.randrange(1, 255)
                 self.log.append((offset, pattern))
+                self.total += 1
                 cmds += ["-c", f"write -q -P {pattern} {offset} {BLOCK}"]
             proc = subprocess.run(["qemu-io", "-f", "raw", *cmds, self.uri],
                                   capture_output=True, text=True)
@@ -302,7 +305,8 @@ def test_backup_qmp_commits_even_when_the_backup_fails(
 
 
 def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
-    """--qmp with --since: QEMU stores the bitmap when the base turns read-only."""
+    """--qmp with --since, two nights: QEMU stores the bitmap when the base turns read-only,
+    and sparsefs rotates it over QMP so that the window's writes reach the next run."""
     image = make_image(tmp_path / "vm.qcow2", SIZE, seed=93, writes=10, max_len=MiB)
     dest = tmp_path / "backup"
     dest.mkdir()
@@ -311,20 +315,34 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
         run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"],
             cwd=dest).stdout)
     run(["qemu-img", "bitmap", "--add", str(image), "nightly"])
+    snapshot_at = 0  # writes issued before the last snapshot, at least
     with running(image, tmp_path) as (_, machine, writer):
-        writer.wait_rounds(2)
-        writer.pause()
-        run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri,
-             str(tmp_path / "start.raw")])
-        writer.resume()
-        writer.wait_rounds(1)
-        proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                               "--since", "nightly", "--json", str(image), str(dest)],
-                              capture_output=True, text=True, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr
-        writer.wait_rounds(1)
-        log = list(writer.log)
-    got = copy.read_bytes()
-    prefixes = consistent_prefix((tmp_path / "start.raw").read_bytes(), log, got)
-    assert prefixes, "the incremental copy is not the disk at any one instant"
-    run([sys.executable, "-m", "sparsefs", "checksum", "--check", "SPARSEFS-SUMS"], cwd=dest)
+        for night in range(2):
+            writer.wait_rounds(2)
+            writer.pause()
+            start = tmp_path / f"start{night}.raw"
+            run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri, str(start)])
+            resumed_at = writer.total
+            writer.resume()
+            writer.wait_rounds(1)
+            proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                                   "--since", "nightly", "--json", str(image), str(dest)],
+                                  capture_output=True, text=True, cwd=REPO)
+            assert proc.returncode == 0, proc.stderr
+            writer.wait_rounds(2)  # these writes must show up in the next night's bitmap
+            log = list(writer.log)
+            prefixes = consistent_prefix(start.read_bytes(), log, copy.read_bytes())
+            assert prefixes, f"night {night}: the copy is not the disk at any one instant"
+            assert prefixes[-1] < len(log)
+            dirty = json.loads(proc.stdout)["files"][0]["dirty-bytes"]
+            if night == 1:
+                # Rotated: only writes after night 0's snapshot are dirty, not the older ones.
+                assert dirty <= BLOCK * (resumed_at + len(log) - snapshot_at), dirty
+            snapshot_at = resumed_at + prefixes[0]
+            run([sys.executable, "-m", "sparsefs", "checksum", "--check", "SPARSEFS-SUMS"],
+                cwd=dest)
+        with QMPClient(str(machine.qmp_sock)) as qmp:
+            disk = next(n for n in qmp.execute("query-named-block-nodes")
+                        if n["node-name"] == "disk")
+            names = [b["name"] for b in disk.get("dirty-bitmaps", [])]
+        assert names == ["nightly"], names  # the temporary window bitmaps are gone
