@@ -1,19 +1,22 @@
-"""A raw file as a SparseSource: holes come from SEEK_DATA/SEEK_HOLE.
+"""A raw file as a SparseSource: holes come from the file's written map.
 
 Used for raw backing files, for raw copies that the checksum tool reads, and
-for external data files.  Where the filesystem does not report holes (lseek
-answers EINVAL), the whole file is one data extent and is read.
+for external data files.  The map (:mod:`sparsefs.hostmap`: FIEMAP, else
+SEEK_DATA/SEEK_HOLE) is learnt once, at the first walk: holes and unwritten
+(fallocated, never written) extents are holes.  Where the filesystem reports
+neither, the whole file is one data extent and is read.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
 from sparsefs.errors import ImageReadError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import Extent
+from sparsefs.hostmap import HostMap, host_map
 
 
 class RawFile:
@@ -44,7 +47,8 @@ class RawFile:
             )
         self.file_size = st.st_size
         self._size = self.file_size if size is None else size
-        self._seek_works = True
+        self._host_map: HostMap | None = None
+        self._map_lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -101,38 +105,33 @@ class RawFile:
             return b""
         return self.pread(guest_offset, length)
 
-    def _seek(self, offset: int, whence: int) -> int | None:
-        try:
-            return os.lseek(self._fd, offset, whence)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return None
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                self._seek_works = False
-                return None
-            raise ImageReadError(f"{self.path}: lseek failed: {exc.strerror}") from exc
+    def written_map(self) -> HostMap:
+        """The file's written map, learnt at the first call (thread-safe).
+
+        Raises:
+            ImageReadError: the filesystem failed the query.
+        """
+        found = self._host_map
+        if found is None:
+            with self._map_lock:
+                found = self._host_map
+                if found is None:
+                    found = self._host_map = host_map(self._fd, self.file_size, self.path)
+        return found
 
     def iter_extents(self, guest_offset: int = 0) -> Iterator[Extent]:
-        """Runs of data and holes from SEEK_DATA/SEEK_HOLE on the file."""
+        """Runs of data (written bytes) and holes (holes, unwritten extents, past the end)."""
         end = self._size
         file_end = min(self.file_size, end)
         pos = guest_offset
-        while pos < file_end:
-            data: int | None = pos
-            if self._seek_works:
-                data = self._seek(pos, os.SEEK_DATA)
-                if not self._seek_works:  # no hole support here: all data
-                    data = pos
-            if data is None or data >= file_end:
-                break
-            if data > pos:
-                yield Extent(pos, data - pos, data=False, zero=True)
-            hole: int | None = file_end
-            if self._seek_works:
-                hole = self._seek(data, os.SEEK_HOLE)
-            if hole is None or hole > file_end:
-                hole = file_end
-            yield Extent(data, hole - data, data=True)
-            pos = hole
+        if pos < file_end:
+            for start, stop in self.written_map().iter_written(pos):
+                if start >= file_end:
+                    break
+                stop = min(stop, file_end)
+                if start > pos:
+                    yield Extent(pos, start - pos, data=False, zero=True)
+                yield Extent(start, stop - start, data=True)
+                pos = stop
         if pos < end:
             yield Extent(pos, end - pos, data=False, zero=True)

@@ -257,6 +257,103 @@ def qemu_data_bytes(qmap: list[dict[str, object]], *, include_zero: bool = False
     )
 
 
+def fiemap_written(path: Path | str) -> list[tuple[int, int]]:
+    """Written byte ranges of a host file, by FIEMAP with FIEMAP_FLAG_SYNC (``filefrag -s``).
+
+    Unwritten (fallocated, never written) extents and holes are left out;
+    touching ranges are merged.  ``filefrag`` is the independent oracle for
+    what the host file stores.
+    """
+    out = run(["filefrag", "-s", "-v", "-b1", str(path)]).stdout
+    ranges: list[tuple[int, int]] = []
+    for line in out.splitlines():
+        fields = line.replace("..", " ").replace(":", " ").split()
+        if len(fields) < 6 or not fields[0].isdigit() or "unwritten" in line:
+            continue
+        start, end = int(fields[1]), int(fields[2]) + 1  # logical, bytes (-b1)
+        if ranges and ranges[-1][1] >= start:
+            ranges[-1] = (ranges[-1][0], max(end, ranges[-1][1]))
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+def host_files_of(image: Path | str, *, cwd: Path | None = None, fmt: str | None = None,
+                  no_backing: bool = False) -> list[Path]:
+    """The host file that holds each layer's data (its data file, if external), top first."""
+    cmd = ["qemu-img", "info", "--output=json", "--backing-chain"]
+    if fmt:
+        cmd += ["-f", fmt]
+    chain = json.loads(run([*cmd, str(image)], cwd=cwd).stdout)
+    base = Path(cwd or ".")
+    files = []
+    for layer in chain[:1] if no_backing else chain:
+        spec = (layer.get("format-specific") or {}).get("data") or {}
+        files.append((base / (spec.get("data-file") or layer["filename"])).resolve())
+    return files
+
+
+def stored_segments(qmap: list[dict[str, object]], host_files: Sequence[Path]
+                    ) -> list[tuple[int, int]]:
+    """Guest ranges some layer stores, by the project's rule, merged.
+
+    qemu-img map's ``"data": true, "zero": false`` ranges, cut down to where
+    the layer's host file has written bytes (FIEMAP, :func:`fiemap_written`);
+    a range without a host offset (compressed) is stored whole.  ``zero`` or
+    not-``data`` ranges are never stored.  Bytes past the host file's end
+    count as written.
+    """
+    written = {d: fiemap_written(f) for d, f in enumerate(host_files)}
+    sizes = {d: os.path.getsize(f) for d, f in enumerate(host_files)}
+    out: list[tuple[int, int]] = []
+
+    def add(lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        if out and out[-1][1] >= lo:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+
+    for e in qmap:
+        if not e["data"] or e["zero"]:
+            continue
+        start, length = int(e["start"]), int(e["length"])  # type: ignore[call-overload]
+        if "offset" not in e:
+            add(start, start + length)
+            continue
+        host = int(e["offset"])  # type: ignore[call-overload]
+        depth = int(e["depth"])  # type: ignore[call-overload]
+        pieces = [*written[depth], (sizes[depth], max(sizes[depth], host + length))]
+        for ws, we in pieces:
+            lo, hi = max(ws, host), min(we, host + length)
+            add(start + lo - host, start + hi - host)
+    return out
+
+
+def check_stored(segments: Sequence[tuple[int, int]], qmap: list[dict[str, object]],
+                 host_files: Sequence[Path]) -> None:
+    """Assert that the data segments are exactly :func:`stored_segments` (merged)."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(segments):
+        if merged and merged[-1][1] >= lo:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        elif hi > lo:
+            merged.append((lo, hi))
+    expected = stored_segments(qmap, host_files)
+    assert merged == expected, (
+        f"data segments differ from qemu map + FIEMAP: first difference "
+        f"{next(((a, b) for a, b in zip(merged, expected, strict=False) if a != b), None)}, "
+        f"{len(merged)} vs {len(expected)} segments"
+    )
+
+
+def oracle_data_bytes(image: Path | str, *, fmt: str | None = None) -> int:
+    """Bytes a sparse copy of ``image`` stores, by :func:`stored_segments`."""
+    segs = stored_segments(qemu_map(image, fmt=fmt), host_files_of(image, fmt=fmt))
+    return sum(e - s for s, e in segs)
+
+
 def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
     """Assert a failed command printed exactly one error line, no traceback, holding ``needles``."""
     assert proc.returncode != 0

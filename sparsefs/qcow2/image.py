@@ -36,6 +36,7 @@ from sparsefs.errors import (
 )
 from sparsefs import locking
 from sparsefs.extents import Extent, SparseSource, coalesce
+from sparsefs.hostmap import HOLE, WRITTEN
 from sparsefs.qcow2 import layout as L
 from sparsefs.raw import RawFile
 
@@ -45,6 +46,10 @@ RUN_COMPRESSED = 1  # one compressed cluster; host is (host_offset, nb_bytes)
 RUN_ZERO = 2  # reads as zeros, nothing read from below (ZERO_PLAIN / ZERO_ALLOC)
 RUN_UNALLOCATED = 3  # not in this layer: the backing file, or zeros
 RUN_ERROR = 4  # metadata is invalid for this range; host is the message
+# Mapped to a host range that the host file stores as nothing (a hole, or an
+# unwritten extent: preallocation=metadata/falloc); host as RUN_DATA.  Reads as
+# zeros without a read; a hole for copies; still "data" in qemu-img map's sense.
+RUN_UNWRITTEN = 5
 
 RUN_KIND_NAMES = {
     RUN_DATA: "data",
@@ -52,7 +57,10 @@ RUN_KIND_NAMES = {
     RUN_ZERO: "zero",
     RUN_UNALLOCATED: "unallocated",
     RUN_ERROR: "error",
+    RUN_UNWRITTEN: "unwritten",
 }
+# Kinds that read as zeros from this layer without reading anything.
+_ZERO_KINDS = (RUN_ZERO, RUN_UNWRITTEN)
 
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 DEFAULT_COMPRESSED_CACHE_BYTES = 16 * 1024 * 1024
@@ -211,7 +219,7 @@ class _TableRuns:
         if self.kinds and self.ends[-1] == start and kind != RUN_COMPRESSED:
             last = self.kinds[-1]
             if last == kind:
-                if kind == RUN_DATA:
+                if kind == RUN_DATA or kind == RUN_UNWRITTEN:
                     if self.hosts[-1] + (start - self.starts[-1]) == host:
                         self.ends[-1] = end
                         return
@@ -637,8 +645,34 @@ class Qcow2File:
             self._decode_extended_l2(buf, runs)
         else:
             self._decode_l2(buf, runs)
+        if RUN_DATA in runs.kinds:
+            runs = self._split_unwritten(runs)
         self._l2_cache.put(l2_offset, runs, runs.cost())
         return runs
+
+    def _split_unwritten(self, runs: _TableRuns) -> _TableRuns:
+        """Split the RUN_DATA runs of a table by the data file's written map.
+
+        Host bytes that the data file stores as nothing (a hole or an
+        unwritten extent, see :mod:`sparsefs.hostmap`) become RUN_UNWRITTEN.
+        Costs one bisect per data run when the file is written throughout.
+        """
+        host_map = self.data.written_map()
+        fully_written = host_map.fully_written
+        if all(kind != RUN_DATA or fully_written(host, end - start)
+               for start, end, kind, host in zip(runs.starts, runs.ends, runs.kinds, runs.hosts,
+                                                 strict=True)):
+            return runs
+        out = _TableRuns()
+        for start, end, kind, host in zip(runs.starts, runs.ends, runs.kinds, runs.hosts,
+                                          strict=True):
+            if kind != RUN_DATA or fully_written(host, end - start):
+                out.add(start, end, kind, host)
+                continue
+            for rel_start, rel_end, state in host_map.classify(host, end - start):
+                out.add(start + rel_start, start + rel_end,
+                        RUN_DATA if state == WRITTEN else RUN_UNWRITTEN, host + rel_start)
+        return out
 
     def _data_problem(self, host_offset: int, length: int) -> str | None:
         """Why a data cluster at ``host_offset`` cannot be read, or None."""
@@ -1086,7 +1120,7 @@ class Qcow2Image:
                 e = min(table_base + ends[i], stop)
                 kind = kinds[i]
                 host = hosts[i]
-                if kind == RUN_DATA:
+                if kind == RUN_DATA or kind == RUN_UNWRITTEN:
                     host = host + (s - run_start)
                 yield (s, e, kind, host)
                 i += 1
@@ -1112,7 +1146,7 @@ class Qcow2Image:
                     parts.append(qfile.data.pread(run.host, n))
                 else:
                     parts.append(_pread_exact(qfile, run.host, n))
-            elif kind == RUN_ZERO:
+            elif kind == RUN_ZERO or kind == RUN_UNWRITTEN:
                 parts.append(bytes(n))
             elif kind == RUN_UNALLOCATED:
                 parts.append(self._read_below(s, n))
@@ -1172,7 +1206,7 @@ class Qcow2Image:
         backing = self._backing
         reads_zeros = True
         for s, _, kind, _ in self._runs(guest_offset, end):
-            if kind == RUN_ZERO or (
+            if kind in _ZERO_KINDS or (
                 kind == RUN_UNALLOCATED and (backing is None or s >= backing.size)
             ):
                 continue
@@ -1199,7 +1233,7 @@ class Qcow2Image:
         fd = qfile.file.fd
         cmask = qfile.cluster_size - 1
         for s, e, kind, host in self._runs(guest_offset, end):
-            if kind == RUN_ZERO:
+            if kind in _ZERO_KINDS:
                 continue
             part = view[s - guest_offset : e - guest_offset]
             if kind == RUN_DATA:
@@ -1261,7 +1295,7 @@ class Qcow2Image:
         pending_start = pending_end = guest_offset
         pending_data = False
         for s, e, kind, _ in self._runs(guest_offset, self._size):
-            data = kind != RUN_ZERO and kind != RUN_UNALLOCATED
+            data = kind != RUN_ZERO and kind != RUN_UNALLOCATED and kind != RUN_UNWRITTEN
             if data == pending_data and s == pending_end:
                 pending_end = e
                 continue
@@ -1277,7 +1311,7 @@ class Qcow2Image:
         backing = self._backing
         for run in self.iter_runs(start, end):
             s, e, kind = run.guest_offset, run.guest_end, run.kind
-            if kind == RUN_ZERO:
+            if kind in _ZERO_KINDS:
                 yield Extent(s, e - s, data=False, zero=True)
             elif kind != RUN_UNALLOCATED:
                 yield Extent(s, e - s, data=True)
@@ -1313,6 +1347,16 @@ class Qcow2Image:
             n = e - s
             if kind == RUN_DATA:
                 yield MapEntry(s, n, depth, True, False, True, False, run.host)
+            elif kind == RUN_UNWRITTEN:
+                # qemu-img map: data (allocated), and "zero" where the image
+                # file has a hole (qemu asks the file layer below a
+                # preallocated image); an unwritten extent, or anything in an
+                # external data file, it calls data only.
+                host_map = self.qfile.data.written_map()
+                external = self.qfile.external_data
+                for rel_s, rel_e, state in host_map.classify(run.host, n):
+                    yield MapEntry(s + rel_s, rel_e - rel_s, depth, True,
+                                   state == HOLE and not external, True, False, run.host + rel_s)
             elif kind == RUN_COMPRESSED:
                 yield MapEntry(s, n, depth, True, False, True, True, None)
             elif kind == RUN_ZERO:

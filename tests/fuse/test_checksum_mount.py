@@ -19,7 +19,7 @@ from support import (
     KiB,
     MiB,
     make_image,
-    qemu_data_bytes,
+    oracle_data_bytes,
     qemu_io,
     qemu_map,
     qemu_raw,
@@ -96,7 +96,7 @@ def test_mounted_raw_file_is_hashed_by_its_data_only(images: list[Path], mount: 
         raw = mp / (img.name.removesuffix(".qcow2") + ".raw")
         (record,) = json.loads(sparsefs("checksum", "-q", "--json", str(raw), check=True).stdout)
         assert record["format"] == "raw"
-        assert record["bytes-read"] == qemu_data_bytes(qemu_map(img), include_zero=True), img
+        assert record["bytes-read"] == oracle_data_bytes(img), img
         assert record["bytes-read"] < record["size"]
 
 

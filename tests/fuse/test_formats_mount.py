@@ -22,7 +22,8 @@ from format_images import (
 )
 from support import (
     MiB,
-    check_map_agrees,
+    check_stored,
+    host_files_of,
     files_equal,
     first_difference,
     is_mounted,
@@ -49,12 +50,12 @@ def raw_name(image: Path) -> str:
 
 
 def assert_file_is(mounted: Path, expected: bytes, qmap: list[dict[str, object]],
-                   scratch: Path) -> None:
+                   scratch: Path, host_files: list[Path]) -> None:
     """Mounted bytes equal qemu's, and its SEEK walk agrees with qemu's map."""
     scratch.write_bytes(expected)
     assert files_equal(mounted, scratch), f"differs at {first_difference(mounted, scratch)}"
     segments = seek_walk(mounted)
-    check_map_agrees(segments, qmap)
+    check_stored(segments, qmap, host_files)
     # st_blocks counts the data the walk finds, no more (copiers trust it).
     assert os.stat(mounted).st_blocks == (sum(e - s for s, e in segments) + 511) // 512
 
@@ -66,7 +67,8 @@ def test_mounted_image_equals_qemu(kind: str, images: ImageCache, mount: Mount,
     mp = mount(built.image)
     assert sorted(os.listdir(mp)) == [raw_name(built.image)]
     expected = qemu_convert(built, tmp_path / "out.raw")
-    assert_file_is(mp / raw_name(built.image), expected, qemu_map_of(built), tmp_path / "q.raw")
+    assert_file_is(mp / raw_name(built.image), expected, qemu_map_of(built), tmp_path / "q.raw",
+                   host_files_of(built.image, cwd=built.cwd))
 
 
 def test_snapshots_are_files_equal_to_qemu_convert_l(images: ImageCache, mount: Mount,
@@ -75,7 +77,7 @@ def test_snapshots_are_files_equal_to_qemu_convert_l(images: ImageCache, mount: 
     mp = mount(built.image)
     assert sorted(os.listdir(mp)) == ["disk.raw", "disk@first.raw", "disk@second.raw"]
     assert_file_is(mp / "disk.raw", qemu_convert(built, tmp_path / "out.raw"),
-                   qemu_map_of(built), tmp_path / "q.raw")
+                   qemu_map_of(built), tmp_path / "q.raw", host_files_of(built.image))
     for snap in built.snapshots:
         # convert -l reads at the current virtual size, zeros past the snapshot's.
         via_l = qemu_convert(built, tmp_path / "out.raw", snapshot=snap)
@@ -84,7 +86,7 @@ def test_snapshots_are_files_equal_to_qemu_convert_l(images: ImageCache, mount: 
         assert size == qemu_map_size(Built(copy))
         assert via_l[size:] == bytes(len(via_l) - size)
         assert_file_is(mp / f"disk@{snap}.raw", via_l[:size], qemu_map_of(Built(copy)),
-                       tmp_path / "q.raw")
+                       tmp_path / "q.raw", host_files_of(built.image))
 
 
 def qemu_map_size(built: Built) -> int:
@@ -105,7 +107,8 @@ def test_no_backing_presents_the_top_layer(kind: str, images: ImageCache, mount:
     mp = mount(built.image, options=["--no-backing"])
     expected = qemu_convert(built, tmp_path / "out.raw", no_backing=True)
     assert_file_is(mp / raw_name(built.image), expected, qemu_map_of(built, no_backing=True),
-                   tmp_path / "q.raw")
+                   tmp_path / "q.raw",
+                   host_files_of(built.image, cwd=built.cwd, no_backing=True))
 
 
 def test_mount_refuses_a_missing_backing_file(tmp_path: Path) -> None:

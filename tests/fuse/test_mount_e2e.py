@@ -22,7 +22,9 @@ import pytest
 from support import (
     KiB,
     MiB,
-    check_map_agrees,
+    check_stored,
+    host_files_of,
+    oracle_data_bytes,
     daemon_pid,
     files_equal,
     force_unmount,
@@ -75,7 +77,7 @@ def test_seek_walk_agrees_with_qemu_map(image: Path, mount: Mount) -> None:
     raw = mount(image) / "vm-disk.raw"
     segments = seek_walk(raw)
     assert segments, "no data reported at all"
-    check_map_agrees(segments, qemu_map(image))
+    check_stored(segments, qemu_map(image), host_files_of(image))
 
 
 def test_st_blocks_counts_stored_data(image: Path, mount: Mount) -> None:
@@ -83,7 +85,7 @@ def test_st_blocks_counts_stored_data(image: Path, mount: Mount) -> None:
     st = raw.stat()
     data = sum(e - s for s, e in seek_walk(raw))
     assert st.st_blocks == (data + 511) // 512
-    assert data == qemu_data_bytes(qemu_map(image))
+    assert data == oracle_data_bytes(image)
     assert st.st_blocks * 512 < st.st_size
     du = run(["du", "-B1", str(raw)]).stdout.split()[0]
     assert int(du) == st.st_blocks * 512
@@ -131,7 +133,7 @@ def test_cp_sparse_always(image: Path, reference: Path, mount: Mount, tmp_path: 
     raw = mount(image) / "vm-disk.raw"
     copy = tmp_path / "cp.raw"
     run(["cp", "--sparse=always", str(raw), str(copy)])
-    _assert_sparse_copy(copy, reference, qemu_data_bytes(qemu_map(image)))
+    _assert_sparse_copy(copy, reference, oracle_data_bytes(image))
 
 
 def test_tar_sparse_roundtrip(image: Path, reference: Path, mount: Mount, tmp_path: Path) -> None:
@@ -140,7 +142,7 @@ def test_tar_sparse_roundtrip(image: Path, reference: Path, mount: Mount, tmp_pa
     run(["tar", "--sparse", "--hole-detection=seek", "-cf", str(archive), "-C", str(mp),
          "vm-disk.raw"])
     # The archive stores only the data (plus headers and sparse maps).
-    data = qemu_data_bytes(qemu_map(image))
+    data = oracle_data_bytes(image)
     assert archive.stat().st_size <= data + 2 * MiB
     with tarfile.open(archive) as tf:
         member = tf.getmember("vm-disk.raw")
@@ -157,7 +159,7 @@ def test_qemu_img_convert_from_mount(
     raw = mount(image) / "vm-disk.raw"
     copy = tmp_path / "conv.raw"
     run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(raw), str(copy)])
-    _assert_sparse_copy(copy, reference, qemu_data_bytes(qemu_map(image)))
+    _assert_sparse_copy(copy, reference, oracle_data_bytes(image))
 
 
 def _read_bytes_by_fd(strace_log: str, path: str) -> tuple[int, int]:
@@ -188,7 +190,7 @@ def test_holes_are_not_read_by_cp(tmp_path: Path, mount: Mount) -> None:
     """cp seeks over the holes: it reads about the data, and so does the daemon from the image."""
     image = tmp_path / "big.qcow2"
     make_image(image, 2048 * MiB, seed=99, writes=30, zero_writes=0, discards=0, max_len=MiB)
-    data = qemu_data_bytes(qemu_map(image))
+    data = oracle_data_bytes(image)
     mp = mount(image)
     raw = mp / "big.raw"
     pid = daemon_pid(mp)

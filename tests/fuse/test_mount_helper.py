@@ -15,7 +15,8 @@ import pytest
 from support import (
     REPO,
     MiB,
-    check_map_agrees,
+    check_stored,
+    host_files_of,
     daemon_pid,
     files_equal,
     force_unmount,
@@ -42,7 +43,7 @@ def image(tmp_path: Path) -> Path:
 def _check_mounted_file(mp: Path, image: Path, tmp_path: Path) -> None:
     raw = mp / "vm.raw"
     assert files_equal(raw, qemu_raw(image, tmp_path / "ref.raw"))
-    check_map_agrees(seek_walk(raw), qemu_map(image))
+    check_stored(seek_walk(raw), qemu_map(image), host_files_of(image))
 
 
 def test_setup_links_the_command_for_mount() -> None:

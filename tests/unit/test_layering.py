@@ -14,6 +14,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.errors": ("sparsefs.",),
     "sparsefs.extents": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "sparsefs.raw",
                          "sparsefs.checksum", "pyfuse3", "trio"),
+    "sparsefs.hostmap": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "sparsefs.raw",
+                         "sparsefs.extents", "sparsefs.checksum", "pyfuse3", "trio"),
     "sparsefs.raw": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio"),
     "sparsefs.qcow2": ("sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3", "trio"),
     "sparsefs.fusefs": ("sparsefs.qcow2", "sparsefs.raw", "sparsefs.cli", "struct"),

@@ -13,7 +13,18 @@ import struct
 from pathlib import Path
 
 import pytest
-from support import KiB, MiB, check_map_agrees, make_image, qemu_io, qemu_map, qemu_raw, sparsefs
+from support import (
+    KiB,
+    MiB,
+    check_map_agrees,
+    check_stored,
+    host_files_of,
+    make_image,
+    qemu_io,
+    qemu_map,
+    qemu_raw,
+    sparsefs,
+)
 
 from sparsefs.errors import ImageFormatError, ImageReadError, MissingFileError
 from sparsefs.extents import seek_data, seek_hole
@@ -62,7 +73,7 @@ def test_extents_agree_with_qemu_map(image: Path) -> None:
         assert extents[-1].end == img.size
         for a, b in zip(extents, extents[1:], strict=False):
             assert a.end == b.guest_offset
-    check_map_agrees(segments, qmap)
+    check_stored(segments, qmap, host_files_of(image))
 
 
 def test_holes_read_as_zeros(image: Path) -> None:
@@ -110,7 +121,7 @@ def test_allocated_zero_data_stays_data(tmp_path: Path) -> None:
     with open_image(path) as img:
         segments = [(e.guest_offset, e.end) for e in img.iter_extents() if e.data]
     assert segments == [(MiB, MiB + 128 * KiB)]
-    check_map_agrees(segments, qmap)
+    check_stored(segments, qmap, host_files_of(path))
 
 
 # -- bad input -------------------------------------------------------------------------
