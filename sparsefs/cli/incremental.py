@@ -289,12 +289,29 @@ def _touched_blocks(ranges: list[tuple[int, int]]) -> list[int]:
     return blocks
 
 
+@dataclass
+class _Plan:
+    """Everything checked before the destination is touched."""
+
+    image: Qcow2Image
+    image_path: str
+    dest_dir: str
+    copy_path: str
+    ranges: list[tuple[int, int]]
+    digests: list[bytes]
+    digest: str
+    copy_st: os.stat_result
+    result: SinceResult
+    t0: float
+
+
 def backup_since(
     image: Qcow2Image, image_path: str, dest_dir: str, bitmap_name: str
 ) -> SinceResult:
     """Bring ``DEST_DIR/NAME.raw`` up to date with ``image`` from bitmap ``bitmap_name``.
 
-    Every refusal happens before the destination is touched.
+    Every refusal happens before the destination is touched (see
+    :func:`prepare_since`); then :func:`apply_since`.
 
     Raises:
         BitmapError: the bitmap is missing, in use, or does not fit the image.
@@ -304,6 +321,13 @@ def backup_since(
             copy is then left without a manifest line).
         OSError: reading or writing failed (likewise).
     """
+    return apply_since(prepare_since(image, image_path, dest_dir, bitmap_name))
+
+
+def prepare_since(
+    image: Qcow2Image, image_path: str, dest_dir: str, bitmap_name: str
+) -> _Plan:
+    """Check the bitmap and the copy; read, never write.  Raises what :func:`backup_since` does."""
     t0 = time.monotonic()
     name = raw_name(image_path)
     copy_path = os.path.join(dest_dir, name)
@@ -345,11 +369,22 @@ def backup_since(
             )
         if os.stat(copy_path).st_mtime_ns != copy_st.st_mtime_ns:
             raise NotAVerifiedCopyError(f"{copy_path}: changed while it was being checked")
+    return _Plan(image, image_path, dest_dir, copy_path, ranges, digests, digest, copy_st,
+                 result, t0)
+
+
+def apply_since(plan: _Plan) -> SinceResult:
+    """Write the dirty ranges, verify them, record the new digest (steps 3 to 5)."""
+    image, image_path, dest_dir, copy_path = (plan.image, plan.image_path, plan.dest_dir,
+                                              plan.copy_path)
+    ranges, digests, result = plan.ranges, plan.digests, plan.result
+    name, size = result.name, result.size
+    side = blocks_path(dest_dir, name)
     if not ranges:
         if result.rehashed:
-            _store_blocks(side, copy_st, digest, digests, image_path)
-        result.digest = digest
-        result.seconds = time.monotonic() - t0
+            _store_blocks(side, plan.copy_st, plan.digest, digests, image_path)
+        result.digest = plan.digest
+        result.seconds = time.monotonic() - plan.t0
         return result
     # 3. From here the copy is not vouched for until the new line is written.
     update_manifest(os.path.join(dest_dir, SPARSEFS_SUMS), {name: None})
@@ -384,7 +419,7 @@ def backup_since(
     _store_blocks(side, new_st, result.digest, digests, image_path)
     update_manifest(os.path.join(dest_dir, SPARSEFS_SUMS), {name: result.digest})
     _fsync_dir(dest_dir)
-    result.seconds = time.monotonic() - t0
+    result.seconds = time.monotonic() - plan.t0
     return result
 
 
@@ -398,9 +433,17 @@ def run_since(images: list[str], dest_dir: str, bitmap_name: str, options: OpenO
     if not os.path.isdir(dest_dir):
         raise SparsefsError(f"{dest_dir}: destination directory does not exist")
     results: list[SinceResult] = []
-    for path in images:
-        with open_image(path, options) as image:
-            results.append(backup_since(image, path, dest_dir, bitmap_name))
+    with contextlib.ExitStack() as stack:
+        # Every image and copy is checked before any copy is written.
+        plans = []
+        for path in images:
+            image = stack.enter_context(open_image(path, options))
+            plans.append(prepare_since(image, path, dest_dir, bitmap_name))
+        names = [p.result.name for p in plans]
+        if len(set(names)) != len(names):
+            raise SparsefsError(f"{dest_dir}: two images would update the same copy")
+        for plan in plans:
+            results.append(apply_since(plan))
     if as_json:
         print(json.dumps({"ok": True, "files": [r.as_dict() for r in results]}, indent=2))
     elif not quiet:

@@ -229,3 +229,38 @@ def test_interrupted_run_leaves_no_verified_copy(
     monkeypatch.undo()
     proc, _ = since(str(image), str(dest), "--since", "nightly")
     one_line_error(proc, "not a verified copy")
+
+
+def test_one_refusal_touches_no_copy(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """With two images, a refusal for the second leaves the first copy untouched too."""
+    image, dest, _copy = setup
+    other = make_image(tmp_path / "db.qcow2", 8 * MiB, seed=73, writes=5)
+    full_copy(other, dest)
+    line = (dest / "SPARSEFS-SUMS").read_text()  # full_copy rewrote it for db.raw only
+    (dest / "SPARSEFS-SUMS").write_text(
+        line + run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"],
+                   cwd=dest).stdout)
+    qemu_io(image, "write -q -P 0x21 3M 64k")
+    before = dir_state(dest)
+    proc, _ = since(str(image), str(other), str(dest), "--since", "nightly")
+    one_line_error(proc, "no bitmap named 'nightly'", "db.qcow2")
+    assert dir_state(dest) == before
+
+
+def test_bitmap_held_by_running_qemu_refused(setup: tuple[Path, Path, Path],
+                                             tmp_path: Path) -> None:
+    """A QEMU process with the image open marks its bitmaps in_use: refused, even with -U."""
+    image, dest, _copy = setup
+    pidfile = tmp_path / "qsd.pid"
+    run(["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
+         "--blockdev", f"driver=file,node-name=f,filename={image}",
+         "--blockdev", "driver=qcow2,node-name=q,file=f"])
+    try:
+        before = dir_state(dest)
+        proc, _ = since(str(image), str(dest), "--since", "nightly")
+        one_line_error(proc, "in use by another process")  # the image lock
+        proc, _ = since(str(image), str(dest), "--since", "nightly", "--force-share")
+        one_line_error(proc, "bitmap 'nightly' is in use")
+        assert dir_state(dest) == before
+    finally:
+        os.kill(int(pidfile.read_text()), 15)
