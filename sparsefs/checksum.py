@@ -50,7 +50,6 @@ import xxhash
 
 from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
-from sparsefs.raw import RawFile
 
 DIGEST_NAME = "sparsefs1"
 DIGEST_PREFIX = f"{DIGEST_NAME}:"
@@ -74,6 +73,11 @@ _FOLD_BATCH = 65536
 
 ProgressCallback = Callable[[int], None]
 """Called with the guest bytes done so far (monotonic, ends at the source size)."""
+
+DataSink = Callable[[int, "bytes | bytearray | memoryview"], None]
+"""Called in a worker thread with (guest offset, bytes) of every piece of data read,
+before it is hashed; the bytes are valid only during the call.  Pieces of a data
+block found to be all zeros are not passed (a copy leaves them as holes)."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -195,42 +199,53 @@ def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
         yield (next_block, nb_blocks - next_block, None)
 
 
-def _pread_into(raw: RawFile, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from the raw file at ``offset``; bytes past its end read as zeros.
+def _fill_from_host(source: SparseSource, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` with guest bytes from ``offset`` by positional reads of the host files.
+
+    For sources that name their host ranges (``iter_host_ranges``: qcow2,
+    raw): data goes straight into ``view`` (no intermediate bytes objects),
+    zeros fill the rest, pieces the source cannot name come from ``read()``.
+    Returns False (nothing done) for other sources.
 
     Raises:
-        ImageReadError: on an I/O error.
+        ImageReadError: a read failed (``RawFile.pread_into``'s rule).
     """
-    got, want = 0, len(view)
-    while got < want:
-        try:
-            n = os.preadv(raw.fd, [view[got:]], offset + got)
-        except OSError as exc:
-            raise ImageReadError(
-                f"{raw.path}: read of {want} bytes at {offset} failed: {exc.strerror}"
-            ) from exc
-        if n == 0:  # past the end of the file (it shrank): zeros, as RawFile.read does
-            view[got:] = zero_bytes(want - got)
-            return
-        got += n
+    host_ranges = getattr(source, "iter_host_ranges", None)
+    if host_ranges is None:
+        return False
+    end = offset + len(view)
+    pos = offset
+    for start, stop, raw, host in host_ranges(offset, end):
+        if start > pos:
+            view[pos - offset : start - offset] = zero_bytes(start - pos)
+        part = view[start - offset : stop - offset]
+        if raw is None:
+            part[:] = _read_exact(source, start, stop - start)
+        else:
+            raw.pread_into(part, host)
+        pos = stop
+    if pos < end:
+        view[pos - offset :] = zero_bytes(end - pos)
+    return True
 
 
 def _iter_pieces(source: SparseSource, offset: int, length: int,
                  buf: bytearray) -> Iterator[bytes | bytearray | memoryview]:
     """The guest bytes ``[offset, offset + length)`` as consecutive pieces.
 
-    A raw file is read straight into ``buf`` (one piece, valid until the next
-    use of ``buf``); other sources through ``read()``, in pieces of at most
-    READ_PIECE_SIZE, hashed as they come (no copy).
+    Sources that name their host ranges (raw files, qcow2) are read straight
+    into ``buf`` (one piece, valid until the next use of ``buf``); others
+    through ``read()``, in pieces of at most READ_PIECE_SIZE, hashed as they
+    come (no copy).
 
     Raises:
         ImageReadError: a read failed or came back short.
     """
-    if isinstance(source, RawFile):
+    if length <= len(buf):
         view = memoryview(buf)[:length]
-        _pread_into(source, view, offset)
-        yield view
-        return
+        if _fill_from_host(source, view, offset):
+            yield view
+            return
     done = 0
     while done < length:
         n = min(READ_PIECE_SIZE, length - done)
@@ -259,7 +274,8 @@ def _thread_buffer(size: int) -> bytearray:
 
 
 def _digest_block(source: SparseSource, index: int, start: int, length: int,
-                  ranges: list[tuple[int, int]], block_size: int) -> BlockRun:
+                  ranges: list[tuple[int, int]], block_size: int,
+                  sink: DataSink | None = None) -> BlockRun:
     """The run of one block with data: read, zero-checked, hashed (in a worker thread).
 
     A block that is all data and read in one piece is compared with zeros
@@ -271,13 +287,15 @@ def _digest_block(source: SparseSource, index: int, start: int, length: int,
     nbytes = sum(hi - lo for lo, hi in ranges)
     buf = _thread_buffer(block_size)
     whole = len(ranges) == 1 and ranges[0] == (start, start + length)
-    if whole and (length <= READ_PIECE_SIZE or isinstance(source, RawFile)):
+    if whole and (length <= READ_PIECE_SIZE or hasattr(source, "iter_host_ranges")):
         (data,) = _iter_pieces(source, start, length, buf)
         # memcmp needs an object of the block's length (a memoryview compares
         # item by item, 100x slower): the buffer itself for a full raw block.
         probe = buf if isinstance(data, memoryview) else data
         if len(probe) == length and probe == zero_bytes(length):
             return BlockRun(index, 1, zero_block_digest(length), nbytes)
+        if sink is not None:
+            sink(start, data)
         return BlockRun(index, 1, xxhash.xxh3_128_digest(data), nbytes)
     zeros = memoryview(zero_bytes(block_size))
     h = xxhash.xxh3_128()
@@ -285,7 +303,11 @@ def _digest_block(source: SparseSource, index: int, start: int, length: int,
     for lo, hi in ranges:
         if lo > pos:
             h.update(zeros[: lo - pos])
+        piece_pos = lo
         for piece in _iter_pieces(source, lo, hi - lo, buf):
+            if sink is not None:
+                sink(piece_pos, piece)
+            piece_pos += len(piece)
             h.update(piece)
         pos = hi
     if pos < start + length:
@@ -302,6 +324,7 @@ def iter_block_digests(
     *,
     block_size: int = BLOCK_SIZE,
     in_flight: int = DEFAULT_IN_FLIGHT,
+    sink: DataSink | None = None,
 ) -> Generator[BlockRun, None, None]:
     """Yield the block digests of ``source`` in block order, as runs.
 
@@ -343,7 +366,7 @@ def iter_block_digests(
             start = index * block_size
             length = min(block_size, size - start)
             fut = executor.submit(_digest_block, source, index, start, length, ranges,
-                                  block_size)
+                                  block_size, sink)
             pending.append((index, fut, 1))
             data_pending += 1
             while data_pending >= in_flight or (pending and pending[0][1] is None):
@@ -391,21 +414,36 @@ def block_digest(
     progress: ProgressCallback | None = None,
     block_size: int = BLOCK_SIZE,
     workers: int = DEFAULT_WORKERS,
+    sink: DataSink | None = None,
+    on_run: Callable[[BlockRun], None] | None = None,
 ) -> DigestResult:
     """The sparsefs1 digest of ``source`` (see the module docstring).
 
+    Args:
+        source: what to hash.
+        progress: called with the guest bytes done so far.
+        block_size: B of the definition (tests vary it).
+        workers: threads that read and hash data blocks.
+        sink: given every data piece as it is read (a copy that hashes what
+            it reads, see :data:`DataSink`).
+        on_run: called with each block run in order, in the calling thread
+            (its ``bytes_read`` is the data read for it).
+
     Raises:
         ImageReadError: a data block cannot be read.
+        Exception: whatever ``sink`` raises.
     """
     size = source.size
     folder = _Folder(size, block_size)
     bytes_read = 0
     with _new_executor(workers) as executor:
-        runs = iter_block_digests(source, executor, block_size=block_size)
+        runs = iter_block_digests(source, executor, block_size=block_size, sink=sink)
         try:
             for run in runs:
                 folder.add(run)
                 bytes_read += run.bytes_read
+                if on_run is not None:
+                    on_run(run)
                 if progress is not None:
                     progress(min(size, folder.next_block * block_size))
         finally:
@@ -442,11 +480,12 @@ def _read_exact(source: SparseSource, offset: int, length: int) -> bytes:
 
 def _stream_read(source: SparseSource, offset: int, length: int,
                  buf: bytearray) -> tuple[bytes | memoryview, bytearray]:
-    """Read a data piece: into ``buf`` for raw files, else as fresh bytes; return it and buf."""
-    if isinstance(source, RawFile):
+    """Read a data piece: into ``buf`` where the source names its host ranges, else as
+    fresh bytes; return it and buf."""
+    if length <= len(buf):
         view = memoryview(buf)[:length]
-        _pread_into(source, view, offset)
-        return view, buf
+        if _fill_from_host(source, view, offset):
+            return view, buf
     return _read_exact(source, offset, length), buf
 
 

@@ -47,6 +47,9 @@ class RawFile:
             )
         self.file_size = st.st_size
         self._size = self.file_size if size is None else size
+        # True for a file whose every byte that metadata points at must exist
+        # (a qcow2 image file): a read past its end is an error, not zeros.
+        self.strict_end = False
         self._host_map: HostMap | None = None
         self._map_lock = threading.Lock()
 
@@ -75,28 +78,51 @@ class RawFile:
     def pread(self, host_offset: int, length: int) -> bytes:
         """Read exactly ``length`` bytes at ``host_offset`` of the file.
 
-        Bytes past the end the file had when it was opened read as zeros (as
-        qemu reads a shorter backing or data file).  Bytes the file had then
-        but no longer has (it was truncated while open) are an error, never
-        zeros.
+        The one rule for a short read, everywhere sparsefs reads a file:
+        bytes past the end the file had when it was opened read as zeros (as
+        qemu reads a shorter backing or data file), unless ``strict_end`` is
+        set (a qcow2 image file: data its metadata places past its end was
+        cut off, so it is an error); bytes the file had then but no longer
+        has (it was truncated while open) are always an error, never zeros.
 
         Raises:
             ImageReadError: on an I/O error, or when the file shrank.
         """
-        try:
-            buf = os.pread(self._fd, length, host_offset)
-        except OSError as exc:
-            raise ImageReadError(
-                f"{self.path}: read of {length} bytes at {host_offset} failed: {exc.strerror}"
-            ) from exc
-        if len(buf) < length:
-            if host_offset + len(buf) < min(self.file_size, host_offset + length):
+        buf = bytearray(length)
+        self.pread_into(memoryview(buf), host_offset)
+        return bytes(buf)
+
+    def pread_into(self, view: memoryview, host_offset: int) -> None:
+        """Fill ``view`` with the file's bytes at ``host_offset``, by the rule of :meth:`pread`.
+
+        Raises:
+            ImageReadError: on an I/O error, or when the file shrank.
+        """
+        want = len(view)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(self._fd, [view[got:]], host_offset + got)
+            except OSError as exc:
+                raise ImageReadError(
+                    f"{self.path}: read of {want} bytes at {host_offset:#x} failed: "
+                    f"{exc.strerror}"
+                ) from exc
+            if n == 0:
+                break
+            got += n
+        if got < want:
+            if self.strict_end:
+                raise ImageReadError(
+                    f"{self.path}: data at {host_offset + got:#x} is past the end of the file "
+                    "(was the image truncated?)"
+                )
+            if host_offset + got < min(self.file_size, host_offset + want):
                 raise ImageReadError(
                     f"{self.path}: file shrank while open (was it truncated?): data at "
-                    f"{host_offset + len(buf):#x} is gone"
+                    f"{host_offset + got:#x} is gone"
                 )
-            buf += bytes(length - len(buf))
-        return buf
+            view[got:] = bytes(want - got)
 
     def read(self, guest_offset: int, length: int) -> bytes:
         """Guest bytes (the stream is the file itself, zero-extended)."""
@@ -118,6 +144,22 @@ class RawFile:
                 if found is None:
                     found = self._host_map = host_map(self._fd, self.file_size, self.path)
         return found
+
+    def iter_host_ranges(
+        self, guest_offset: int, guest_end: int
+    ) -> Iterator[tuple[int, int, RawFile | None, int]]:
+        """Written pieces of ``[guest_offset, guest_end)``: ``(start, end, self, start)``.
+
+        The same contract as ``Qcow2Image.iter_host_ranges``: the file's
+        bytes are the guest bytes; holes and bytes past the end are left out.
+        """
+        end = min(guest_end, self._size, self.file_size)
+        if guest_offset >= end:
+            return
+        for start, stop in self.written_map().iter_written(guest_offset):
+            if start >= end:
+                break
+            yield (start, min(stop, end), self, start)
 
     def iter_extents(self, guest_offset: int = 0) -> Iterator[Extent]:
         """Runs of data (written bytes) and holes (holes, unwritten extents, past the end)."""

@@ -1,15 +1,27 @@
-"""``sparsefs backup``: mount, copy skipping holes, verify, record checksums, unmount.
+"""``sparsefs backup``: copy each image straight from its reader, verify, record checksums.
 
-For each image, ``DEST_DIR/NAME.raw`` is written under a temporary name
-(``.NAME.raw.partial-PID``), copied from the mount by a SEEK_DATA/SEEK_HOLE
-loop (``copy_file_range`` where the kernel allows, else reads and writes that
-leave all-zero chunks as holes), synced, verified block by block against the
-image read directly (not through the mount), and only then renamed.  The
-manifests ``SPARSEFS-SUMS`` (sparsefs1 digests, for ``sparsefs checksum
---check``) and ``XXH128SUMS`` (for ``xxh128sum -c``) beside the copies are
-updated atomically, keeping the lines of other files.
+No FUSE mount is involved.  For each image (and, with ``--snapshots``, each
+internal snapshot), ``DEST_DIR/NAME.raw`` is written under a temporary name
+(``.NAME.raw.partial-PID``) from the one extent walk of the image: holes stay
+holes, and only stored data is read.  Two copy paths:
 
-Exit status: 0 when every image was copied and verified, 1 otherwise.
+- kernel copy: ``copy_file_range`` from the image (or data / backing) file for
+  plain data, the reader for the rest (compressed clusters ...); the image's
+  digest is computed at the same time by a second thread.  Used when the
+  destination is on the same filesystem as the image file and, unless
+  ``--reflink=auto``, that filesystem cannot share extents.
+- read-hash-write: every data block is read once, hashed for the image's
+  digest and written (all-zero blocks left as holes), by two worker threads.
+  Used everywhere else, and whenever the kernel refuses ``copy_file_range``.
+
+Then the copy is synced, its cached pages dropped (``POSIX_FADV_DONTNEED``),
+and its sparsefs1 digest computed by reading it back through its own holes
+map: what the storage holds, never the bytes that were written.  Only equal
+digests rename it into place and update ``SPARSEFS-SUMS`` (and ``XXH128SUMS``
+with ``--xxh128sums``: that must hash every zero of the virtual size, so it is
+opt-in), atomically, keeping other files' lines.
+
+Exit status: 0 when every file was copied and verified, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -19,14 +31,13 @@ import contextlib
 import errno
 import json
 import os
-import subprocess
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from sparsefs.checksum import compare, stream_xxh128
+from sparsefs.checksum import BlockRun, DigestResult, block_digest, compare, stream_xxh128
 from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.cli.common import (
     EXIT_FAILURE,
@@ -35,16 +46,23 @@ from sparsefs.cli.common import (
     fail_message,
     open_options,
 )
-from sparsefs.cli.mount import MountError, open_mount_set, unmount
+from sparsefs.cli.mount import open_mount_set
 from sparsefs.errors import SparsefsError
-from sparsefs.extents import data_size
+from sparsefs.extents import SparseSource, data_size
 from sparsefs.progress import Progress, human_bytes, human_duration
 from sparsefs.raw import RawFile
 
 SPARSEFS_SUMS = "SPARSEFS-SUMS"
 XXH128_SUMS = "XXH128SUMS"
-COPY_CHUNK = 8 * 1024 * 1024
-_ZERO_CHUNK = bytes(COPY_CHUNK)
+# Bytes per copy_file_range call (the kernel may do fewer).
+KERNEL_COPY_CHUNK = 64 * 1024 * 1024
+# copy_file_range errnos that mean "not here": fall back to read-hash-write.
+_KERNEL_COPY_REFUSED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                        errno.EBADF, errno.EPERM)
+# Filesystems where copy_file_range may share extents (reflink / block cloning /
+# server-side clone) instead of writing a second copy of the bytes.
+REFLINK_FILESYSTEMS = frozenset({"xfs", "btrfs", "bcachefs", "ocfs2", "zfs", "nfs", "nfs4",
+                                 "cifs", "smb3"})
 
 
 @dataclass
@@ -59,11 +77,15 @@ class Result:
     digest: str | None = None
     xxh128: str | None = None
     error: str | None = None
+    method: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "file": self.name, "ok": self.ok, "size": self.size, "data-bytes": self.data_bytes,
             "seconds": round(self.seconds, 3), "sparsefs1": self.digest, "xxh128": self.xxh128,
+            "copy-method": self.method,
+            "phase-seconds": {k: round(v, 3) for k, v in self.phases.items()},
             "error": self.error,
         }
 
@@ -72,109 +94,145 @@ class _CopyFailed(SparsefsError):
     pass
 
 
-def _mount_private(images: list[str], args: argparse.Namespace, mountpoint: str) -> None:
-    cmd = [sys.executable, "-m", "sparsefs", "mount"]
-    if args.no_backing:
-        cmd.append("--no-backing")
-    if args.backing_dir:
-        cmd += ["--backing-dir", args.backing_dir]
-    if args.force:
-        cmd.append("--force")
-    if getattr(args, "force_share", False):
-        cmd.append("--force-share")
-    if not args.snapshots:
-        cmd.append("--no-snapshots")
-    proc = subprocess.run([*cmd, *images, mountpoint], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        raise SparsefsError(lines[-1].removeprefix("sparsefs: ") if lines else "mount failed")
+class _KernelCopyRefused(Exception):
+    """copy_file_range is not possible here; use read-hash-write."""
 
 
-@contextlib.contextmanager
-def _private_mount(images: list[str], args: argparse.Namespace) -> Iterator[str]:
-    mountpoint = tempfile.mkdtemp(prefix="sparsefs-backup-")
+class FdProgress:
+    """nbdcopy-style progress for wrappers: ``N/100`` lines on a descriptor, as N grows."""
+
+    def __init__(self, fd: int, total: int) -> None:
+        self._fd = fd
+        self._total = max(total, 1)
+        self._done = 0
+        self._last = -1
+        self._lock = threading.Lock()
+        self.advance(0)
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+            percent = min(100, self._done * 100 // self._total)
+            if percent > self._last:
+                self._last = percent
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, f"{percent}/100\n".encode())
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._last < 100:
+                self._last = 100
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, b"100/100\n")
+
+
+def filesystem_type(path: str) -> str | None:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
     try:
-        _mount_private(images, args, mountpoint)
-        try:
-            yield mountpoint
-        finally:
-            for _ in range(50):
-                try:
-                    unmount(mountpoint)
-                    break
-                except MountError as exc:
-                    if "not mounted" in str(exc):
-                        break
-                    time.sleep(0.1)  # busy for a moment after the last close
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(mountpoint)
+        dev = os.stat(path).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if fields[2] == f"{os.major(dev)}:{os.minor(dev)}" and " - " in line:
+                    return line.split(" - ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None
 
 
-def _copy_range(src: int, dst: int, start: int, end: int, state: dict[str, bool],
-                bar: Progress) -> None:
-    pos = start
-    while pos < end:
-        n = min(COPY_CHUNK, end - pos)
-        if state["copy_file_range"]:
-            try:
-                done = os.copy_file_range(src, dst, n, pos, pos)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                state["copy_file_range"] = False
-                continue
-            if done == 0:
-                raise _CopyFailed(f"unexpected end of data at byte {pos}")
-        else:
-            buf = os.pread(src, n, pos)
-            done = len(buf)
-            if done == 0:
-                raise _CopyFailed(f"unexpected end of data at byte {pos}")
-            if buf != _ZERO_CHUNK[:done]:  # all-zero chunks stay holes
-                view = memoryview(buf)
-                written = 0
-                while written < done:
-                    written += os.pwrite(dst, view[written:], pos + written)
-        pos += done
-        bar.advance(done)
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
-def copy_sparse(src_path: str, dst_path: str, bar: Progress) -> None:
-    """Copy ``src_path`` to a new ``dst_path``, reading only the data SEEK_DATA reports.
+def copy_read_hash_write(source: SparseSource, dst: int,
+                         advance: Callable[[int], None]) -> DigestResult:
+    """Copy the data of ``source`` into ``dst`` (already sized) and return the image digest.
+
+    Each data block is read once, hashed and written; all-zero blocks are
+    not written (holes).
 
     Raises:
-        OSError: reading, writing or seeking failed (EIO from the mount included).
+        ImageReadError: a data range of the image cannot be read.
+        OSError: writing failed.
     """
-    src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(src).st_size
-        dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(dst, size)
-            state = {"copy_file_range": True}
-            pos = 0
-            while pos < size:
-                try:
-                    data = os.lseek(src, pos, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
+    def sink(offset: int, piece: bytes | bytearray | memoryview) -> None:
+        _pwrite_all(dst, piece, offset)
+
+    def on_run(run: BlockRun) -> None:
+        if run.bytes_read:
+            advance(run.bytes_read)
+
+    return block_digest(source, sink=sink, on_run=on_run)
+
+
+def copy_kernel(source: SparseSource, dst: int, advance: Callable[[int], None]) -> None:
+    """Copy the data of ``source`` into ``dst`` with copy_file_range where it can.
+
+    Pieces the source cannot hand over as file bytes come from ``read()``.
+
+    Raises:
+        _KernelCopyRefused: the kernel refused copy_file_range (nothing to undo
+            but the partial file).
+        ImageReadError: a data range of the image cannot be read.
+        OSError: reading or writing failed.
+    """
+    host_ranges = getattr(source, "iter_host_ranges", None)
+    if host_ranges is None:
+        raise _KernelCopyRefused("the source has no host ranges")
+    for ext in source.iter_extents(0):
+        if not ext.data:
+            continue
+        for start, end, raw, host in host_ranges(ext.guest_offset, ext.end):
+            pos = start
+            if raw is not None:
+                while pos < end:
+                    try:
+                        n = os.copy_file_range(raw.fd, dst, min(KERNEL_COPY_CHUNK, end - pos),
+                                               host + pos - start, pos)
+                    except OSError as exc:
+                        if exc.errno in _KERNEL_COPY_REFUSED:
+                            raise _KernelCopyRefused(exc.strerror) from exc
+                        raise
+                    if n == 0:  # the host file ends early: the reader knows what follows
                         break
-                    raise
-                hole = os.lseek(src, data, os.SEEK_HOLE)
-                _copy_range(src, dst, data, hole, state, bar)
-                pos = hole
-            os.fsync(dst)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
+                    pos += n
+                    advance(n)
+            if pos < end:
+                data = source.read(pos, end - pos)
+                if len(data) != end - pos:
+                    raise _CopyFailed(f"short read at byte {pos}")
+                if data.count(0) != len(data):
+                    _pwrite_all(dst, data, pos)
+                advance(end - pos)
 
 
-def _update_manifest(path: str, entries: dict[str, str]) -> None:
-    """Rewrite a manifest atomically: our names get new lines, other lines stay."""
+def _kernel_copy_allowed(source_file: str | None, dest_dir: str, reflink: str) -> bool:
+    """Whether to try copy_file_range: same filesystem, and no extent sharing unless asked."""
+    if source_file is None:
+        return False
+    try:
+        if os.stat(source_file).st_dev != os.stat(dest_dir).st_dev:
+            return False  # other filesystems refuse it (EXDEV) or copy through the page cache
+    except OSError:
+        return False
+    if reflink == "auto":
+        return True
+    return filesystem_type(dest_dir) not in REFLINK_FILESYSTEMS
+
+
+def _update_manifest(path: str, entries: dict[str, str], *, only_drop: bool = False) -> None:
+    """Rewrite a manifest atomically: our names get new lines, other lines stay.
+
+    With ``only_drop``, our names' lines are removed and none are written (a
+    manifest this run does not keep must not vouch for a replaced file).
+    """
     kept: list[str] = []
+    exists = False
     with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+        exists = True
         for line in f:
             line = line.rstrip("\n")
             entry = parse_manifest_line(line)
@@ -182,10 +240,15 @@ def _update_manifest(path: str, entries: dict[str, str]) -> None:
                 continue
             if line:
                 kept.append(line)
-    lines = kept + [format_line(digest, name) for name, digest in sorted(entries.items())]
+    if only_drop:
+        if not exists:
+            return
+        lines = kept
+    else:
+        lines = kept + [format_line(digest, name) for name, digest in sorted(entries.items())]
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("".join(line + "\n" for line in lines))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -199,6 +262,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Run:
+    """Settings of one backup run."""
+
+    dest: str
+    reflink: str
+    xxh128sums: bool
+    quiet: bool
+    bar_enabled: bool | None  # None: draw when stderr is a terminal
+    fd_progress: FdProgress | None
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     """Run a backup; see the subcommand help."""
     *images, dest = args.paths
@@ -206,28 +281,43 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise SparsefsError("backup needs at least one IMAGE and a DEST_DIR")
     if not os.path.isdir(dest):
         raise SparsefsError(f"{dest}: destination directory does not exist")
+    if args.progress_fd is not None:
+        try:
+            os.fstat(args.progress_fd)
+        except OSError:
+            raise SparsefsError(f"--progress={args.progress_fd}: not an open file "
+                                "descriptor") from None
     options = open_options(args)
     # Open every image first: a bad image fails the run before anything is copied.
     mset = open_mount_set(images, options, snapshots=args.snapshots)
     results: list[Result] = []
-    quiet = args.quiet
+    manifest_seconds = 0.0
     try:
-        enabled = False if quiet else None  # None: draw when stderr is a terminal
-        with _private_mount(images, args) as mountpoint:
-            for name, source in mset.files.items():
-                results.append(_backup_one(name, source, mountpoint, dest, enabled, quiet))
+        files = list(mset.files.items())
+        total = sum(2 * data_size(source) for _, source in files)
+        run = _Run(dest, args.reflink, args.xxh128sums, args.quiet or args.json,
+                   False if args.quiet else None,
+                   FdProgress(args.progress_fd, total) if args.progress_fd is not None else None)
+        for name, source in files:
+            results.append(_backup_one(name, source, run))
+        t0 = time.monotonic()
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
-        xsums = {r.name: r.xxh128 for r in results if r.ok and r.xxh128}
         if sums:
             _update_manifest(os.path.join(dest, SPARSEFS_SUMS), sums)
-            _update_manifest(os.path.join(dest, XXH128_SUMS), xsums)
+            xsums = {r.name: r.xxh128 for r in results if r.ok and r.xxh128}
+            _update_manifest(os.path.join(dest, XXH128_SUMS), xsums or sums,
+                             only_drop=not args.xxh128sums)
             _fsync_dir(dest)
+        manifest_seconds = time.monotonic() - t0
+        if run.fd_progress is not None:
+            run.fd_progress.finish()
     finally:
         mset.close()
     failed = [r for r in results if not r.ok]
     if args.json:
-        print(json.dumps({"ok": not failed, "files": [r.as_dict() for r in results]}, indent=2))
-    elif not quiet:
+        print(json.dumps({"ok": not failed, "files": [r.as_dict() for r in results],
+                          "manifest-seconds": round(manifest_seconds, 3)}, indent=2))
+    elif not args.quiet:
         data = sum(r.data_bytes for r in results if r.ok)
         secs = sum(r.seconds for r in results)
         print(f"backup: {len(results) - len(failed)} of {len(results)} files copied and "
@@ -235,44 +325,125 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def _backup_one(name: str, source: object, mountpoint: str, dest: str,
-                enabled: bool | None, quiet: bool) -> Result:
-    from sparsefs.extents import SparseSource
+def copy_image(source: SparseSource, partial: str, *, kernel: bool,
+               advance: Callable[[int], None]) -> tuple[DigestResult, str]:
+    """Write ``source`` to the new file ``partial``; return (image digest, copy method).
 
-    assert isinstance(source, SparseSource)
-    final = os.path.join(dest, name)
-    partial = os.path.join(dest, f".{name}.partial-{os.getpid()}")
+    The file is synced and its cached pages dropped before it is closed, so
+    what is read back next comes from the storage.
+
+    Raises:
+        ImageReadError, OSError: reading the image or writing the copy failed.
+    """
+    dst = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(dst, source.size)
+        digest: DigestResult | None = None
+        method = "read-hash-write"
+        if kernel:
+            # The image digest, by a second thread while the kernel copies.
+            box: dict[str, DigestResult | BaseException] = {}
+
+            def hash_image() -> None:
+                try:
+                    box["digest"] = block_digest(source)
+                except BaseException as exc:  # re-raised below
+                    box["error"] = exc
+
+            hasher = threading.Thread(target=hash_image, name="sparsefs-image-digest")
+            hasher.start()
+            copied = [0]
+
+            def counted(n: int) -> None:
+                copied[0] += n
+                advance(n)
+
+            try:
+                copy_kernel(source, dst, counted)
+                method = "copy_file_range"
+            except _KernelCopyRefused:
+                os.ftruncate(dst, 0)  # start again, the other way
+                os.ftruncate(dst, source.size)
+                advance(-copied[0])
+            finally:
+                hasher.join()
+            if "error" in box:
+                raise box["error"]  # type: ignore[misc]
+            if method == "copy_file_range":
+                result = box["digest"]
+                assert isinstance(result, DigestResult)
+                digest = result
+        if digest is None:
+            digest = copy_read_hash_write(source, dst, advance)
+        os.fsync(dst)
+        os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(dst)
+    return digest, method
+
+
+def _source_file(source: SparseSource) -> str | None:
+    """The host file a source reads most of its data from (for the kernel-copy decision)."""
+    qfile = getattr(source, "qfile", None)
+    data = getattr(qfile, "data", None) if qfile is not None else source
+    path = getattr(data, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
+    final = os.path.join(run.dest, name)
+    partial = os.path.join(run.dest, f".{name}.partial-{os.getpid()}")
     result = Result(name, ok=False, size=source.size)
-    bar = Progress(data_size(source), label=f"{name} copy", enabled=enabled)
+    data = data_size(source)
+    bar = Progress(2 * data, label=name, enabled=run.bar_enabled)
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            bar.advance(n)
+        if run.fd_progress is not None:
+            run.fd_progress.advance(n)
+
     t0 = time.monotonic()
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+        kernel = _kernel_copy_allowed(_source_file(source), run.dest, run.reflink)
         with bar:
-            copy_sparse(os.path.join(mountpoint, name), partial, bar)
-        with RawFile(partial) as copy:
-            # Verification reads the image directly (not the mount) and the copy.
-            with Progress(source.size, label=f"{name} verify", enabled=bar.enabled) as vbar:
-                difference, digest = compare(source, copy,
-                                             progress=vbar.update if vbar.enabled else None)
-            if difference is not None or digest is None:
-                where = (f"at byte {difference.offset}" if difference and difference.offset
-                         is not None else "in length")
-                raise _CopyFailed(f"verification failed: the copy differs from the image {where}; "
-                                  "no file written")
-            with Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar:
-                xxh = stream_xxh128(copy, progress=xbar.update if xbar.enabled else None)
+            bar.label = f"{name} copy"
+            image_digest, result.method = copy_image(source, partial, kernel=kernel,
+                                                     advance=advance)
+            t1 = time.monotonic()
+            result.phases["copy"] = t1 - t0
+            bar.label = f"{name} verify"
+            with RawFile(partial) as copy:
+                # The copy as the storage holds it, through its own holes.
+                copy_digest = block_digest(
+                    copy, on_run=lambda r: advance(r.bytes_read) if r.bytes_read else None)
+                if copy.size != source.size or copy_digest.digest != image_digest.digest:
+                    difference, _ = compare(source, copy)
+                    where = (f"at byte {difference.offset}" if difference and
+                             difference.offset is not None else "in length")
+                    raise _CopyFailed(f"verification failed: the copy differs from the image "
+                                      f"{where}; no file written")
+                t2 = time.monotonic()
+                result.phases["verify"] = t2 - t1
+                if run.xxh128sums:
+                    with Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar:
+                        result.xxh128 = stream_xxh128(
+                            copy, progress=xbar.update if xbar.enabled else None).digest
+                    result.phases["xxh128"] = time.monotonic() - t2
         os.replace(partial, final)
         result.ok = True
-        result.digest = digest.digest
-        result.xxh128 = xxh.digest
+        result.digest = image_digest.digest
         result.data_bytes = os.stat(final).st_blocks * 512
     except _CopyFailed as exc:
         result.error = f"{final}: {exc}"
     except (SparsefsError, OSError) as exc:
-        result.error = fail_message(exc).removeprefix("sparsefs: ")
         if isinstance(exc, OSError) and not exc.filename:
             result.error = f"{final}: copy failed: {exc.strerror or exc}"
+        else:  # names the image and the problem
+            result.error = f"{final}: not written: " + fail_message(exc).removeprefix("sparsefs: ")
     if not result.ok:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
@@ -280,32 +451,55 @@ def _backup_one(name: str, source: object, mountpoint: str, dest: str,
     bar.close()
     if not result.ok:
         print(f"sparsefs: {result.error}", file=sys.stderr)
-    elif not quiet:
+    elif not run.quiet:
         print(f"{name}: {human_bytes(result.data_bytes)} of {human_bytes(result.size)} copied "
               f"and verified in {human_duration(result.seconds)}  {result.digest}")
     return result
+
+
+def _fd(text: str) -> int:
+    try:
+        fd = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a file descriptor number: {text!r}") from None
+    if fd < 0:
+        raise argparse.ArgumentTypeError(f"not a file descriptor number: {text!r}")
+    return fd
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``backup``."""
     b = sub.add_parser(
         "backup",
-        help="back up images to raw files, skipping holes, verified, with checksum manifests",
-        description="Mount the images privately, copy each to DEST_DIR/NAME.raw reading only "
-        "the stored data (holes stay holes), verify every copy against its image, and record "
-        "DEST_DIR/SPARSEFS-SUMS (check with 'cd DEST_DIR && sparsefs checksum --check "
-        "SPARSEFS-SUMS') and DEST_DIR/XXH128SUMS (check with 'cd DEST_DIR && xxh128sum -c "
-        "XXH128SUMS'). Copies are written under a temporary name and renamed only once "
-        "verified, so a failed run never leaves a file that looks complete. Shows a progress "
-        "bar on a terminal, one summary line per file otherwise. Exit status 0 when every "
-        "file was copied and verified, 1 otherwise: a systemd timer or cron can alert on it.",
+        help="back up images to raw files, skipping holes, verified, with a checksum manifest",
+        description="Copy each image to DEST_DIR/NAME.raw straight from its metadata, reading "
+        "only the stored data (holes stay holes). Each copy is synced, its cached pages "
+        "dropped, and read back from the storage; only when its digest equals the image's "
+        "is it renamed into place and recorded in DEST_DIR/SPARSEFS-SUMS (check anywhere "
+        "with 'cd DEST_DIR && sparsefs checksum --check SPARSEFS-SUMS'). Copies are written "
+        "under a temporary name, so a failed run never leaves a file that looks complete. "
+        "Shows a progress bar on a terminal, one summary line per file otherwise. Exit "
+        "status 0 when every file was copied and verified, 1 otherwise: a systemd timer or "
+        "cron can alert on it.",
     )
     b.add_argument("paths", nargs="+", metavar="IMAGE... DEST_DIR",
-                   help="qcow2 images, then an existing destination directory")
+                   help="images, then an existing destination directory")
     b.add_argument("--snapshots", action="store_true",
                    help="also back up each internal snapshot as NAME@SNAPSHOT.raw")
+    b.add_argument("--xxh128sums", action="store_true",
+                   help="also write DEST_DIR/XXH128SUMS for 'xxh128sum -c' (hashes every zero "
+                   "of the virtual size: time grows with the disk size, not the data)")
+    b.add_argument("--reflink", choices=("never", "auto"), default="never",
+                   help="'never' (default): the copy never shares extents with the image, so "
+                   "it survives damage to the image's blocks; 'auto': on the same XFS/btrfs "
+                   "filesystem, copy_file_range may share them (instant, no extra space, "
+                   "but not an independent copy)")
+    b.add_argument("--progress", dest="progress_fd", type=_fd, metavar="FD",
+                   help="write progress as 'N/100' lines to file descriptor FD (as nbdcopy "
+                   "--progress=FD does), for wrappers and GUIs")
     b.add_argument("-q", "--quiet", action="store_true",
                    help="print nothing but errors (no progress bar, no summary)")
-    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("--json", action="store_true",
+                   help="print the results as JSON, with per-phase times")
     add_open_options(b)
     b.set_defaults(func=cmd_backup)

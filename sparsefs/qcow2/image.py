@@ -424,6 +424,9 @@ class Qcow2File:
                 ) from None
             self._closers.append(self.data)
             self._lock(self.data, locking.ROLE_DATA_FILE)
+        # From here on, every read of the image file is of something its
+        # metadata places there: past the end of the file means truncated.
+        self.file.strict_end = True
         # Backing chain
         self.backing: SparseSource | None = None
         self.backing_path: str | None = None
@@ -900,7 +903,7 @@ class Qcow2File:
             )
         # The last sector may run past the end of the file (qemu reads it short).
         nb_bytes = min(nb_bytes, self.file.file_size - host_offset)
-        raw = _pread_exact(self, host_offset, nb_bytes)
+        raw = self.file.pread(host_offset, nb_bytes)
         try:
             if self.compression_type == L.COMPRESSION_ZSTD:
                 out = self._zstd_decompress(raw)
@@ -1142,10 +1145,7 @@ class Qcow2Image:
             s, e, kind = run.guest_offset, run.guest_end, run.kind
             n = e - s
             if kind == RUN_DATA:
-                if qfile.external_data:
-                    parts.append(qfile.data.pread(run.host, n))
-                else:
-                    parts.append(_pread_exact(qfile, run.host, n))
+                parts.append(qfile.data.pread(run.host, n))
             elif kind == RUN_ZERO or kind == RUN_UNWRITTEN:
                 parts.append(bytes(n))
             elif kind == RUN_UNALLOCATED:
@@ -1263,6 +1263,37 @@ class Qcow2Image:
             else:
                 return False
         return True
+
+    def iter_host_ranges(
+        self, guest_offset: int, guest_end: int
+    ) -> Iterator[tuple[int, int, RawFile | None, int]]:
+        """What a copy of ``[guest_offset, guest_end)`` must write, piece by piece.
+
+        Yields ``(guest_start, guest_end, file, host_offset)`` in order:
+        ``file`` holds exactly the guest bytes at ``host_offset`` (read them
+        with ``file.pread_into``, or let the kernel copy them with
+        ``copy_file_range``), or is None when the piece must come from
+        :meth:`read` (compressed clusters, broken ranges, layers that cannot
+        say).  Ranges that read as zeros are left out.
+        """
+        backing = self._backing
+        data_file = self.qfile.data
+        for s, e, kind, host in self._runs(guest_offset, min(guest_end, self._size)):
+            if kind == RUN_DATA:
+                yield (s, e, data_file, host)
+            elif kind in _ZERO_KINDS:
+                continue
+            elif kind == RUN_UNALLOCATED:
+                if backing is None or s >= backing.size:
+                    continue
+                stop = min(e, backing.size)
+                below = getattr(backing, "iter_host_ranges", None)
+                if below is None:
+                    yield (s, stop, None, 0)
+                else:
+                    yield from below(s, stop)
+            else:
+                yield (s, e, None, 0)
 
     def _read_below(self, guest_offset: int, length: int) -> bytes:
         backing = self._backing
@@ -1432,21 +1463,6 @@ def _clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent
             yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
             break
         yield ext
-
-
-def _pread_exact(qfile: Qcow2File, host_offset: int, length: int) -> bytes:
-    try:
-        buf = os.pread(qfile.file.fd, length, host_offset)
-    except OSError as exc:
-        raise ImageReadError(
-            f"{qfile.path}: read of {length} bytes at {host_offset:#x} failed: {exc.strerror}"
-        ) from exc
-    if len(buf) != length:
-        raise ImageReadError(
-            f"{qfile.path}: data at {host_offset:#x} is past the end of the file "
-            "(was the image truncated?)"
-        )
-    return buf
 
 
 def open_image(

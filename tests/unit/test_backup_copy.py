@@ -1,0 +1,180 @@
+"""``sparsefs backup`` copies straight from the reader (no mount): every image kind,
+both copy paths, the reflink policy, progress for wrappers, per-phase times."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+from format_images import BUILDERS as QCOW2_KINDS
+from format_images import ImageCache, qemu_convert
+from prealloc_images import BUILDERS as PREALLOC_KINDS
+from support import MiB, files_equal, make_image, oracle_data_bytes, qemu_raw
+
+from sparsefs.cli import backup as backup_mod
+from sparsefs.cli import main
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
+    return ImageCache(tmp_path_factory.mktemp("backup-kinds"))
+
+
+def _backup(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    status = main(["backup", "--json", *args])
+    out = json.loads(capsys.readouterr().out)
+    assert status == (0 if out["ok"] else 1)
+    return out  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", list(QCOW2_KINDS))
+def test_every_qcow2_kind_is_copied_exactly(kind: str, images: ImageCache, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    built = images.get(kind)
+    if built.cwd is not None:
+        monkeypatch.chdir(built.cwd)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = _backup(capsys, "--snapshots", str(built.image), str(dest))
+    assert out["ok"], out
+    stem = built.image.name.removesuffix(".qcow2")
+    expected = qemu_convert(built, tmp_path / "ref.raw")
+    assert (dest / f"{stem}.raw").read_bytes() == expected
+    for snap in built.snapshots:
+        via_l = qemu_convert(built, tmp_path / "ref.raw", snapshot=snap)
+        copy = (dest / f"{stem}@{snap}.raw").read_bytes()
+        assert copy == via_l[: len(copy)] and via_l[len(copy):].count(0) == len(via_l) - len(copy)
+    sums = (dest / "SPARSEFS-SUMS").read_text()
+    assert sums.count("sparsefs1:") == 1 + len(built.snapshots)
+
+
+@pytest.mark.parametrize("kind", list(PREALLOC_KINDS))
+def test_preallocated_images_copy_only_their_data(kind: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    image = PREALLOC_KINDS[kind](src)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = _backup(capsys, str(image), str(dest))
+    (record,) = out["files"]  # type: ignore[misc]
+    assert record["ok"], record
+    copy = dest / (image.stem + ".raw")
+    assert files_equal(copy, qemu_raw(image, tmp_path / "ref.raw"))
+    assert copy.stat().st_blocks * 512 <= oracle_data_bytes(image) + MiB
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    return make_image(src / "vm.qcow2", 96 * MiB, seed=77, writes=24, max_len=2 * MiB)
+
+
+def _method(out: dict[str, object]) -> str:
+    (record,) = out["files"]  # type: ignore[misc]
+    assert record["ok"], record
+    return str(record["copy-method"])
+
+
+def test_same_filesystem_uses_copy_file_range(image: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    fs = backup_mod.filesystem_type(str(dest))
+    assert fs is not None
+    out = _backup(capsys, str(image), str(dest))
+    expected = "read-hash-write" if fs in backup_mod.REFLINK_FILESYSTEMS else "copy_file_range"
+    assert _method(out) == expected
+    assert files_equal(dest / "vm.raw", qemu_raw(image, tmp_path / "ref.raw"))
+    (record,) = out["files"]  # type: ignore[misc]
+    assert set(record["phase-seconds"]) == {"copy", "verify"}  # type: ignore[arg-type]
+    assert "manifest-seconds" in out
+
+
+def test_other_filesystem_reads_hashes_and_writes(image: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    shm = Path("/dev/shm")
+    if os.stat(shm).st_dev == os.stat(image).st_dev:
+        pytest.fail("/dev/shm and the test directory must be different filesystems")
+    dest = shm / f"sparsefs-test-{os.getpid()}"
+    dest.mkdir()
+    try:
+        out = _backup(capsys, str(image), str(dest))
+        assert _method(out) == "read-hash-write"
+        assert files_equal(dest / "vm.raw", qemu_raw(image, tmp_path / "ref.raw"))
+        assert (dest / "vm.raw").stat().st_blocks * 512 <= oracle_data_bytes(image) + MiB
+    finally:
+        for p in dest.iterdir():
+            p.unlink()
+        dest.rmdir()
+
+
+def test_refused_copy_file_range_falls_back(image: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The kernel refuses mid-copy (EXDEV): the file is redone by read-hash-write, exact."""
+    calls = []
+    real = os.copy_file_range
+
+    def refusing(*args: int) -> int:
+        calls.append(args)
+        if len(calls) > 2:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real(*args)
+
+    monkeypatch.setattr(backup_mod, "_kernel_copy_allowed", lambda *a: True)
+    monkeypatch.setattr(os, "copy_file_range", refusing)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = _backup(capsys, str(image), str(dest))
+    assert len(calls) == 3
+    assert _method(out) == "read-hash-write"
+    assert files_equal(dest / "vm.raw", qemu_raw(image, tmp_path / "ref.raw"))
+
+
+@pytest.mark.parametrize(("fs", "reflink", "allowed"), [
+    ("ext4", "never", True), ("xfs", "never", False), ("btrfs", "never", False),
+    ("xfs", "auto", True), ("ext4", "auto", True),
+])
+def test_reflink_policy(fs: str, reflink: str, allowed: bool, image: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup_mod, "filesystem_type", lambda path: fs)
+    assert backup_mod._kernel_copy_allowed(str(image), str(image.parent), reflink) is allowed
+    # Another filesystem: never (the kernel would refuse, or copy through the page cache).
+    assert backup_mod._kernel_copy_allowed(str(image), "/dev/shm", reflink) is False
+
+
+def test_progress_fd_prints_percent_lines(image: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    r, w = os.pipe()
+    try:
+        assert main(["backup", "-q", f"--progress={w}", str(image), str(dest)]) == 0
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "r") as f:
+            r = -1
+            lines = f.read().splitlines()
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    values = [int(line.removesuffix("/100")) for line in lines]
+    assert all(line.endswith("/100") for line in lines)
+    assert values == sorted(set(values)) and values[0] == 0 and values[-1] == 100
+    assert len(values) > 3
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_fd_must_be_open(image: Path, tmp_path: Path) -> None:
+    from support import one_line_error, sparsefs
+
+    proc = sparsefs("backup", "--progress=97", str(image), str(tmp_path))
+    one_line_error(proc, "--progress=97", "not an open file descriptor")
+    assert not list(tmp_path.glob("*.raw"))
