@@ -32,7 +32,6 @@ import ctypes.util
 import errno
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -461,32 +460,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ranges the image's persistent dirty bitmap BITMAP marks dirty, then verify what was "
         "written and update SPARSEFS-SUMS (see README 'Incremental backups')",
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m sparsefs.cli.incremental IMAGE... DEST_DIR --since B``)."""
-    from sparsefs.cli.common import add_open_options, fail_message, open_options
-
-    parser = argparse.ArgumentParser(prog="sparsefs backup")
-    parser.add_argument("paths", nargs="+", metavar="IMAGE... DEST_DIR")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    parser.add_argument("--json", action="store_true")
-    add_arguments(parser)
-    add_open_options(parser)
-    args = parser.parse_args(argv)
-    *images, dest = args.paths
-    if not images or not args.since:
-        parser.error("needs IMAGE... DEST_DIR and --since BITMAP")
-    try:
-        return run_since(images, dest, args.since, open_options(args), quiet=args.quiet,
-                         as_json=args.json)
-    except (SparsefsError, OSError) as exc:
-        print(fail_message(exc), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sparsefs: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

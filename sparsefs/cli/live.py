@@ -174,6 +174,10 @@ def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]
                                          quiet=ns.quiet, as_json=ns.json)
         return full(ns)
 
+    if not images:
+        raise SparsefsError("backup needs at least one IMAGE and a DEST_DIR")
+    if getattr(args, "since", None) and getattr(args, "snapshots", False):
+        raise SparsefsError("--since cannot be combined with --snapshots")
     if not getattr(args, "qmp", None):
         if getattr(args, "node", None):
             raise SparsefsError("--node needs --qmp")
@@ -188,34 +192,3 @@ def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]
         status = inner(args)
         live.rotate = bool(args.since) and status == 0
         return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry until ``backup`` takes these options: ``python -m sparsefs.cli.live``.
-
-    Takes ``backup``'s arguments plus ``--qmp``, ``--node`` and ``--since``.
-    """
-    import sys
-
-    from sparsefs.cli import backup, incremental
-    from sparsefs.cli.common import fail_message
-
-    top = argparse.ArgumentParser(prog="sparsefs")
-    sub = top.add_subparsers(dest="command")
-    backup.add_parser(sub)
-    parser = sub.choices["backup"]
-    add_arguments(parser)
-    incremental.add_arguments(parser)
-    args = top.parse_args(["backup", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return dispatch(args, backup.cmd_backup)
-    except (SparsefsError, OSError) as exc:
-        print(fail_message(exc), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sparsefs: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

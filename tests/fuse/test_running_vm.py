@@ -232,7 +232,7 @@ def test_snapshot_backup_commit_while_writing(
     assert not files_equal(committed, at_snapshot)
 
 
-LIVE = [sys.executable, "-m", "sparsefs.cli.live"]
+LIVE = [sys.executable, "-m", "sparsefs", "backup"]
 
 
 def test_backup_qmp_snapshots_backs_up_and_commits(
