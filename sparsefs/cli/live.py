@@ -92,6 +92,33 @@ def snapshot_for_backup(
     )
     overlay_node = f"sparsefs-overlay-{pid}"
     window = f"{bitmap}.sparsefs-window-{pid}" if bitmap else None
+    run = LiveRun(overlay)
+    # Ctrl-C and SIGTERM are held off from the snapshot until the try below is
+    # entered: an interrupt in between would skip the commit.
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        _snapshot(socket_path, node, image_path, overlay, overlay_node, window)
+    except BaseException:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        raise
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, old_int)
+        yield run
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _commit(socket_path, overlay_node, overlay, node, bitmap, window, run.rotate)
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _snapshot(socket_path: str, node: str, image_path: str, overlay: str, overlay_node: str,
+              window: str | None) -> None:
     with QMPClient(socket_path) as qmp:
         current = _node_file(qmp, node)
         if os.path.realpath(current) != os.path.realpath(image_path):
@@ -108,18 +135,6 @@ def snapshot_for_backup(
             actions.insert(0, {"type": "block-dirty-bitmap-add",
                                "data": {"node": node, "name": window, "persistent": False}})
         qmp.execute("transaction", actions=actions)
-    run = LiveRun(overlay)
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield run
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            _commit(socket_path, overlay_node, overlay, node, bitmap, window, run.rotate)
-        finally:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
 
 
 def _commit(socket_path: str, overlay_node: str, overlay: str, node: str,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -346,3 +348,61 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
                         if n["node-name"] == "disk")
             names = [b["name"] for b in disk.get("dirty-bitmaps", [])]
         assert names == ["nightly"], names  # the temporary window bitmaps are gone
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_backup_qmp_commits_on_interrupt(
+    vm: tuple[Path, VM, Writer], tmp_path: Path, signum: int
+) -> None:
+    """Ctrl-C or SIGTERM in the middle of the backup: the overlay is still committed back.
+
+    The backup is held in the middle by a full pipe as its --progress descriptor.
+    """
+    image, machine, writer = vm
+    writer.wait_rounds(1)
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    proc = subprocess.Popen([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
+                             "--progress", str(write_end), str(image), str(dest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with QMPClient(str(machine.qmp_sock)) as qmp:
+                names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
+            if any(n.startswith("sparsefs-overlay") for n in names):
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no snapshot was taken"
+            time.sleep(0.05)
+        writer.wait_rounds(1)  # the VM writes into the overlay meanwhile
+        assert proc.poll() is None, "the backup should be held by the full pipe"
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(read_end)
+    one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
+                   "interrupted")
+    assert proc.returncode == 130
+    with QMPClient(str(machine.qmp_sock)) as qmp:
+        names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
+        assert not [n for n in names if n.startswith("sparsefs-overlay")], names
+        assert qmp.execute("query-jobs") == []
+    assert not list(image.parent.glob(".vm.qcow2.sparsefs-overlay-*"))
+    assert not [p.name for p in dest.iterdir()], "no partial copy may be left"
+    writer.wait_rounds(1)
+    writer.stop()
+    final = tmp_path / "final.raw"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri, str(final)])
+    machine.stop()
+    assert files_equal(qemu_raw(image, tmp_path / "committed.raw", fmt="qcow2"), final)
