@@ -32,6 +32,7 @@ from support import (
 )
 
 from sparsefs.cli import incremental
+from sparsefs.errors import SparsefsError
 from sparsefs.qcow2 import open_image
 
 SIZE = 64 * MiB
@@ -115,7 +116,7 @@ def test_since_writes_only_dirty_and_equals_image(setup: tuple[Path, Path, Path]
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)["files"][0]
     assert not result["copy-rehashed"]  # trusted the block digests of the last verified run
-    assert result["verified-bytes"] == MiB
+    assert result["verified-bytes"] == result["dirty-bytes"] == 128 * KiB
     assert wchar <= 128 * KiB + 256 * KiB
     assert files_equal(copy, qemu_raw(image, tmp_path / "ref2.raw"))
     check_manifest(dest)
@@ -275,10 +276,31 @@ def test_full_backup_then_since(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     run(["qemu-img", "bitmap", "--add", str(image), "nightly"])
     qemu_io(image, "write -q -P 0x31 17M 100k", "discard -q 0 1M")
-    proc, wchar = since(str(image), str(dest), "--since", "nightly")
+    proc, wchar = since(str(image), str(dest), "--since", "nightly", "--json")
     assert proc.returncode == 0, proc.stderr
+    # The first run after a full backup hashes the copy once against SPARSEFS-SUMS.
+    assert json.loads(proc.stdout)["files"][0]["copy-rehashed"]
     assert files_equal(dest / "web.raw", qemu_raw(image, tmp_path / "ref.raw"))
     check_manifest(dest)
     assert wchar <= dirty_bytes(image, "nightly") + 256 * KiB
     # XXH128SUMS would need every byte hashed again: its line is dropped, not left stale.
     assert "web.raw" not in (dest / "XXH128SUMS").read_text()
+
+
+def test_bad_write_fails_verification(
+    setup: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that does not hold what was written is caught, and no manifest vouches for it."""
+    image, dest, _copy = setup
+    qemu_io(image, "write -q -P 0x14 6M 64k")
+    real = incremental._copy_range
+
+    def corrupting(image_: object, fd: int, start: int, end: int) -> int:
+        written = real(image_, fd, start, end)  # type: ignore[arg-type]
+        os.pwrite(fd, b"\xff", start + 100)  # what the storage gives back is wrong
+        return written
+
+    monkeypatch.setattr(incremental, "_copy_range", corrupting)
+    with open_image(image) as im, pytest.raises(SparsefsError, match="verification failed"):
+        incremental.backup_since(im, str(image), str(dest), "nightly")
+    assert "vm.raw" not in (dest / "SPARSEFS-SUMS").read_text()
