@@ -271,7 +271,7 @@ def read_table(image: Qcow2Image, bitmap: Bitmap) -> list[int]:
             problem = f"offset {offset:#x} is not cluster aligned"
         elif offset and offset < cs:
             problem = f"offset {offset:#x} overlaps the header"
-        elif offset + cs > qfile.file.file_size and offset:
+        elif offset and offset + cs > qfile.file.file_size:
             problem = f"offset {offset:#x} is past the end of the file"
         if problem is not None:
             raise ImageFormatError(
