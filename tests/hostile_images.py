@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,12 +195,7 @@ def build_bases(directory: Path) -> dict[str, Path]:
         run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
              str(src), str(target)])
         out[kind] = target
-    snap = make_image(d / "snapshots.qcow2", 2 * MiB, seed=4, writes=8)
-    run(["qemu-img", "snapshot", "-c", "first", str(snap)])
-    qemu_io(snap, "write -q -P 0x5a 64k 192k", "discard -q 1M 128k")
-    run(["qemu-img", "snapshot", "-c", "second", str(snap)])
-    qemu_io(snap, "write -q -P 0x6b 1536k 64k")
-    out["snapshots"] = snap
+    out["snapshots"] = build_snapshots(d)
     out["extl2"] = make_image(d / "extl2.qcow2", 2 * MiB, seed=5,
                               options=["extended_l2=on", "cluster_size=65536"], writes=16,
                               max_len=40 * KiB)
@@ -212,6 +208,16 @@ def build_bases(directory: Path) -> dict[str, Path]:
             "write -q -z 1536k 64k")
     out["datafile"] = d / "datafile.qcow2"
     return out
+
+
+def build_snapshots(directory: Path) -> Path:
+    """``snapshots.qcow2``: 2 MiB, 64 KiB clusters, internal snapshots 'first' and 'second'."""
+    snap = make_image(directory / "snapshots.qcow2", 2 * MiB, seed=4, writes=8)
+    run(["qemu-img", "snapshot", "-c", "first", str(snap)])
+    qemu_io(snap, "write -q -P 0x5a 64k 192k", "discard -q 1M 128k")
+    run(["qemu-img", "snapshot", "-c", "second", str(snap)])
+    qemu_io(snap, "write -q -P 0x6b 1536k 64k")
+    return snap
 
 
 # -- seeded mutations ------------------------------------------------------------------
@@ -395,3 +401,119 @@ class Mutator:
                 if p < len(b):
                     b[p] = v
         return f"{n} random bytes in metadata at {start:#x}: {spots}", change
+
+
+# -- qemu's answer for one range ----------------------------------------------------------
+
+
+def qemu_dd_range(image: Path, start: int, length: int, scratch: Path) -> bytes | None:
+    """``qemu-img dd`` of guest bytes ``[start, start + length)``; None when qemu fails (EIO).
+
+    ``start`` must be a multiple of ``length``.  qemu-img dd (7.2) counts
+    ``count`` from the start of the image, not from ``skip``.
+    """
+    assert start % length == 0
+    out = scratch / f"dd-{start}-{length}.raw"
+    out.unlink(missing_ok=True)
+    block = start // length
+    proc = subprocess.run(
+        ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={image}", f"of={out}",
+         f"bs={length}", f"skip={block}", f"count={block + 1}"],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        assert "Input/output error" in proc.stderr, proc.stderr
+        return None
+    data = out.read_bytes()
+    assert len(data) == length, (len(data), proc.stderr)
+    return data
+
+
+# -- damaged snapshots (the "snapshots" base: snapshots 'first' and 'second') --------------
+
+
+@dataclass(frozen=True)
+class SnapshotDamage:
+    """One way to damage the snapshot metadata of the "snapshots" base image.
+
+    ``damaged`` names the snapshots sparsefs must refuse ("*": the whole
+    table); ``qemu_opens`` tells whether QEMU 7.2 still opens the image (else
+    sparsefs keeps a deliberate difference: the active disk is served);
+    ``qemu_reads_damaged`` whether qemu-img convert -l still reads a damaged
+    snapshot (then it serves zeros, see the README); ``words`` must appear in
+    sparsefs's message.
+    """
+
+    name: str
+    damaged: tuple[str, ...]
+    qemu_opens: bool
+    qemu_reads_damaged: bool
+    words: str
+    change: Callable[[bytearray, Located], None]
+
+
+def _put_snapshot(index: int, name: str, value: Callable[[Located], int]
+                  ) -> Callable[[bytearray, Located], None]:
+    off, fmt = SNAPSHOT_FIELDS[name]
+
+    def change(buf: bytearray, loc: Located) -> None:
+        put(buf, loc.snapshot_entries[index] + off, fmt, value(loc))
+    return change
+
+
+def _put_header(name: str, value: Callable[[Located], int]) -> Callable[[bytearray, Located], None]:
+    pos, fmt = HEADER_FIELDS[name]
+
+    def change(buf: bytearray, loc: Located) -> None:
+        put(buf, pos, fmt, value(loc))
+    return change
+
+
+def _snapshot_l1(loc: Located, index: int) -> int:
+    return int(struct.unpack_from(">Q", loc.raw, loc.snapshot_entries[index])[0])
+
+
+def _move_table_cut(buf: bytearray, loc: Located) -> None:
+    """Copy the snapshot table to the end of the file without its last 8 bytes."""
+    last = loc.snapshot_entries[-1]
+    extra, id_len, name_len = struct.unpack_from(">I", loc.raw, last + 36)[0], *struct.unpack_from(
+        ">HH", loc.raw, last + 12)
+    table = loc.raw[loc.snapshots_offset : last + 40 + extra + id_len + name_len]
+    new = -(-len(buf) // loc.cluster_size) * loc.cluster_size
+    buf.extend(bytes(new - len(buf)))
+    buf.extend(table[:-8])
+    put(buf, HEADER_FIELDS["snapshots_offset"][0], ">Q", new)
+
+
+SNAPSHOT_DAMAGES = [
+    SnapshotDamage("l1-offset-unaligned", ("first",), True, False, "is not cluster aligned",
+                   _put_snapshot(0, "l1_table_offset", lambda loc: _snapshot_l1(loc, 0) + 512)),
+    SnapshotDamage("l1-size-too-large", ("first",), True, False, "L1 table too large",
+                   _put_snapshot(0, "l1_size", lambda loc: 0x1000000)),
+    SnapshotDamage("l1-past-end", ("second",), True, True, "is past the end of the file",
+                   _put_snapshot(1, "l1_table_offset",
+                                 lambda loc: -(-loc.file_size // loc.cluster_size)
+                                 * loc.cluster_size)),
+    SnapshotDamage("table-past-end", ("*",), True, False, "is past the end of the file",
+                   _put_header("snapshots_offset", lambda loc: 1 << 45)),
+    SnapshotDamage("zero-entry", ("snapshot-3",), True, False, "too few for a virtual size",
+                   _put_header("nb_snapshots", lambda loc: loc.nb_snapshots + 1)),
+    SnapshotDamage("table-runs-past-end", ("*",), True, False, "runs past the end of the file",
+                   lambda buf, loc: _move_table_cut(buf, loc)),
+    SnapshotDamage("table-offset-unaligned", ("*",), False, False, "is not cluster aligned",
+                   _put_header("snapshots_offset", lambda loc: loc.snapshots_offset + 512)),
+    SnapshotDamage("too-many-snapshots", ("*",), False, False, "qemu allows at most 65536",
+                   _put_header("nb_snapshots", lambda loc: 0xFFFFFFFF)),
+]
+
+
+def damage_snapshots(src: Path, dst: Path, damage: SnapshotDamage) -> Located:
+    """Copy the intact "snapshots" image ``src`` to ``dst`` with ``damage``.
+
+    Returns the intact image, located.
+    """
+    loc = locate(src)
+    buf = bytearray(loc.raw)
+    damage.change(buf, loc)
+    dst.write_bytes(buf)
+    return loc

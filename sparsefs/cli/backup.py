@@ -309,6 +309,7 @@ def _backup_full(args: argparse.Namespace) -> int:
                    FdProgress(args.progress_fd, total) if args.progress_fd is not None else None)
         for name, source in files:
             results.append(_backup_one(name, source, run))
+        results += [Result(name, ok=False, error=problem) for name, problem in mset.damaged]
         t0 = time.monotonic()
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
         if sums:

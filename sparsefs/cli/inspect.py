@@ -102,9 +102,11 @@ def describe(image: Qcow2Image) -> dict[str, Any]:
                 "virtual-size": s.disk_size if s.disk_size is not None else h.size,
                 "date-sec": s.date_sec,
                 "vm-state-size": s.vm_state_size,
+                "damaged": image.snapshot_problem(s),
             }
             for s in image.snapshots
         ],
+        "snapshot-table-damaged": image.snapshot_table_problem,
         "bitmaps": [
             {"name": b.name, "granularity": b.granularity, "flags": b.flag_names}
             for b in list_bitmaps(image)
@@ -138,7 +140,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("snapshots:")
         print(f"  {'ID':<6}{'NAME':<24}{'VIRTUAL SIZE':>16}")
         for s in info["snapshots"]:
-            print(f"  {s['id']:<6}{s['name']:<24}{s['virtual-size']:>16}")
+            state = f"  damaged: {s['damaged']}" if s["damaged"] else ""
+            print(f"  {s['id']:<6}{s['name']:<24}{s['virtual-size']:>16}{state}")
+    if info["snapshot-table-damaged"]:
+        print(f"snapshots: damaged: {info['snapshot-table-damaged']}")
     if info["bitmaps"]:
         print("bitmaps:")
         print(f"  {'NAME':<24}{'GRANULARITY':>12}  FLAGS")

@@ -59,11 +59,17 @@ class MountError(SparsefsError):
 
 @dataclass
 class MountSet:
-    """The files of a mount, by name, and what must be closed afterwards."""
+    """The files of a mount, by name, and what must be closed afterwards.
+
+    ``damaged`` lists the snapshots left out because they cannot be read, as
+    (file name, one-line message naming image and snapshot); a snapshot table
+    that cannot be read at all is one entry named ``STEM@*.raw``.
+    """
 
     files: dict[str, SparseSource] = field(default_factory=dict)
     mtime_ns: dict[str, int] = field(default_factory=dict)
     images: list[Qcow2Image] = field(default_factory=list)
+    damaged: list[tuple[str, str]] = field(default_factory=list)
 
     def close(self) -> None:
         for image in self.images:
@@ -111,6 +117,11 @@ def open_mount_set(
 ) -> MountSet:
     """Open every image (and its snapshots) and name their files.
 
+    A damaged snapshot (invalid L1 table, or an unreadable snapshot table)
+    costs only itself: it is logged as a one-line warning, listed in
+    ``MountSet.damaged``, and the active disk and the other snapshots are
+    served.  Without ``snapshots`` the snapshot table is never read.
+
     Raises:
         SparsefsError: an image cannot be opened, or two files get one name.
     """
@@ -122,11 +133,18 @@ def open_mount_set(
             mtime = os.stat(path).st_mtime_ns
             entries: list[tuple[str, SparseSource]] = [(raw_name(path), image)]
             if snapshots:
+                problem = image.snapshot_table_problem
+                if problem is not None:
+                    skipped = f"{image_stem(path)}@*.raw"
+                    mset.damaged.append((skipped, f"{problem}; no snapshot is served"))
                 names = snapshot_file_names(
                     image_stem(path), [(snap.name, snap.id_str) for snap in image.snapshots]
                 )
                 for snap, name in zip(image.snapshots, names, strict=True):
-                    entries.append((name, image.open_snapshot(snap)))
+                    try:
+                        entries.append((name, image.open_snapshot(snap)))
+                    except SparsefsError as exc:
+                        mset.damaged.append((name, f"{exc}; skipped {name}"))
             for name, source in entries:
                 if name in mset.files:
                     raise SparsefsError(
@@ -137,6 +155,8 @@ def open_mount_set(
     except BaseException:
         mset.close()
         raise
+    for _, message in mset.damaged:
+        log.warning("%s", message)
     return mset
 
 

@@ -309,9 +309,15 @@ class Qcow2File:
             raise self._err(
                 f"refcount table too large ({header.refcount_table_clusters} clusters)"
             )
-        if header.refcount_table_offset % cs:
+        # qemu's qcow2_validate_table: aligned, and ending below 2^63 (its int64_t offsets).
+        reftable_offset = header.refcount_table_offset
+        reftable_bytes = header.refcount_table_clusters * cs
+        if reftable_offset % cs:
+            raise self._err(f"refcount table offset {reftable_offset:#x} is not cluster aligned")
+        if reftable_offset > L.MAX_FILE_OFFSET - reftable_bytes:
             raise self._err(
-                f"refcount table offset {header.refcount_table_offset} is not cluster aligned"
+                f"refcount table at {reftable_offset:#x} ({size_text(reftable_bytes)}) ends "
+                "past the largest file offset qemu accepts (2^63 - 1)"
             )
         if header.crypt_method != L.CRYPT_NONE:
             kind = {L.CRYPT_AES: "AES", L.CRYPT_LUKS: "LUKS"}.get(
@@ -404,8 +410,9 @@ class Qcow2File:
         if L.EXT_DATA_FILE in ext:
             self.data_file_name = ext[L.EXT_DATA_FILE].data.decode("utf-8", "replace")
         self.data_file_raw = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
-        # Snapshots (validated here, their L1 tables loaded on demand)
-        self.snapshots = self._read_snapshot_table()
+        # Snapshots: the table is read on first use (``snapshots``), so that the
+        # active disk never depends on it; a damaged table costs the snapshots only.
+        self._snapshot_table: tuple[list[L.Snapshot], str | None] | None = None
         # External data file
         self.data: RawFile = self.file
         self.external_data = header.has_data_file
@@ -518,16 +525,53 @@ class Qcow2File:
             f"{self.path}: backing file {path} has format {fmt!r}, which sparsefs cannot read"
         )
 
+    @property
+    def snapshots(self) -> list[L.Snapshot]:
+        """The entries of the snapshot table; empty when the table is damaged.
+
+        Read on first use.  An entry is listed even when its L1 table is
+        invalid: :meth:`l1_problem` and :meth:`Qcow2Image.open_snapshot` tell.
+        """
+        return self._load_snapshot_table()[0]
+
+    @property
+    def snapshot_table_problem(self) -> str | None:
+        """Why the snapshot table cannot be read at all (one line naming the file), or None."""
+        return self._load_snapshot_table()[1]
+
+    def _load_snapshot_table(self) -> tuple[list[L.Snapshot], str | None]:
+        if self._snapshot_table is None:
+            try:
+                self._snapshot_table = (self._read_snapshot_table(), None)
+            except _SnapshotTableError as exc:
+                self._snapshot_table = ([], f"{self.path}: {exc}")
+        return self._snapshot_table
+
     def _read_snapshot_table(self) -> list[L.Snapshot]:
+        """Decode the snapshot table (qemu: qcow2_read_snapshots).
+
+        Raises:
+            _SnapshotTableError: the table cannot be read: too many entries, an
+                offset that is not cluster aligned or past the end of the file,
+                an entry running past the end, more than 64 MiB, an invalid
+                entry.  Then no snapshot is trusted.
+        """
         h = self.header
         if h.nb_snapshots == 0:
-            return []
+            return []  # the offset means nothing then (qemu checks it anyway)
         if h.nb_snapshots > L.MAX_SNAPSHOTS:
-            raise self._err(f"too many snapshots ({h.nb_snapshots})")
-        if h.snapshots_offset % self.cluster_size or h.snapshots_offset == 0:
-            raise self._err(f"snapshot table offset {h.snapshots_offset} is not cluster aligned")
-        if h.snapshots_offset >= self.file.file_size:
-            raise self._err(f"snapshot table at {h.snapshots_offset} is past the end of the file")
+            raise _SnapshotTableError(
+                f"snapshot table lists {h.nb_snapshots} snapshots "
+                f"(qemu allows at most {L.MAX_SNAPSHOTS})"
+            )
+        offset = h.snapshots_offset
+        file_size = self.file.file_size
+        if offset % self.cluster_size or offset == 0:
+            raise _SnapshotTableError(f"snapshot table offset {offset:#x} is not cluster aligned")
+        if offset >= file_size:
+            raise _SnapshotTableError(
+                f"snapshot table at {offset:#x} is past the end of the file ({file_size:#x})"
+            )
         snaps: list[L.Snapshot] = []
         # Read in chunks: entries are variable-length.  Parsed bytes are dropped
         # so memory stays near a chunk; the table itself is bounded like qemu's
@@ -536,7 +580,7 @@ class Qcow2File:
         base = 0  # table offset of buf[0]
         chunk = 64 * 1024
         pos = 0
-        in_file = self.file.file_size - h.snapshots_offset
+        in_file = file_size - offset
         limit = min(in_file, L.MAX_SNAPSHOTS_TABLE_BYTES)
         for index in range(h.nb_snapshots):
             while True:
@@ -545,30 +589,30 @@ class Qcow2File:
                     break
                 except L.TruncatedError:
                     if base + len(buf) >= limit:
+                        entry_at = offset + base + pos
                         if limit < in_file:
-                            raise self._err(
-                                f"snapshot table is larger than {limit >> 20} MiB"
+                            raise _SnapshotTableError(
+                                f"snapshot table at {offset:#x} is larger than "
+                                f"{limit >> 20} MiB (entry {index + 1} of {h.nb_snapshots} "
+                                f"at {entry_at:#x} ends past that)"
                             ) from None
-                        raise self._err("snapshot table runs past the end of the file") from None
+                        raise _SnapshotTableError(
+                            f"snapshot table at {offset:#x} runs past the end of the file "
+                            f"({file_size:#x}): entry {index + 1} of {h.nb_snapshots} "
+                            f"at {entry_at:#x} does not end in it"
+                        ) from None
                     del buf[:pos]
                     base += pos
                     pos = 0
                     more = min(chunk, limit - base - len(buf))
                     if more > 0:
-                        buf += self.file.pread(h.snapshots_offset + base + len(buf), more)
+                        buf += self.file.pread(offset + base + len(buf), more)
                     chunk = min(chunk * 2, 4 * 1024 * 1024)
                 except ValueError as exc:
-                    raise self._err(f"snapshot {index}: {exc}") from None
-            # qemu's qcow2_read_snapshots: the L1 table must be sane to list the snapshot.
-            if snap.l1_size * 8 > L.MAX_L1_SIZE_BYTES:
-                raise self._err(
-                    f"snapshot {snap.id_str!r} L1 table too large ({snap.l1_size} entries)"
-                )
-            if snap.l1_table_offset % self.cluster_size:
-                raise self._err(
-                    f"snapshot {snap.id_str!r} L1 table offset {snap.l1_table_offset} "
-                    "is not cluster aligned"
-                )
+                    raise _SnapshotTableError(
+                        f"snapshot table entry {index + 1} of {h.nb_snapshots} "
+                        f"at {offset + base + pos:#x}: {exc}"
+                    ) from None
             snaps.append(snap)
             pos = nxt
         return snaps
@@ -584,27 +628,52 @@ class Qcow2File:
 
     # -- L1/L2 tables ----------------------------------------------------------------
 
-    def read_l1(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> list[int]:
-        """Read and validate an L1 table covering a virtual ``size``."""
+    def l1_problem(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> str | None:
+        """Why an L1 table covering a virtual ``size`` is invalid (one line), or None.
+
+        ``what`` names the table in the message ("active", "snapshot 'x' (id 1)").
+        """
         needed = (size + (1 << self.table_shift) - 1) >> self.table_shift
         if l1_size * 8 > L.MAX_L1_SIZE_BYTES:
-            raise self._err(f"{what} L1 table too large ({l1_size} entries)")
+            return f"{self.path}: {what} L1 table too large ({l1_size} entries)"
         if l1_size < needed:
-            raise self._err(
-                f"{what} L1 table has {l1_size} entries, too few for a virtual size of "
-                f"{size} bytes ({needed} needed)"
+            return (
+                f"{self.path}: {what} L1 table has {l1_size} entries, too few for a virtual "
+                f"size of {size} bytes ({needed} needed)"
             )
         if l1_size == 0:
-            return []
+            return None
         if l1_table_offset % self.cluster_size or l1_table_offset == 0:
-            raise self._err(f"{what} L1 table offset {l1_table_offset} is not cluster aligned")
-        if l1_table_offset + l1_size * 8 > self.file.file_size:
-            raise self._err(f"{what} L1 table runs past the end of the file")
+            return (
+                f"{self.path}: {what} L1 table offset {l1_table_offset:#x} is not cluster aligned"
+            )
+        # Only the entries the virtual size needs are read.  Like qemu, which
+        # reads entries past the end of the file as zeros, a longer table may
+        # end outside the file; a needed entry outside it is refused (qemu
+        # would map its range as unallocated: zeros for data the file lost).
+        if l1_table_offset + needed * 8 > self.file.file_size:
+            where = past_end_text(l1_table_offset, needed * 8, self.file.file_size)
+            return f"{self.path}: {what} L1 table {where}"
+        return None
+
+    def read_l1(self, l1_table_offset: int, l1_size: int, size: int, what: str) -> list[int]:
+        """Read and validate an L1 table covering a virtual ``size``.
+
+        Raises:
+            ImageFormatError: the table is invalid (:meth:`l1_problem`).
+            UnsupportedFeatureError: the L1 tables loaded for this file would
+                pass ``MAX_TOTAL_L1_BYTES``.
+        """
+        problem = self.l1_problem(l1_table_offset, l1_size, size, what)
+        if problem is not None:
+            raise ImageFormatError(problem)
+        needed = (size + (1 << self.table_shift) - 1) >> self.table_shift
+        if needed == 0:
+            return []
         if self._l1_bytes_loaded + needed * 8 > MAX_TOTAL_L1_BYTES:
             raise UnsupportedFeatureError(
-                f"{self.path}: {what} L1 table would bring the L1 tables held for this file "
-                f"past {MAX_TOTAL_L1_BYTES >> 20} MiB (many snapshots of a huge disk?); "
-                "use --no-snapshots"
+                f"{self.path}: {what} L1 table not loaded: the L1 tables held for this file "
+                f"would pass {MAX_TOTAL_L1_BYTES >> 20} MiB (many snapshots of a huge disk?)"
             )
         self._l1_bytes_loaded += needed * 8
         buf = self.file.pread(l1_table_offset, needed * 8)
@@ -624,7 +693,7 @@ class Qcow2File:
         elif l2_offset < cs:
             problem = f"L2 table offset {l2_offset:#x} overlaps the header"
         elif l2_offset + cs > self.file.file_size:
-            problem = f"L2 table at {l2_offset:#x} is past the end of the file"
+            problem = f"L2 table {past_end_text(l2_offset, cs, self.file.file_size)}"
         if problem is None:
             # Not RawFile.pread: a short read (the file shrank since open) must
             # not turn into a zero table, which would serve holes for data.
@@ -635,8 +704,8 @@ class Qcow2File:
             else:
                 if len(buf) != cs:
                     problem = (
-                        f"L2 table at {l2_offset:#x} is past the end of the file "
-                        "(was the image truncated?)"
+                        f"L2 table at {l2_offset:#x} ({size_text(cs)}) runs past the end "
+                        "of the file (was the image truncated?)"
                     )
         runs = _TableRuns()
         if problem is not None:
@@ -935,6 +1004,28 @@ class Qcow2File:
         with dctx.stream_reader(raw, read_across_frames=False) as reader:
             out: bytes = reader.read(self.cluster_size + 1)
         return out
+
+
+class _SnapshotTableError(Exception):
+    """The snapshot table cannot be read (the message lacks the file name)."""
+
+
+def size_text(nb_bytes: int) -> str:
+    """``nb_bytes`` exactly, in the largest binary unit that divides it: "64 KiB", "1000 bytes"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nb_bytes and not nb_bytes % (1 << shift):
+            return f"{nb_bytes >> shift} {unit}"
+    return f"{nb_bytes} bytes"
+
+
+def past_end_text(host_offset: int, length: int, file_size: int) -> str:
+    """ "at 0x30000 (64 KiB) runs past the end of the file (0x3c000)", or "is past" when
+    the range starts at or after the end."""
+    verb = "is" if host_offset >= file_size else "runs"
+    return (
+        f"at {host_offset:#x} ({size_text(length)}) {verb} past the end of the file "
+        f"({file_size:#x})"
+    )
 
 
 def _file_identity(file: str | int) -> str:
@@ -1418,16 +1509,29 @@ class Qcow2Image:
         """The internal snapshots of the image file."""
         return self.qfile.snapshots
 
+    @property
+    def snapshot_table_problem(self) -> str | None:
+        """Why the image's snapshot table cannot be read at all, or None."""
+        return self.qfile.snapshot_table_problem
+
+    def snapshot_problem(self, snap: L.Snapshot) -> str | None:
+        """Why ``snap`` cannot be opened (its L1 table is invalid), or None; reads nothing."""
+        size = snap.disk_size if snap.disk_size is not None else self.qfile.header.size
+        return self.qfile.l1_problem(snap.l1_table_offset, snap.l1_size, size,
+                                     snapshot_label(snap))
+
     def open_snapshot(self, snap: L.Snapshot) -> Qcow2Image:
         """A view of ``snap``: its own L1 table and virtual size, same file and chain.
 
+        A damaged snapshot costs only itself: the active image and the other
+        snapshots stay readable.
+
         Raises:
             ImageFormatError: the snapshot's L1 table is invalid.
+            UnsupportedFeatureError: loading it would pass the L1 memory bound.
         """
         size = snap.disk_size if snap.disk_size is not None else self.qfile.header.size
-        l1 = self.qfile.read_l1(
-            snap.l1_table_offset, snap.l1_size, size, f"snapshot {snap.id_str!r}"
-        )
+        l1 = self.qfile.read_l1(snap.l1_table_offset, snap.l1_size, size, snapshot_label(snap))
         return Qcow2Image(self.qfile, l1, size, snapshot=snap, owns_file=False)
 
     def chain(self) -> list[tuple[str, str]]:
@@ -1442,6 +1546,11 @@ class Qcow2Image:
                 out.append((getattr(layer, "path", "?"), "raw"))
                 layer = None
         return out
+
+
+def snapshot_label(snap: L.Snapshot) -> str:
+    """How messages name a snapshot: ``snapshot 'NAME' (id ID)``."""
+    return f"snapshot {snap.name!r} (id {snap.id_str})"
 
 
 def _map_continues(a: MapEntry, b: MapEntry) -> bool:

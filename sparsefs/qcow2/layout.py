@@ -26,6 +26,8 @@ MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_EXTRA_DATA = 1024
 MAX_SNAPSHOTS_TABLE_BYTES = 1024 * MAX_SNAPSHOTS
 MAX_BACKING_FILE_SIZE = 1023
+# qemu keeps file offsets in int64_t: a table must end at or below this (qcow2_validate_table).
+MAX_FILE_OFFSET = (1 << 63) - 1
 
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
@@ -251,8 +253,8 @@ def parse_snapshot(buf: bytes | bytearray, pos: int) -> tuple[Snapshot, int]:
     ) = _SNAPSHOT_HEADER.unpack_from(buf, pos)
     if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
         raise ValueError(
-            f"snapshot table entry has {extra_data_size} bytes of extra data "
-            f"(at most {MAX_SNAPSHOT_EXTRA_DATA})"
+            f"{extra_data_size} bytes of extra data (qemu allows at most "
+            f"{MAX_SNAPSHOT_EXTRA_DATA})"
         )
     extra_start = pos + _SNAPSHOT_HEADER.size
     id_start = extra_start + extra_data_size
