@@ -35,8 +35,9 @@ COMMANDS = {
 _MODULES = ("mount", "backup", "inspect", "checksum", "demo")
 
 DESCRIPTION = """\
-Present qcow2 images as sparse raw files whose holes come from the qcow2
-metadata, so that hole-aware copiers (cp --sparse=always, tar --sparse,
+Present VM disk images (qcow2, vpc/VHD, vdi, raw; vmdk and vhdx where this
+build reads them) as sparse raw files whose holes come from the image's
+allocation metadata, so that hole-aware copiers (cp --sparse=always, tar --sparse,
 qemu-img convert, rsync --sparse) back up only the data that is stored, and
 check the copies with a digest that costs nothing for holes."""
 

@@ -1,10 +1,11 @@
 """``sparsefs checksum`` and ``sparsefs verify``: prove a copy equals its image.
 
 Both read guest content through :mod:`sparsefs.checksum`, so holes cost
-nothing on either side.  Format rule: a file is read as qcow2 only when it is
-``verify``'s IMAGE, when ``-f qcow2`` is given, or (for ``checksum``) when its
-name ends in ``.qcow2``; a raw copy is never sniffed, since a guest can write a
-qcow2 header into its own disk.
+nothing on either side.  Format rule: ``-f FORMAT`` forces; ``verify``'s IMAGE
+is otherwise probed by magic (sparsefs.formats); ``checksum`` reads a FILE as
+the format its suffix names (``.qcow2``, ``.vmdk``, ``.vhdx``, ``.vhd``,
+``.vdi``), else as raw.  A raw copy is never sniffed, since a guest can write
+an image header into its own disk.
 
 Exit status: ``checksum`` 0 when every file was hashed (and, with ``--check``,
 matched), 1 otherwise.  ``verify`` 0 equal, 1 different, 2 on an error.
@@ -21,7 +22,7 @@ import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sparsefs.checksum import (
     DIGEST_PREFIX,
@@ -39,22 +40,24 @@ from sparsefs.cli.common import (
 )
 from sparsefs.errors import MissingFileError, SparsefsError
 from sparsefs.extents import SparseSource
+from sparsefs.formats import FORMAT_NAMES, format_by_suffix, open_source
 from sparsefs.progress import Progress
-from sparsefs.qcow2 import OpenOptions, open_source
+from sparsefs.qcow2 import OpenOptions
 
 EXIT_VERIFY_ERROR = 2
 
-Format = Literal["qcow2", "raw"]
+# qemu's format name (sparsefs.formats.FORMAT_NAMES); None: probe by magic.
+Format = str | None
 
 
 # -- opening --------------------------------------------------------------------------
 
 
-def file_format(path: str, fmt: str | None) -> Format:
-    """The format ``checksum`` reads ``path`` as: ``-f`` if given, else by the ``.qcow2`` suffix."""
-    if fmt == "qcow2" or (fmt is None and path.lower().endswith(".qcow2")):
-        return "qcow2"
-    return "raw"
+def file_format(path: str, fmt: str | None) -> str:
+    """The format ``checksum`` reads ``path`` as: ``-f`` if given, else by its suffix, else raw."""
+    if fmt is not None:
+        return fmt
+    return format_by_suffix(path) or "raw"
 
 
 @contextlib.contextmanager
@@ -64,7 +67,7 @@ def open_checked(path: str, fmt: Format, options: OpenOptions) -> Iterator[Spars
     Raises:
         SparsefsError: a directory or a special file (its size is not its content).
         MissingFileError: the file (or a file the image needs) cannot be opened.
-        ImageFormatError, UnsupportedFeatureError: from opening a qcow2 image.
+        ImageFormatError, UnsupportedFeatureError: from opening an image.
     """
     try:
         st = os.stat(path)
@@ -288,7 +291,7 @@ def _check(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """``sparsefs verify IMAGE COPY``: 0 equal, 1 different, 2 error."""
     _names_pass_through()
-    image_fmt: Format = "raw" if args.format == "raw" else "qcow2"
+    image_fmt: Format = args.format
     options = open_options(args)
     with (
         open_checked(args.image, image_fmt, options) as image,
@@ -349,16 +352,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="print or check digests of guest content (holes cost nothing)",
         description="Print a digest of the guest content of each FILE, in the style of\n"
         "sha256sum (DIGEST  FILE), or check the lines of a manifest with --check.\n"
-        "FILE is read as qcow2 with -f qcow2 or when its name ends in .qcow2,\n"
-        "otherwise as raw (holes from SEEK_DATA/SEEK_HOLE; a raw file is never\n"
-        "taken for qcow2 because of its first bytes).",
+        "FILE is read as the format -f names, else as the format its suffix names\n"
+        "(.qcow2, .vmdk, .vhdx, .vhd, .vdi), otherwise as raw (holes from\n"
+        "SEEK_DATA/SEEK_HOLE; a raw file is never taken for an image because of\n"
+        "its first bytes).",
         epilog=DIGEST_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("files", nargs="*", metavar="FILE")
-    c.add_argument("-f", "--format", choices=("qcow2", "raw"),
-                   help="read every FILE as this format (default: qcow2 for *.qcow2, "
-                   "else raw)")
+    c.add_argument("-f", "--format", choices=FORMAT_NAMES,
+                   help="read every FILE as this format (default: by suffix, else raw)")
     c.add_argument("-c", "--check", metavar="MANIFEST",
                    help="read DIGEST  FILE lines from MANIFEST ('-' for stdin) and check "
                    "them: FILE: OK or FILE: FAILED; exit 1 on any failure.  Accepts "
@@ -375,7 +378,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     v = sub.add_parser(
         "verify",
         help="check that a copy has the guest content of an image",
-        description="Compare the guest content of IMAGE (qcow2, or raw with -f raw) with\n"
+        description="Compare the guest content of IMAGE (any format, probed by magic\n"
+        "unless -f names it) with\n"
         "COPY (always raw) block by block, reading only data on both sides.\n"
         "Exit 0 when equal; 1 when different, naming the first differing byte and\n"
         "its 1 MiB block (a different length is reported as such); 2 on an error.",
@@ -384,8 +388,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     v.add_argument("image", metavar="IMAGE")
     v.add_argument("copy", metavar="COPY")
-    v.add_argument("-f", "--format", choices=("qcow2", "raw"), default="qcow2",
-                   help="format of IMAGE (default: qcow2); COPY is always raw")
+    v.add_argument("-f", "--format", choices=FORMAT_NAMES,
+                   help="format of IMAGE (default: probed by magic, raw when none "
+                   "matches); COPY is always raw")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_open_options(v)

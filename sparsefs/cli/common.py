@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 
+from sparsefs.formats import strip_suffix
 from sparsefs.qcow2 import OpenOptions
 
 EXIT_OK = 0
@@ -98,16 +99,13 @@ def open_options(args: argparse.Namespace) -> OpenOptions:
 
 
 def raw_name(image_path: str) -> str:
-    """The file name an image gets in a mount: final ``.qcow2`` replaced by ``.raw``."""
+    """The file name an image gets in a mount: its format suffix replaced by ``.raw``."""
     return f"{image_stem(image_path)}.raw"
 
 
 def image_stem(image_path: str) -> str:
-    """The image's base name without its final ``.qcow2`` suffix."""
-    base = os.path.basename(os.path.normpath(image_path))
-    if base.lower().endswith(".qcow2") and len(base) > len(".qcow2"):
-        return base[: -len(".qcow2")]
-    return base
+    """The image's base name without a final suffix of a known format (``.vhd``, ...)."""
+    return strip_suffix(os.path.basename(os.path.normpath(image_path)))
 
 
 def usable_in_file_name(name: str) -> bool:

@@ -33,7 +33,8 @@ from sparsefs.cli.common import (
 )
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
-from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
+from sparsefs.formats import FORMAT_NAMES, open_source
+from sparsefs.qcow2 import OpenOptions, Qcow2Image
 
 log = logging.getLogger("sparsefs")
 
@@ -68,12 +69,14 @@ class MountSet:
 
     files: dict[str, SparseSource] = field(default_factory=dict)
     mtime_ns: dict[str, int] = field(default_factory=dict)
-    images: list[Qcow2Image] = field(default_factory=list)
+    images: list[SparseSource] = field(default_factory=list)
     damaged: list[tuple[str, str]] = field(default_factory=list)
 
     def close(self) -> None:
         for image in self.images:
-            image.close()
+            close = getattr(image, "close", None)
+            if close is not None:
+                close()
         self.images.clear()
 
 
@@ -113,9 +116,12 @@ def snapshot_file_names(stem: str, snapshots: Sequence[tuple[str, str]]) -> list
 
 
 def open_mount_set(
-    images: list[str], options: OpenOptions, *, snapshots: bool = True
+    images: list[str], options: OpenOptions, *, snapshots: bool = True, fmt: str | None = None
 ) -> MountSet:
     """Open every image (and its snapshots) and name their files.
+
+    Each image is opened through the format registry: as ``fmt`` when given,
+    else by its magic.  Only qcow2 images have internal snapshots.
 
     A damaged snapshot (invalid L1 table, or an unreadable snapshot table)
     costs only itself: it is logged as a one-line warning, listed in
@@ -128,11 +134,11 @@ def open_mount_set(
     mset = MountSet()
     try:
         for path in images:
-            image = open_image(path, options)
+            image = open_source(path, fmt, options)
             mset.images.append(image)
             mtime = os.stat(path).st_mtime_ns
             entries: list[tuple[str, SparseSource]] = [(raw_name(path), image)]
-            if snapshots:
+            if snapshots and isinstance(image, Qcow2Image):
                 problem = image.snapshot_table_problem
                 if problem is not None:
                     skipped = f"{image_stem(path)}@*.raw"
@@ -323,7 +329,8 @@ def serve(
     ops.precompute()
     if readahead_kib is None:
         readahead[0] = auto_readahead_kib(ops.mean_data_extent())
-    fsname = files.images[0].path.replace(",", "_") if len(files.images) == 1 else "sparsefs"
+    first = getattr(files.images[0], "path", "sparsefs") if len(files.images) == 1 else None
+    fsname = first.replace(",", "_") if first is not None else "sparsefs"
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(allow_other=allow_other, fsname=fsname))
     except RuntimeError as exc:
@@ -450,7 +457,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not has_lseek_support():
         raise SparsefsError(INSTALL_HINT)
     check_mountpoint(mountpoint)
-    files = open_mount_set(images, open_options(args), snapshots=not args.no_snapshots)
+    files = open_mount_set(images, open_options(args), snapshots=not args.no_snapshots,
+                           fmt=args.format)
     try:
         if args.foreground:
             serve(files, mountpoint, allow_other=args.allow_other, **_serve_tuning(args))
@@ -548,7 +556,7 @@ def rewrite_mount_helper_form(argv: list[str], commands: Collection[str]) -> lis
         if key in ("allow_other", "no_backing", "force", "force_share", "no_snapshots"):
             out.append("--" + key.replace("_", "-"))
         elif key in ("backing_dir", "log_file", "threads", "fuse_tasks", "readahead",
-                     "l2_cache_mib", "compressed_cache_mib") and value:
+                     "l2_cache_mib", "compressed_cache_mib", "format") and value:
             out.extend(["--" + key.replace("_", "-"), value])
         else:
             raise SystemExit(f"sparsefs: unknown mount option {opt!r}")
@@ -560,14 +568,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "mount",
         help="mount images as sparse raw files",
-        description="Mount qcow2 images read-only as a directory holding one raw file per "
-        "image (NAME.qcow2 -> NAME.raw) and one per internal snapshot (NAME@SNAPSHOT.raw). "
-        "SEEK_DATA/SEEK_HOLE on the files come from the qcow2 metadata and st_blocks counts "
+        description="Mount images (qcow2, vmdk, vhdx, vpc, vdi, raw) read-only as a directory "
+        "holding one raw file per image (NAME.qcow2 -> NAME.raw) and one per internal qcow2 "
+        "snapshot (NAME@SNAPSHOT.raw). SEEK_DATA/SEEK_HOLE on the files come from the "
+        "image's allocation metadata and st_blocks counts "
         "the stored data, so hole-aware copiers skip what is not stored. Returns once the "
         "mount is ready; unmount with 'sparsefs umount MOUNTPOINT'.",
     )
     p.add_argument("paths", nargs="+", metavar="IMAGE... MOUNTPOINT",
-                   help="one or more qcow2 images, then the mountpoint (an existing directory)")
+                   help="one or more images, then the mountpoint (an existing directory)")
+    p.add_argument("--format", choices=FORMAT_NAMES,
+                   help="read every IMAGE as this format (default: probed by magic, raw "
+                   "when none matches)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground until unmounted (Ctrl-C unmounts)")
     p.add_argument("--allow-other", action="store_true",

@@ -1,7 +1,7 @@
 """qcow2 images, read-only.  Knows nothing of FUSE."""
 
+from sparsefs.layered import MapEntry
 from sparsefs.qcow2.image import (
-    MapEntry,
     OpenOptions,
     Qcow2Image,
     open_image,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import stat
 import struct
 import threading
 import zlib
@@ -25,18 +24,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, islice, repeat
 from operator import add, ne
-from typing import Any, Literal
+from typing import Any
 
 from sparsefs.errors import (
     ImageFormatError,
     ImageReadError,
     MissingFileError,
-    SparsefsError,
     UnsupportedFeatureError,
 )
 from sparsefs import locking
 from sparsefs.extents import Extent, SparseSource, coalesce
 from sparsefs.hostmap import HOLE, WRITTEN
+from sparsefs.layered import MAX_CHAIN_LENGTH as MAX_CHAIN_LENGTH  # re-exported
+from sparsefs.layered import MapEntry, resolve_name
+from sparsefs.layered import check_regular_file as _check_regular_file
+from sparsefs.layered import map_continues as _map_continues
 from sparsefs.qcow2 import layout as L
 from sparsefs.raw import RawFile
 
@@ -71,8 +73,6 @@ _nowait_ok = [hasattr(os, "RWF_NOWAIT")]
 _ZEROS = bytes(4 * 1024 * 1024)
 _ZEROS_VIEW = memoryview(_ZEROS)
 _L2_BLOCK_ENTRIES = 64
-# Images in one backing chain, the top included (deeper chains are refused).
-MAX_CHAIN_LENGTH = 128
 # L1 entries loaded per image file (active state plus snapshots), in bytes of
 # on-disk table: bounds memory for images with many snapshots of huge disks.
 MAX_TOTAL_L1_BYTES = 64 * 1024 * 1024
@@ -91,35 +91,6 @@ class Run:
     guest_end: int
     kind: int
     host: Any
-
-
-@dataclass(frozen=True, slots=True)
-class MapEntry:
-    """One entry of ``sparsefs map``, shaped like ``qemu-img map --output=json``."""
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    compressed: bool
-    offset: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The qemu-img map JSON object for this entry."""
-        d: dict[str, Any] = {
-            "start": self.start,
-            "length": self.length,
-            "depth": self.depth,
-            "present": self.present,
-            "zero": self.zero,
-            "data": self.data,
-            "compressed": self.compressed,
-        }
-        if self.offset is not None:
-            d["offset"] = self.offset
-        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,18 +160,6 @@ class _LRU:
         with self._lock:
             self._items.clear()
             self._cost = 0
-
-
-def path_has_protocol(name: str) -> bool:
-    """True when ``name`` names a protocol (``nbd:...``, ``json:{...}``), as qemu reads it.
-
-    qemu treats a colon before the first slash as a protocol prefix.
-    """
-    colon = name.find(":")
-    if colon <= 0:
-        return False
-    slash = name.find("/")
-    return slash < 0 or colon < slash
 
 
 class _TableRuns:
@@ -447,23 +406,7 @@ class Qcow2File:
         protocols (``nbd:``, ``json:{...}``), NUL bytes, and with
         ``--backing-dir`` anything whose real path is outside that directory.
         """
-        if "\0" in name:
-            raise self._err(f"{what} name contains a NUL byte")
-        if path_has_protocol(name):
-            raise UnsupportedFeatureError(
-                f"{self.path}: {what} {name!r} names a protocol, which sparsefs refuses"
-            )
-        if not os.path.isabs(name):
-            name = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
-        path = os.path.normpath(name)
-        if self.options.backing_dir is not None:
-            root = os.path.realpath(self.options.backing_dir)
-            real = os.path.realpath(path)
-            if os.path.commonpath([root, real]) != root:
-                raise UnsupportedFeatureError(
-                    f"{self.path}: {what} {path} is outside --backing-dir {root}"
-                )
-        return path
+        return resolve_name(self.path, name, what=what, backing_dir=self.options.backing_dir)
 
     def _resolve_data_file(self, name: str) -> str:
         """The path of the external data file the image names.
@@ -493,36 +436,12 @@ class Qcow2File:
         )
 
     def _open_backing(self, chain: tuple[str, ...]) -> tuple[str, SparseSource]:
+        """Open the backing file through the format registry (``backing_fmt`` honoured)."""
+        from sparsefs.formats import open_parent
+
         assert self.backing_name is not None
-        path = self._resolve(self.backing_name, what="backing file")
-        if not os.path.exists(path):
-            raise MissingFileError(f"{self.path}: backing file {path} is missing")
-        _check_regular_file(path, "backing file", self.path)
-        # A loop is the same real path or the same inode (a hard link) seen twice.
-        here = (os.path.realpath(self.path), _file_identity(self.file.fd))
-        real = os.path.realpath(path)
-        if real in chain or real in here or _file_identity(path) in chain + here:
-            raise ImageFormatError(f"{self.path}: backing file {path} makes a loop in the chain")
-        if len(chain) // 2 + 2 > MAX_CHAIN_LENGTH:
-            raise UnsupportedFeatureError(
-                f"{self.path}: backing chain is longer than {MAX_CHAIN_LENGTH} images"
-            )
-        fmt = self.backing_format
-        if fmt is None:
-            fmt = "qcow2" if _has_qcow2_magic(path) else "raw"
-        if fmt == "qcow2":
-            image = open_image(path, self.options, chain + here)
-            return path, image
-        if fmt == "raw":
-            raw = RawFile(path)
-            try:
-                self._lock(raw, locking.ROLE_RAW_BACKING)
-            except BaseException:
-                raw.close()
-                raise
-            return path, raw
-        raise UnsupportedFeatureError(
-            f"{self.path}: backing file {path} has format {fmt!r}, which sparsefs cannot read"
+        return open_parent(
+            self.path, self.file.fd, self.backing_name, self.backing_format, self.options, chain
         )
 
     @property
@@ -1028,36 +947,6 @@ def past_end_text(host_offset: int, length: int, file_size: int) -> str:
     )
 
 
-def _file_identity(file: str | int) -> str:
-    """``dev:ino`` of a path or descriptor: the same file under any name."""
-    st = os.stat(file)
-    return f"{st.st_dev}:{st.st_ino}"
-
-
-def _check_regular_file(path: str, what: str, referrer: str | None = None) -> None:
-    """Refuse a path that exists but is not a regular file (FIFO, device, ...).
-
-    A FIFO would block the open forever and a device reports size 0, so both
-    are refused with a clear message.  A missing file is left to the opener.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return
-    if stat.S_ISREG(st.st_mode):
-        return
-    kind = (
-        "a directory" if stat.S_ISDIR(st.st_mode)
-        else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-        else "a block device" if stat.S_ISBLK(st.st_mode)
-        else "a character device" if stat.S_ISCHR(st.st_mode)
-        else "a socket" if stat.S_ISSOCK(st.st_mode)
-        else "not a regular file"
-    )
-    prefix = f"{referrer}: {what} {path}" if referrer else f"{path}: {what}"
-    raise UnsupportedFeatureError(f"{prefix} is {kind}; sparsefs reads regular files only")
-
-
 _ZERO_BLOCK = bytes(_L2_BLOCK_ENTRIES * 8)
 _ZERO_CHUNK = bytes(_L2_BLOCK_ENTRIES * 64)
 _unpack_block = struct.Struct(f">{_L2_BLOCK_ENTRIES}Q").unpack_from
@@ -1103,14 +992,6 @@ def _extended_entries(
         done = first + per_block
     if done < nb_entries:
         runs.add(done << cluster_bits, nb_entries << cluster_bits, RUN_UNALLOCATED, None)
-
-
-def _has_qcow2_magic(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == L.QCOW2_MAGIC
-    except OSError:
-        return False
 
 
 class Qcow2Image:
@@ -1493,8 +1374,9 @@ class Qcow2Image:
                     yield MapEntry(s, n, depth, False, True, False, False, None)
                     continue
                 bend = min(e, backing.size)
-                if isinstance(backing, Qcow2Image):
-                    yield from backing._iter_map_raw(s, bend, depth + 1)
+                deeper = getattr(backing, "_iter_map_raw", None)
+                if deeper is not None:
+                    yield from deeper(s, bend, depth + 1)
                 else:
                     for x in _clip_extents(backing, s, bend):
                         yield MapEntry(x.guest_offset, x.length, depth + 1, True, not x.data,
@@ -1543,24 +1425,14 @@ class Qcow2Image:
                 out.append((layer.path, "qcow2"))
                 layer = layer.backing
             else:
-                out.append((getattr(layer, "path", "?"), "raw"))
-                layer = None
+                out.append((getattr(layer, "path", "?"), getattr(layer, "format_name", "raw")))
+                layer = getattr(layer, "backing", None)
         return out
 
 
 def snapshot_label(snap: L.Snapshot) -> str:
     """How messages name a snapshot: ``snapshot 'NAME' (id ID)``."""
     return f"snapshot {snap.name!r} (id {snap.id_str})"
-
-
-def _map_continues(a: MapEntry, b: MapEntry) -> bool:
-    if (a.depth, a.present, a.zero, a.data, a.compressed) != (
-        b.depth, b.present, b.zero, b.data, b.compressed
-    ) or a.start + a.length != b.start:
-        return False
-    if a.offset is None or b.offset is None:
-        return a.offset is None and b.offset is None and not a.compressed
-    return a.offset + a.length == b.offset
 
 
 def _clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]:
@@ -1628,21 +1500,14 @@ def _share_cache_bounds(image: Qcow2Image) -> None:
 
 def open_source(
     path: str | os.PathLike[str],
-    fmt: Literal["qcow2", "raw"] | None = None,
+    fmt: str | None = None,
     options: OpenOptions | None = None,
 ) -> SparseSource:
-    """Open ``path`` as qcow2 or raw; ``fmt=None`` means qcow2 when it has the magic.
+    """Open ``path`` in any format: :func:`sparsefs.formats.open_source` (kept for callers).
 
     Only callers that know the file is an image may pass ``fmt=None``: a raw
-    disk copy can legitimately start with a qcow2 header written by its guest.
+    disk copy can legitimately start with an image header written by its guest.
     """
-    path = os.fspath(path)
-    if fmt is None:
-        if not os.path.exists(path):
-            raise MissingFileError(f"{path}: no such file")
-        fmt = "qcow2" if _has_qcow2_magic(path) else "raw"
-    if fmt == "qcow2":
-        return open_image(path, options)
-    if fmt == "raw":
-        return RawFile(path)
-    raise SparsefsError(f"{path}: unknown format {fmt!r}")
+    from sparsefs.formats import open_source as open_any
+
+    return open_any(path, fmt, options)

@@ -358,12 +358,15 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path: Path) -> None:
     mp.mkdir()
     notq = tmp_path / "notes.txt"
     notq.write_text("not an image\n" * 100)
+    fake = tmp_path / "fake.qcow2"  # no magic: not served as a raw disk
+    fake.write_text("not an image\n" * 100)
     trunc = tmp_path / "trunc.qcow2"
     trunc.write_bytes(good.read_bytes()[:60])
     enc = make_encrypted_image(tmp_path / "enc.qcow2")
     cases = [
         ([str(tmp_path / "missing.qcow2"), str(mp)], ["missing.qcow2"]),
-        ([str(notq), str(mp)], ["notes.txt", "not a qcow2 image"]),
+        (["--format", "qcow2", str(notq), str(mp)], ["notes.txt", "not a qcow2 image"]),
+        ([str(fake), str(mp)], ["fake.qcow2", "not a qcow2 image", "-f raw"]),
         ([str(trunc), str(mp)], ["trunc.qcow2", "truncated"]),
         ([str(enc), str(mp)], ["enc.qcow2", "encrypt"]),
         ([str(good), str(tmp_path / "nodir")], ["nodir", "does not exist"]),

@@ -292,7 +292,8 @@ def test_verify_exit_2_on_errors(plain: tuple[Path, Path], tmp_path: Path) -> No
     cases = {
         "missing copy": ([str(img), str(tmp_path / "nope.raw")], "nope.raw: no such file"),
         "missing image": ([str(tmp_path / "nope.qcow2"), str(raw)], "nope.qcow2"),
-        "image not qcow2": ([str(raw), str(raw)], str(raw)),
+        # a raw IMAGE is probed as raw (no magic matches); forced qcow2 refuses it
+        "image not qcow2": (["-f", "qcow2", str(raw), str(raw)], str(raw)),
         "copy is a directory": ([str(img), str(tmp_path)], "is a directory"),
     }
     for name, (argv, needle) in cases.items():

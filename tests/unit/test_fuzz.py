@@ -8,7 +8,7 @@ extension's length/type/data, random metadata bytes, or a truncation.
 
 For every mutant, :func:`open_image` either raises a
 :class:`~sparsefs.errors.SparsefsError` subclass (nothing else), or the image
-is self-consistent (:func:`exercise`): its extents tile ``[0, size)``; every
+is self-consistent (conformance.exercise): its extents tile ``[0, size)``; every
 byte of a hole reads as zero; a data range reads its full length or raises
 :class:`~sparsefs.errors.ImageReadError`; a range read at once equals the same
 range read in pieces; the SEEK_DATA/SEEK_HOLE walk finds exactly the data
@@ -35,23 +35,22 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+from conformance import READ_BUDGET, exercise
 from hostile_images import Located, Mutator, build_bases, locate
 from support import KiB, MiB
 
-from sparsefs.errors import ImageReadError, SparsefsError
-from sparsefs.extents import Extent, SparseSource, data_size, seek_data, seek_hole
-from sparsefs.qcow2 import Qcow2Image, open_image
+from sparsefs.errors import SparsefsError
+from sparsefs.qcow2 import open_image
 from sparsefs.qcow2.image import OpenOptions
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "1000"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))
 WATCHDOG_SECONDS = 30  # per mutant; only a hang gets anywhere near it
 EXTRA_ADDRESS_SPACE = 1536 * MiB  # on top of what the test process already maps
-READ_BUDGET = 6 * MiB  # data bytes read per mutant (beyond it, samples)
 MAX_REPORTED = 10
 
 
-class Hang(BaseException):  # noqa: N818 - not an Exception, so nothing under test swallows it
+class Hang(BaseException):
     """The watchdog fired: a mutant took far too long."""
 
 
@@ -79,100 +78,6 @@ def capped_memory() -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-# -- consistency of one opened source -----------------------------------------------------
-
-
-def _read(source: SparseSource, offset: int, length: int) -> bytes | None:
-    """The bytes, or None for ImageReadError (anything else propagates: a failure)."""
-    try:
-        got = source.read(offset, length)
-    except ImageReadError:
-        return None
-    want = max(0, min(length, source.size - offset))
-    assert len(got) == want, f"read({offset}, {length}) returned {len(got)} bytes, not {want}"
-    return got
-
-
-def _samples(rng: random.Random, ext: Extent, n: int, width: int) -> list[tuple[int, int]]:
-    """Up to ``n`` windows of at most ``width`` bytes in ``ext``: its start, end and middle."""
-    if ext.length <= width * n:
-        return [(ext.guest_offset + i, min(width, ext.end - ext.guest_offset - i))
-                for i in range(0, ext.length, width)]
-    out = [(ext.guest_offset, width), (ext.end - width, width)]
-    for _ in range(n - 2):
-        out.append((rng.randrange(ext.guest_offset, ext.end - width), width))
-    return out
-
-
-def exercise(source: SparseSource, rng: random.Random, budget: int = READ_BUDGET) -> None:
-    """Assert that a source's extents, reads, seeks and map agree with each other."""
-    size = source.size
-    assert size >= 0
-    extents = list(source.iter_extents(0))
-    pos = 0
-    for ext in extents:
-        assert ext.guest_offset == pos and ext.length > 0, f"extents do not tile: {ext} at {pos}"
-        pos = ext.end
-    assert pos == size, f"extents end at {pos}, size is {size}"
-
-    # Holes read as zeros; data reads fully or fails with ImageReadError.
-    spent = 0
-    for ext in extents:
-        if not ext.data:
-            for off, n in _samples(rng, ext, 3, 64 * KiB):
-                got = _read(source, off, n)
-                assert got is not None, f"hole [{off}, {off + n}) raised ImageReadError"
-                assert got.count(0) == len(got), f"hole [{off}, {off + n}) reads non-zero bytes"
-        else:
-            width = 256 * KiB
-            n = max(1, (budget - spent) // width) if spent < budget else 2
-            for off, length in _samples(rng, ext, n, width):
-                _read(source, off, length)
-                spent += length
-
-    # A window read at once equals the same window read in pieces.
-    if size:
-        start = rng.randrange(size)
-        length = min(size - start, rng.randrange(1, MiB))
-        whole = _read(source, start, length)
-        cuts = sorted(rng.sample(range(1, length), min(3, length - 1))) if length > 1 else []
-        bounds = [0, *cuts, length]
-        pieces = [_read(source, start + a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
-        if all(p is not None for p in pieces):
-            assert whole is not None, f"[{start}, {start + length}) fails whole, reads in pieces"
-            assert whole == b"".join(pieces), f"[{start}, {start + length}) differs in pieces"
-        else:
-            assert whole is None, f"[{start}, {start + length}) reads whole, fails in pieces"
-
-    # The SEEK_DATA/SEEK_HOLE walk a copier does finds exactly the data extents.
-    expected: list[tuple[int, int]] = []
-    for ext in extents:
-        if ext.data:
-            if expected and expected[-1][1] == ext.guest_offset:
-                expected[-1] = (expected[-1][0], ext.end)
-            else:
-                expected.append((ext.guest_offset, ext.end))
-    walked: list[tuple[int, int]] = []
-    pos = 0
-    while len(walked) <= len(expected):
-        data = seek_data(source, pos)
-        if data is None:
-            break
-        hole = seek_hole(source, data)
-        assert hole is not None and data < hole <= size, (data, hole, size)
-        walked.append((data, hole))
-        pos = hole
-    assert walked == expected, "SEEK_DATA/SEEK_HOLE walk disagrees with the extents"
-    assert data_size(source) == sum(e - s for s, e in expected)
-
-    if isinstance(source, Qcow2Image):
-        pos = 0
-        for entry in source.iter_map():
-            assert entry.start == pos and entry.length > 0
-            pos += entry.length
-        assert pos == size
 
 
 # -- the fuzz loop ------------------------------------------------------------------------

@@ -24,6 +24,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.progress": ("sparsefs.", "pyfuse3", "trio"),
     "sparsefs.qmp": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "sparsefs.raw",
                      "sparsefs.checksum", "pyfuse3", "trio"),
+    "sparsefs.layered": ("sparsefs.qcow2", "sparsefs.formats", "sparsefs.fusefs", "sparsefs.cli",
+                         "sparsefs.checksum", "pyfuse3", "trio"),
+    "sparsefs.formats": ("sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3",
+                         "trio"),
     "sparsefs.locking": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio"),
 }
 
@@ -72,3 +76,18 @@ def test_every_layer_is_checked() -> None:
         if module in ("sparsefs", "sparsefs.__main__") or module.startswith("sparsefs.cli"):
             continue
         assert any(module == p or module.startswith(p + ".") for p in FORBIDDEN), module
+
+
+FORMAT_MODULES = [p for p in MODULES if _module_name(p).startswith("sparsefs.formats.")]
+FORMAT_NAMES = {p.stem for p in FORMAT_MODULES}
+
+
+@pytest.mark.parametrize("path", FORMAT_MODULES, ids=lambda p: _module_name(p))
+def test_format_modules_never_import_each_other(path: Path) -> None:
+    """A format reaches another format (a parent) only through the registry."""
+    module = _module_name(path)
+    for name in _imports(path):
+        parts = name.split(".")
+        if name.startswith("sparsefs.formats.") and parts[2] != module.split(".")[2]:
+            assert parts[2] not in FORMAT_NAMES, f"{module} imports {name}"
+        assert not name.startswith("sparsefs.qcow2"), f"{module} imports {name}"
