@@ -276,6 +276,15 @@ class _Run:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Run a backup; see the subcommand help."""
+    if args.since or args.qmp or args.node:  # incremental.py, live.py
+        from sparsefs.cli import live
+
+        return live.dispatch(args, _backup_full)
+    return _backup_full(args)
+
+
+def _backup_full(args: argparse.Namespace) -> int:
+    """A full backup of every image."""
     *images, dest = args.paths
     if not images:
         raise SparsefsError("backup needs at least one IMAGE and a DEST_DIR")
@@ -502,5 +511,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="print nothing but errors (no progress bar, no summary)")
     b.add_argument("--json", action="store_true",
                    help="print the results as JSON, with per-phase times")
+    from sparsefs.cli import incremental, live
+
+    incremental.add_arguments(b)
+    live.add_arguments(b)
     add_open_options(b)
     b.set_defaults(func=cmd_backup)

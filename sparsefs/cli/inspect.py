@@ -12,12 +12,15 @@ from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
 from sparsefs.formats import FORMAT_NAMES, open_source
 from sparsefs.layered import MapEntry, below_map
-from sparsefs.qcow2 import Qcow2Image
+from sparsefs.qcow2 import Qcow2Image, open_image
 from sparsefs.qcow2 import layout as L
+from sparsefs.qcow2.bitmaps import dirty_ranges, find_bitmap, list_bitmaps
 
 
 def cmd_map(args: argparse.Namespace) -> int:
     """Print the extent map; see the subcommand help."""
+    if args.bitmap is not None:
+        return _map_bitmap(args)
     image = open_source(args.image, args.format, open_options(args))
     try:
         entries = [e.as_dict() for e in _map_of(image, args.snapshot)]
@@ -33,6 +36,25 @@ def cmd_map(args: argparse.Namespace) -> int:
         for e in entries:
             if e["data"] and "offset" in e:
                 print(f"{e['start']:<#20x}{e['length']:<#20x}{e['offset']:<#20x}{args.image}")
+    return EXIT_OK
+
+
+def _map_bitmap(args: argparse.Namespace) -> int:
+    """``map --bitmap NAME``: the guest ranges the bitmap marks dirty."""
+    if args.snapshot is not None:
+        raise SparsefsError(f"{args.image}: --bitmap and --snapshot cannot be combined")
+    if args.format not in (None, "qcow2"):
+        raise SparsefsError(f"{args.image}: persistent bitmaps exist only in qcow2 images")
+    with open_image(args.image, open_options(args)) as image:
+        ranges = list(dirty_ranges(image, find_bitmap(image, args.bitmap)))
+    if args.output == "json":
+        print("[" + ",\n".join(
+            json.dumps({"start": s, "length": n, "dirty": True}) for s, n in ranges
+        ) + "]")
+    else:
+        print(f"{'Offset':<20}{'Length':<20}Dirty in bitmap {args.bitmap}")
+        for start, length in ranges:
+            print(f"{start:<#20x}{length:#x}")
     return EXIT_OK
 
 
@@ -108,6 +130,10 @@ def describe(image: SparseSource) -> dict[str, Any]:
             for s in image.snapshots
         ],
         "snapshot-table-damaged": image.snapshot_table_problem,
+        "bitmaps": [
+            {"name": b.name, "granularity": b.granularity, "flags": b.flag_names}
+            for b in list_bitmaps(image)
+        ],
         "features": features,
     }
 
@@ -168,6 +194,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {s['id']:<6}{s['name']:<24}{s['virtual-size']:>16}{state}")
     if info.get("snapshot-table-damaged"):
         print(f"snapshots: damaged: {info['snapshot-table-damaged']}")
+    if info.get("bitmaps"):
+        print("bitmaps:")
+        print(f"  {'NAME':<24}{'GRANULARITY':>12}  FLAGS")
+        for b in info["bitmaps"]:
+            print(f"  {b['name']:<24}{b['granularity']:>12}  {', '.join(b['flags']) or '-'}")
     print(f"features: {', '.join(info['features']) or 'none'}")
     return EXIT_OK
 
@@ -197,6 +228,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="format of IMAGE (default: probed by magic, raw when none matches)")
     m.add_argument("-l", "--snapshot", metavar="SNAPSHOT",
                    help="map an internal snapshot (id or name) instead of the active image")
+    m.add_argument("--bitmap", metavar="BITMAP",
+                   help="print the guest ranges the persistent dirty bitmap BITMAP marks "
+                   "dirty (what qemu-nbd -B BITMAP exports as qemu:dirty-bitmap:BITMAP)")
     add_open_options(m)
     m.set_defaults(func=cmd_map)
 
@@ -204,8 +238,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "info",
         help="describe an image: version, sizes, chain, snapshots, features",
         description="Describe an image (any format): format, virtual size, cluster size, "
-        "bytes of stored data, compression type, backing chain, internal snapshots and "
-        "the features in use.",
+        "bytes of stored data, compression type, backing chain, internal snapshots, "
+        "persistent bitmaps (qcow2: name, granularity, flags) and the features in use.",
     )
     i.add_argument("image", metavar="IMAGE")
     i.add_argument("--output", choices=("human", "json"), default="human",

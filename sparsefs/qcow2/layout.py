@@ -295,3 +295,109 @@ def compressed_descriptor(cluster_bits: int, entry: int) -> tuple[int, int]:
     nb_sectors = ((entry >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
     nb_bytes = nb_sectors * 512 - (host_offset & 511)
     return host_offset, nb_bytes
+
+
+# -- Bitmaps (spec, "Bitmaps extension" and "Bitmaps") -------------------------------
+
+# spec, "Bitmaps extension": nb_bitmaps, reserved, bitmap_directory_size, _offset.
+_BITMAPS_EXT = struct.Struct(">IIQQ")  # 24 bytes
+# spec, "Bitmap directory": bitmap_table_offset, bitmap_table_size, flags, type,
+# granularity_bits, name_size, extra_data_size; extra data and the name follow.
+_BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes
+BITMAPS_EXT_SIZE = _BITMAPS_EXT.size
+BITMAP_DIR_ENTRY_SIZE = _BITMAP_DIR_ENTRY.size
+# qemu's limits (QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE, BME_MAX_*).
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+MAX_BITMAP_TABLE_SIZE = 0x8000000  # entries
+MAX_BITMAP_PHYS_SIZE = 0x20000000  # bytes of bitmap data
+MIN_GRANULARITY_BITS = 9
+MAX_GRANULARITY_BITS = 31
+MAX_BITMAP_NAME_SIZE = 1023
+# Bitmap directory entry flags
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
+BME_RESERVED_FLAGS = 0xFFFFFFFF & ~0x7
+BITMAP_TYPE_DIRTY_TRACKING = 1
+# Bitmap table entry: bit 0 = all ones (when no offset), bits 9..55 the offset.
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1 << 0
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapsExtension:
+    """The bitmaps header extension (spec, "Bitmaps extension")."""
+
+    nb_bitmaps: int
+    reserved: int
+    bitmap_directory_size: int
+    bitmap_directory_offset: int
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BitmapsExtension:
+        """Decode the extension data.
+
+        Raises:
+            ValueError: the data is not exactly 24 bytes long.
+        """
+        if len(data) != _BITMAPS_EXT.size:
+            raise ValueError(
+                f"bitmaps extension has length {len(data)} (must be {_BITMAPS_EXT.size})"
+            )
+        return cls(*_BITMAPS_EXT.unpack(data))
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapDirEntry:
+    """One bitmap directory entry (spec, "Bitmap directory").
+
+    ``entry_size`` is the entry's length in the directory, padding included.
+    """
+
+    bitmap_table_offset: int
+    bitmap_table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    name: bytes
+    extra_data: bytes
+    padding: bytes
+    entry_size: int
+
+
+def parse_bitmap_dir_entry(buf: bytes, pos: int) -> BitmapDirEntry:
+    """Decode the bitmap directory entry at ``pos`` of ``buf`` (the whole directory).
+
+    Raises:
+        ValueError: the entry runs past the end of ``buf``.
+    """
+    if pos + _BITMAP_DIR_ENTRY.size > len(buf):
+        raise ValueError(f"bitmap directory entry at byte {pos} runs past the directory")
+    (
+        bitmap_table_offset,
+        bitmap_table_size,
+        flags,
+        bitmap_type,
+        granularity_bits,
+        name_size,
+        extra_data_size,
+    ) = _BITMAP_DIR_ENTRY.unpack_from(buf, pos)
+    extra_start = pos + _BITMAP_DIR_ENTRY.size
+    name_start = extra_start + extra_data_size
+    name_end = name_start + name_size
+    end = (name_end + 7) & ~7
+    if end > len(buf):
+        raise ValueError(f"bitmap directory entry at byte {pos} runs past the directory")
+    return BitmapDirEntry(
+        bitmap_table_offset,
+        bitmap_table_size,
+        flags,
+        bitmap_type,
+        granularity_bits,
+        bytes(buf[name_start:name_end]),
+        bytes(buf[extra_start:name_start]),
+        bytes(buf[name_end:end]),
+        end - pos,
+    )

@@ -22,6 +22,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.checksum": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio",
                           "struct"),
     "sparsefs.progress": ("sparsefs.", "pyfuse3", "trio"),
+    "sparsefs.qmp": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "sparsefs.raw",
+                     "sparsefs.checksum", "pyfuse3", "trio"),
     "sparsefs.layered": ("sparsefs.qcow2", "sparsefs.formats", "sparsefs.fusefs", "sparsefs.cli",
                          "sparsefs.checksum", "pyfuse3", "trio"),
     "sparsefs.formats": ("sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3",
