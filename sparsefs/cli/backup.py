@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sparsefs.checksum import BlockRun, DigestResult, block_digest, compare, stream_xxh128
+from sparsefs.cli import incremental
 from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.cli.common import (
     EXIT_FAILURE,
@@ -418,6 +419,8 @@ def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+        with contextlib.suppress(FileNotFoundError):  # about to be replaced
+            os.unlink(incremental.blocks_path(run.dest, name))
         kernel = _kernel_copy_allowed(_source_file(source), run.dest, run.reflink)
         with bar:
             bar.label = f"{name} copy"
@@ -428,8 +431,14 @@ def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
             bar.label = f"{name} verify"
             with RawFile(partial) as copy:
                 # The copy as the storage holds it, through its own holes.
-                copy_digest = block_digest(
-                    copy, on_run=lambda r: advance(r.bytes_read) if r.bytes_read else None)
+                block_digests: list[bytes] = []
+
+                def on_copy_run(r: BlockRun) -> None:
+                    block_digests.extend([r.digest] * r.count)
+                    if r.bytes_read:
+                        advance(r.bytes_read)
+
+                copy_digest = block_digest(copy, on_run=on_copy_run)
                 if copy.size != source.size or copy_digest.digest != image_digest.digest:
                     difference, _ = compare(source, copy)
                     where = (f"at byte {difference.offset}" if difference and
@@ -444,6 +453,9 @@ def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
                             copy, progress=xbar.update if xbar.enabled else None).digest
                     result.phases["xxh128"] = time.monotonic() - t2
         os.replace(partial, final)
+        # The verified copy's block digests, for the next 'backup --since'.
+        incremental.store_blocks(incremental.blocks_path(run.dest, name), os.stat(final),
+                                 copy_digest.digest, block_digests, _source_file(source))
         result.ok = True
         result.digest = image_digest.digest
         result.data_bytes = os.stat(final).st_blocks * 512

@@ -153,7 +153,7 @@ def _load_blocks(path: str, copy_st: os.stat_result, digest: str, nb_blocks: int
     return digests
 
 
-def _store_blocks(path: str, copy_st: os.stat_result, digest: str, digests: list[bytes],
+def store_blocks(path: str, copy_st: os.stat_result, digest: str, digests: list[bytes],
                   image_path: str | None) -> None:
     head = {"copy": _identity(copy_st), "digest": digest, "block-size": BLOCK_SIZE,
             "image": os.path.realpath(image_path) if image_path else None}
@@ -386,7 +386,7 @@ def apply_since(plan: _Plan) -> SinceResult:
     side = blocks_path(dest_dir, name)
     if not ranges:
         if result.rehashed:
-            _store_blocks(side, plan.copy_st, plan.digest, digests, image_path)
+            store_blocks(side, plan.copy_st, plan.digest, digests, image_path)
         result.digest = plan.digest
         result.seconds = time.monotonic() - plan.t0
         return result
@@ -425,7 +425,7 @@ def apply_since(plan: _Plan) -> SinceResult:
         os.close(fd)
     # 5. Record: block digests, then the manifest line that vouches for the copy.
     result.digest = fold(size, digests)
-    _store_blocks(side, new_st, result.digest, digests, image_path)
+    store_blocks(side, new_st, result.digest, digests, image_path)
     update_manifest(os.path.join(dest_dir, SPARSEFS_SUMS), {name: result.digest})
     _fsync_dir(dest_dir)
     result.seconds = time.monotonic() - plan.t0

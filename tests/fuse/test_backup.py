@@ -58,7 +58,10 @@ def test_backup_copies_verifies_and_writes_manifests(images: list[Path], tmp_pat
         assert copy.stat().st_blocks * 512 <= oracle_data_bytes(image) + MiB
         assert name in proc.stdout
     # SPARSEFS-SUMS only by default (XXH128SUMS would hash every zero of the disk).
-    assert sorted(p.name for p in dest.iterdir()) == ["SPARSEFS-SUMS", "db.raw", "web.raw"]
+    # (and the copies' block digests, hidden, for the next 'backup --since').
+    assert sorted(p.name for p in dest.iterdir()) == [
+        ".db.raw.sparsefs1-blocks", ".web.raw.sparsefs1-blocks", "SPARSEFS-SUMS", "db.raw",
+        "web.raw"]
     out = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout
     assert out.count(": OK") == 2
     # With --xxh128sums, the standard tool checks XXH128SUMS from inside DEST too.
@@ -154,6 +157,7 @@ def test_failed_verification_leaves_no_final_file(
     names = sorted(p.name for p in dest.iterdir())
     assert "web.raw" not in names and not any("partial" in n for n in names)
     assert "db.raw" in names  # the other image is backed up
+    assert ".web.raw.sparsefs1-blocks" not in names and ".db.raw.sparsefs1-blocks" in names
     assert "web.raw" not in (dest / "SPARSEFS-SUMS").read_text()
     assert "db.raw" in (dest / "SPARSEFS-SUMS").read_text()
     assert _no_backup_mounts()

@@ -15,9 +15,10 @@ import pytest
 from support import (
     KiB,
     MiB,
-    check_map_agrees,
+    check_stored,
     daemon_pid,
     files_equal,
+    host_files_of,
     make_image,
     qemu_data_bytes,
     qemu_map,
@@ -50,7 +51,7 @@ def test_both_modes_serve_qemu_bytes_and_map(
     image: Path, reference: Path, mount: Mount, tmp_path: Path, options: tuple[str, ...]
 ) -> None:
     raw = mount(image, options=options) / "disk.raw"
-    check_map_agrees(seek_walk(raw), qemu_map(image))
+    check_stored(seek_walk(raw), qemu_map(image), host_files_of(image))
     copy = tmp_path / "copy.raw"
     subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
     assert files_equal(copy, reference)

@@ -14,7 +14,15 @@ import trio
 from sparsefs.extents import DataIndex, Extent, SparseSource, data_size, seek_data, seek_hole
 from sparsefs.fusefs import SparseFS
 from sparsefs.qcow2 import OpenOptions, open_image
-from tests.support import MiB, make_image, qemu_img_create, qemu_io, qemu_map
+from support import (
+    MiB,
+    host_files_of,
+    make_image,
+    qemu_img_create,
+    qemu_io,
+    qemu_map,
+    stored_segments,
+)
 
 
 class RunsSource:
@@ -114,22 +122,30 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_index_of_a_qcow2_image_agrees_with_qemu_img_map(image: Path) -> None:
-    """Every boundary qemu-img map reports: SEEK_DATA/SEEK_HOLE from the index agree."""
-    qmap = qemu_map(image)
+    """Every boundary of the stored data (qemu-img map + FIEMAP): the index agrees."""
+    segments = stored_segments(qemu_map(image), host_files_of(image))
     with open_image(str(image), OpenOptions()) as src:
         index = DataIndex.build(src)
         assert index is not None
-        for ent in qmap:
-            start, length = int(ent["start"]), int(ent["length"])  # type: ignore[call-overload]
-            for off in (start, start + length // 2, start + length - 1):
-                if ent["data"]:
+        pos = 0
+        pieces = []
+        for start, end in segments:
+            if start > pos:
+                pieces.append((pos, start, False))
+            pieces.append((start, end, True))
+            pos = end
+        if pos < src.size:
+            pieces.append((pos, src.size, False))
+        for start, end, data in pieces:
+            for off in (start, start + (end - start) // 2, end - 1):
+                if data:
                     assert index.seek_data(off) == off
-                    assert index.seek_hole(off) > off
+                    assert index.seek_hole(off) == end
                 else:
                     assert index.seek_hole(off) == off
                     assert index.seek_data(off) == seek_data(src, off)
-                    assert index.is_hole(off, start + length)
-        assert index.data_bytes == sum(int(e["length"]) for e in qmap if e["data"])  # type: ignore[call-overload]
+                    assert index.is_hole(off, end)
+        assert index.data_bytes == sum(e - s for s, e in segments)
 
 
 def test_fuse_handlers_answer_from_the_index_as_from_the_walk(image: Path) -> None:
