@@ -1,18 +1,19 @@
 """Incremental backup cost: ``backup --since`` against a full ``backup`` and rsync.
 
-Measures CPU time (user + system, of every process involved, the sparsefs
-mount daemon included for rsync) and the bytes each contender read and wrote
-(``rchar``/``wchar``), never wall-clock time: on a shared machine only these
-are meaningful.  Usage:
+Measures wall time (run it alone on the machine), CPU time (user + system, of
+every process involved, the sparsefs mount daemon included for rsync) and the
+bytes each contender read and wrote (``rchar``/``wchar``); medians over
+``--nights`` nights.  The copies live on /dev/shm (no disk writeback in the
+timing).  Usage:
 
-    .venv/bin/python tools/bench/since_bench.py [--quick] [--workdir DIR]
+    .venv/bin/python tools/bench/since_bench.py [--quick] [--nights N] [--workdir DIR]
 
 The image is W1 (16 GiB virtual, ~600 MiB in 300 extents; ``--quick``: 2 GiB,
 ~150 MiB), built by qemu-img/qemu-io.  After a full backup and a first rsync,
 ``qemu-img bitmap --add`` starts the bitmap, 1% of the allocated clusters are
 rewritten, and ``backup --since`` brings its copy up to date (night 1); the
 bitmap is cleared, another 1% rewritten, and the contenders bring their copies
-up to date (night 2):
+up to date (nights 2, 3, ...):
 
 - ``backup --since``: sparsefs backup --since nightly IMAGE DEST
 - ``backup`` (full): sparsefs backup IMAGE DEST2 (a new copy)
@@ -26,6 +27,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -50,8 +52,10 @@ def measured(cmd: list[str], extra_pid: int | None = None, **kw: object) -> dict
     script = '"$@"; rc=$?; grep -E "^(rchar|wchar):" /proc/$$/io >&2; exit $rc'
     before = os.times()
     extra0 = _cpu(extra_pid) if extra_pid else 0.0
+    t0 = time.perf_counter()
     proc = subprocess.run(["sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
                           **kw)  # type: ignore[call-overload]
+    wall = time.perf_counter() - t0
     after = os.times()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr}")
@@ -60,7 +64,7 @@ def measured(cmd: list[str], extra_pid: int | None = None, **kw: object) -> dict
            + after.children_system - before.children_system)
     if extra_pid:
         cpu += _cpu(extra_pid) - extra0
-    return {"cpu": cpu, "read": int(io["rchar"]), "written": int(io["wchar"])}
+    return {"wall": wall, "cpu": cpu, "read": int(io["rchar"]), "written": int(io["wchar"])}
 
 
 def _cpu(pid: int) -> float:
@@ -100,16 +104,26 @@ def build(image: Path, size: int, extents: int, extent_size: int, seed: int) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 GiB / 150 MiB instead of W1")
+    parser.add_argument("--nights", type=int, default=5, help="measured nights (default 5)")
     parser.add_argument("--workdir", default="/tmp/sparsefs-since-bench")
     args = parser.parse_args()
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    copies = Path("/dev/shm/sparsefs-since-bench")
+    for d in (work, copies):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    try:
+        return _run(args, work, copies)
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
     size, extents = (2 * GiB, 150) if args.quick else (16 * GiB, 300)
     image = work / "w1.qcow2"
     clusters = build(image, size, extents, 1 * MiB if args.quick else 2 * MiB, seed=1)
-    dest, dest2, rdest, mp = (work / "dest", work / "dest2", work / "rsync", work / "mnt")
-    for d in (dest, dest2, rdest, mp):
+    dest, dest2, rdest, mp = (copies / "dest", copies / "dest2", copies / "rsync", work / "mnt")
+    for d in (dest, rdest, mp):
         d.mkdir()
     sh([*SPARSEFS, "backup", "-q", str(image), str(dest)])
     sh([*SPARSEFS, "mount", str(image), str(mp)])
@@ -127,38 +141,57 @@ def main() -> int:
             str(image)])
         return changed
 
-    rows = {}
-    # Night 1: the first --since after a full backup hashes the copy once (no block digests yet).
+    samples: dict[str, list[dict[str, float]]] = {}
+
+    def add(name: str, r: dict[str, float]) -> None:
+        samples.setdefault(name, []).append(r)
+
+    # Night 1: the first --since after the full backup (its block digests are trusted).
     changed = change(0xEE)
-    rows["backup --since (first night)"] = measured(
-        [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)])
+    add("backup --since (first night)", measured(
+        [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]))
     sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
-    # Night 2: steady state, the block digests of night 1 are trusted.
-    changed = change(0xDD)
-    rows["backup --since (next nights)"] = measured(
-        [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)])
-    rows["backup (full)"] = measured([*SPARSEFS, "backup", "-q", str(image), str(dest2)])
-    sh([*SPARSEFS, "mount", str(image), str(mp)])
-    try:
-        time.sleep(0.2)
-        rows["rsync --inplace --no-whole-file"] = measured(
-            # --ignore-times: in a test run image and copy can share an mtime second
-            ["rsync", "--inplace", "--no-whole-file", "--ignore-times", str(mp / "w1.raw"),
-             str(rdest)],
-            extra_pid=daemon_pid(mp))
-    finally:
-        sh([*SPARSEFS, "umount", str(mp)])
-    for copy in (dest / "w1.raw", dest2 / "w1.raw", rdest / "w1.raw"):
-        sh(["cmp", str(copy), str(dest2 / "w1.raw")])
-    full = rows["backup (full)"]["cpu"]
+    for night in range(args.nights):
+        changed = change(0xD0 + night)
+        order = ["since", "full", "rsync"]
+        for who in order[night % 3:] + order[: night % 3]:  # alternate who goes first
+            if who == "since":
+                add("backup --since", measured(
+                    [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]))
+            elif who == "full":
+                shutil.rmtree(dest2, ignore_errors=True)
+                dest2.mkdir()
+                add("backup (full)", measured([*SPARSEFS, "backup", "-q", str(image),
+                                               str(dest2)]))
+            else:
+                sh([*SPARSEFS, "mount", str(image), str(mp)])
+                try:
+                    time.sleep(0.2)
+                    add("rsync --inplace --no-whole-file", measured(
+                        # --ignore-times: image and copy can share an mtime second
+                        ["rsync", "--inplace", "--no-whole-file", "--ignore-times",
+                         str(mp / "w1.raw"), str(rdest)],
+                        extra_pid=daemon_pid(mp)))
+                finally:
+                    sh([*SPARSEFS, "umount", str(mp)])
+        sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
+        for copy in (dest / "w1.raw", rdest / "w1.raw"):
+            sh(["cmp", str(copy), str(dest2 / "w1.raw")])
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+           for name, rs in samples.items()}
+    full = med["backup (full)"]
     print(f"image: {size >> 20} MiB virtual, {len(clusters) * CLUSTER >> 20} MiB data, "
-          f"{len(changed)} of {len(clusters)} clusters changed (1%)")
-    print(f"| {'contender (night 2)':<32} | {'CPU s':>7} | {'x full':>6} | {'read MiB':>9} | "
-          f"{'written MiB':>11} |")
-    print(f"|{'-' * 34}|{'-' * 9}|{'-' * 8}|{'-' * 11}|{'-' * 13}|")
-    for name, r in rows.items():
-        print(f"| {name:<32} | {r['cpu']:7.2f} | {r['cpu'] / full:6.2f} | "
-              f"{r['read'] / MiB:9.1f} | {r['written'] / MiB:11.1f} |")
+          f"{len(changed)} of {len(clusters)} clusters changed (1%) per night; "
+          f"medians of {args.nights} nights; copies on /dev/shm")
+    print(f"| {'contender':<32} | {'wall s':>7} | {'x full':>6} | {'CPU s':>6} | "
+          f"{'read MiB':>9} | {'written MiB':>11} |")
+    print(f"|{'-' * 34}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 11}|{'-' * 13}|")
+    for name, r in med.items():
+        print(f"| {name:<32} | {r['wall']:7.3f} | {r['wall'] / full['wall']:6.2f} | "
+              f"{r['cpu']:6.2f} | {r['read'] / MiB:9.1f} | {r['written'] / MiB:11.1f} |")
+    ratio = med["backup --since"]["wall"] / full["wall"]
+    print(f"target: backup --since <= 0.3x a full backup (wall): {ratio:.2f}x "
+          f"{'pass' if ratio <= 0.3 else 'MISS'}")
     return 0
 
 
