@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 
 from sparsefs.checksum import BlockRun, DigestResult, block_digest, compare, stream_xxh128
 from sparsefs.cli import incremental
-from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -224,45 +223,6 @@ def _kernel_copy_allowed(source_file: str | None, dest_dir: str, reflink: str) -
     return filesystem_type(dest_dir) not in REFLINK_FILESYSTEMS
 
 
-def _update_manifest(path: str, entries: dict[str, str], *, only_drop: bool = False) -> None:
-    """Rewrite a manifest atomically: our names get new lines, other lines stay.
-
-    With ``only_drop``, our names' lines are removed and none are written (a
-    manifest this run does not keep must not vouch for a replaced file).
-    """
-    kept: list[str] = []
-    exists = False
-    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
-        exists = True
-        for line in f:
-            line = line.rstrip("\n")
-            entry = parse_manifest_line(line)
-            if entry is not None and entry.name in entries:
-                continue
-            if line:
-                kept.append(line)
-    if only_drop:
-        if not exists:
-            return
-        lines = kept
-    else:
-        lines = kept + [format_line(digest, name) for name, digest in sorted(entries.items())]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class _Run:
     """Settings of one backup run."""
@@ -314,11 +274,14 @@ def _backup_full(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
         if sums:
-            _update_manifest(os.path.join(dest, SPARSEFS_SUMS), sums)
+            incremental.update_manifest(os.path.join(dest, SPARSEFS_SUMS), dict(sums))
             xsums = {r.name: r.xxh128 for r in results if r.ok and r.xxh128}
-            _update_manifest(os.path.join(dest, XXH128_SUMS), xsums or sums,
-                             only_drop=not args.xxh128sums)
-            _fsync_dir(dest)
+            # Without --xxh128sums, an existing XXH128SUMS loses the replaced files' lines.
+            incremental.update_manifest(
+                os.path.join(dest, XXH128_SUMS),
+                dict(xsums) if args.xxh128sums else dict.fromkeys(sums),
+            )
+            incremental.fsync_dir(dest)
         manifest_seconds = time.monotonic() - t0
         if run.fd_progress is not None:
             run.fd_progress.finish()

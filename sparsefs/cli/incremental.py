@@ -208,7 +208,7 @@ def update_manifest(path: str, entries: dict[str, str | None]) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -395,7 +395,7 @@ def apply_since(plan: _Plan) -> SinceResult:
     update_manifest(os.path.join(dest_dir, XXH128_SUMS), {name: None})
     with contextlib.suppress(FileNotFoundError):
         os.unlink(side)
-    _fsync_dir(dest_dir)
+    fsync_dir(dest_dir)
     fd = os.open(copy_path, os.O_RDWR | os.O_CLOEXEC)
     try:
         for start, length in ranges:
@@ -427,7 +427,7 @@ def apply_since(plan: _Plan) -> SinceResult:
     result.digest = fold(size, digests)
     store_blocks(side, new_st, result.digest, digests, image_path)
     update_manifest(os.path.join(dest_dir, SPARSEFS_SUMS), {name: result.digest})
-    _fsync_dir(dest_dir)
+    fsync_dir(dest_dir)
     result.seconds = time.monotonic() - plan.t0
     return result
 
