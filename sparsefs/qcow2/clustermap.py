@@ -170,6 +170,11 @@ class ClusterMap:
     _zero_table: bytes
     _l2_cache: _LRU
 
+    def cached_table_runs(self, l1_entry: int) -> _TableRuns | None:
+        """The decoded runs of an L2 table when they are in the cache, else None; no I/O."""
+        runs: _TableRuns | None = self._l2_cache.get(l1_entry & L.L1E_OFFSET_MASK)
+        return runs
+
     def table_runs(self, l1_entry: int) -> _TableRuns:
         """The decoded runs of the L2 table an L1 entry points to (cached)."""
         l2_offset = l1_entry & L.L1E_OFFSET_MASK
