@@ -20,21 +20,23 @@ from itertools import compress, islice, repeat
 from operator import add, ne
 from typing import Any
 
+from sparsefs import layered
 from sparsefs.hostmap import WRITTEN
 from sparsefs.qcow2 import layout as L
 from sparsefs.qcow2.messages import past_end_text, size_text
 from sparsefs.raw import RawFile
 
-# Kinds of runs in the cluster map (mirroring qemu's QCow2SubclusterType).
-RUN_DATA = 0  # stored at a host offset in the data file (NORMAL)
-RUN_COMPRESSED = 1  # one compressed cluster; host is (host_offset, nb_bytes)
-RUN_ZERO = 2  # reads as zeros, nothing read from below (ZERO_PLAIN / ZERO_ALLOC)
-RUN_UNALLOCATED = 3  # not in this layer: the backing file, or zeros
-RUN_ERROR = 4  # metadata is invalid for this range; host is the message
+# Kinds of runs in the cluster map (mirroring qemu's QCow2SubclusterType), the
+# layered kinds by number, so that the decoded tables feed LayeredImage as they are.
+RUN_DATA = layered.DATA  # stored at a host offset in the data file (NORMAL)
+RUN_COMPRESSED = layered.OTHER  # one compressed cluster; host is (host_offset, nb_bytes)
+RUN_ZERO = layered.ZERO  # reads as zeros, nothing read from below (ZERO_PLAIN / ZERO_ALLOC)
+RUN_UNALLOCATED = layered.BELOW  # not in this layer: the backing file, or zeros
+RUN_ERROR = layered.ERROR  # metadata is invalid for this range; host is the message
 # Mapped to a host range that the host file stores as nothing (a hole, or an
 # unwritten extent: preallocation=metadata/falloc); host as RUN_DATA.  Reads as
 # zeros without a read; a hole for copies; still "data" in qemu-img map's sense.
-RUN_UNWRITTEN = 5
+RUN_UNWRITTEN = layered.UNWRITTEN
 
 RUN_KIND_NAMES = {
     RUN_DATA: "data",
@@ -44,8 +46,6 @@ RUN_KIND_NAMES = {
     RUN_ERROR: "error",
     RUN_UNWRITTEN: "unwritten",
 }
-# Kinds that read as zeros from this layer without reading anything.
-_ZERO_KINDS = (RUN_ZERO, RUN_UNWRITTEN)
 
 # L2 entries decoded as a block (512 bytes of a standard table): see _decode_l2.
 _L2_BLOCK_ENTRIES = 64
