@@ -14,8 +14,8 @@ from typing import Any
 from sparsefs import locking
 from sparsefs.errors import ImageFormatError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import SparseSource
-from sparsefs.layered import check_regular_file as _check_regular_file
-from sparsefs.layered import resolve_name
+from sparsefs.parents import check_regular_file as _check_regular_file
+from sparsefs.parents import resolve_name
 from sparsefs.qcow2 import layout as L
 from sparsefs.qcow2.clustermap import _LRU, ClusterMap
 from sparsefs.qcow2.compressed import CompressedClusters
