@@ -7,9 +7,8 @@ the source below (parent, backing file)" into a
 Reads, extents (lseek, ``st_blocks``, checksums) and the map all come from
 the one walk, :meth:`Layer.runs`.
 
-Also here, written once for every format: the resolution of a parent or
-backing file name (relative names, protocols, ``--backing-dir``
-confinement) and the checks on the file it names.
+The resolution of a parent or backing file name, written once for every
+format, is in :mod:`sparsefs.parents` (re-exported here).
 
 Knows nothing of FUSE or of any format's layout.
 """
@@ -18,14 +17,17 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sparsefs.errors import ImageFormatError, ImageReadError, UnsupportedFeatureError
+from sparsefs.errors import ImageReadError
 from sparsefs.extents import Extent, SparseSource, coalesce
-from sparsefs.hostmap import WRITTEN
+from sparsefs.hostmap import HOLE, WRITTEN
+from sparsefs.parents import check_regular_file as check_regular_file
+from sparsefs.parents import file_identity as file_identity
+from sparsefs.parents import path_has_protocol as path_has_protocol
+from sparsefs.parents import resolve_name as resolve_name
 
 # Kinds of runs (spec-neutral; the numbers match qcow2's RUN_* constants).
 DATA = 0  # stored in this layer; host = (RawFile, host_offset of the run's start)
@@ -33,13 +35,30 @@ OTHER = 1  # stored, needs the layer's decoder; host is the layer's own descript
 ZERO = 2  # reads as zeros here and hides what is below
 BELOW = 3  # not stored here: the source below, zeros past its end or without one
 ERROR = 4  # broken metadata; host = one-line message naming the file
+# Mapped to host bytes that the host file stores as nothing (a hole or an
+# unwritten extent: qcow2 preallocation=metadata/falloc).  Reads as zeros
+# without a read and is a hole for copies, yet is "data" in qemu-img map's
+# sense; host = (RawFile, host_offset, zero_in_map): qemu-img map says "zero"
+# for its file holes only when zero_in_map (the image file itself, not an
+# external data file).
+UNWRITTEN = 5
 
-KIND_NAMES = {DATA: "data", OTHER: "other", ZERO: "zero", BELOW: "below", ERROR: "error"}
+KIND_NAMES = {
+    DATA: "data",
+    OTHER: "other",
+    ZERO: "zero",
+    BELOW: "below",
+    ERROR: "error",
+    UNWRITTEN: "unwritten",
+}
 
 # Images in one chain, the top included (deeper chains are refused).
 MAX_CHAIN_LENGTH = 128
 # Cleared when preadv(RWF_NOWAIT) is refused (EOPNOTSUPP): then read_nowait gives up.
 _nowait_ok = [hasattr(os, "RWF_NOWAIT")]
+# Shared zeros that read_nowait answers holes with (read-only views of it).
+_ZEROS = bytes(4 * 1024 * 1024)
+_ZEROS_VIEW = memoryview(_ZEROS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +93,11 @@ class MapEntry:
 def map_continues(a: MapEntry, b: MapEntry) -> bool:
     """True when ``b`` extends ``a`` into one qemu-img map entry."""
     if (a.depth, a.present, a.zero, a.data, a.compressed) != (
-        b.depth, b.present, b.zero, b.data, b.compressed
+        b.depth,
+        b.present,
+        b.zero,
+        b.data,
+        b.compressed,
     ) or a.start + a.length != b.start:
         return False
     if a.offset is None or b.offset is None:
@@ -88,8 +111,14 @@ def merge_map(entries: Iterator[MapEntry]) -> Iterator[MapEntry]:
     for entry in entries:
         if pending is not None and map_continues(pending, entry):
             pending = MapEntry(
-                pending.start, pending.length + entry.length, pending.depth, pending.present,
-                pending.zero, pending.data, pending.compressed, pending.offset,
+                pending.start,
+                pending.length + entry.length,
+                pending.depth,
+                pending.present,
+                pending.zero,
+                pending.data,
+                pending.compressed,
+                pending.offset,
             )
             continue
         if pending is not None:
@@ -148,6 +177,13 @@ class Layer(Protocol):
     def describe(self) -> dict[str, Any]:
         """Format-specific facts for ``sparsefs info`` (JSON-ready)."""
         ...
+
+
+# Optional, for read_nowait (looked up with getattr, so a layer may lack them):
+#   cached_runs(guest_start, guest_end): runs() from memory only; raises
+#       (any exception) where it would have to read metadata from disk.
+#   read_other_nowait(start, end, host) -> bytes | None: read_other() from
+#       memory only, or None.
 
 
 class LayeredImage:
@@ -219,7 +255,7 @@ class LayeredImage:
         for s, e, kind, host in self.layer.runs(guest_offset, end):
             if kind == DATA:
                 parts.append(host[0].pread(host[1], e - s))
-            elif kind == ZERO:
+            elif kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
                 parts.append(bytes(e - s))
             elif kind == BELOW:
                 parts.append(self._read_below(s, e - s))
@@ -229,20 +265,23 @@ class LayeredImage:
                 raise ImageReadError(str(host))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def read_nowait(
-        self, guest_offset: int, length: int
-    ) -> bytes | bytearray | memoryview | None:
-        """Like :meth:`read`, from memory only: the page cache and zeros.
+    def read_nowait(self, guest_offset: int, length: int) -> bytes | bytearray | memoryview | None:
+        """Like :meth:`read`, from memory only: the page cache, the caches, zeros.
 
         Returns the guest bytes (shortened at the end), or None when a part
-        would have to wait or fail: host data not in the page cache
-        (``preadv`` with ``RWF_NOWAIT``), an OTHER or ERROR run, a source
-        below without ``read_nowait``.  The caller then uses :meth:`read` in a
-        thread, which also reports the errors.  Never raises.
+        would have to wait or fail: metadata not in memory (the layer's
+        ``cached_runs`` refuses), host data not in the page cache (``preadv``
+        with ``RWF_NOWAIT``), an OTHER run the layer cannot serve from memory
+        (``read_other_nowait``), an ERROR run, a source below without
+        ``read_nowait``.  The caller then uses :meth:`read` in a thread, which
+        also reports the errors.  A range that is all holes comes back as a
+        read-only view of a shared zero buffer (no allocation).  Never raises.
         """
         end = min(guest_offset + length, self.size)
         if guest_offset >= end:
             return b""
+        if end - guest_offset <= len(_ZEROS) and self._reads_zeros(guest_offset, end):
+            return _ZEROS_VIEW[: end - guest_offset]
         if not _nowait_ok[0]:
             return None
         out = bytearray(end - guest_offset)
@@ -251,11 +290,37 @@ class LayeredImage:
                 return None
         return out
 
+    def _nowait_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, Any]]:
+        """The layer's runs from memory only (``cached_runs``), or its plain runs."""
+        cached = getattr(self.layer, "cached_runs", None)
+        runs: Iterator[tuple[int, int, int, Any]] = (
+            cached(start, end) if cached is not None else self.layer.runs(start, end)
+        )
+        return runs
+
+    def _reads_zeros(self, guest_offset: int, end: int) -> bool:
+        """True when ``[guest_offset, end)`` reads as zeros in every layer; never blocks."""
+        try:
+            for s, e, kind, _ in self._nowait_runs(guest_offset, end):
+                if kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
+                    continue
+                if kind != BELOW:
+                    return False
+                below = self._below
+                if below is None or s >= below.size:
+                    continue
+                deeper = getattr(below, "_reads_zeros", None)
+                if deeper is None or not deeper(s, min(e, below.size)):
+                    return False
+        except Exception:
+            return False
+        return True
+
     def _read_nowait_into(self, view: memoryview, guest_offset: int, end: int) -> bool:
         """Fill ``view`` (zeroed, for guest bytes from ``guest_offset``) without blocking."""
         try:
-            for s, e, kind, host in self.layer.runs(guest_offset, end):
-                if kind == ZERO:
+            for s, e, kind, host in self._nowait_runs(guest_offset, end):
+                if kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
                     continue
                 part = view[s - guest_offset : e - guest_offset]
                 if kind == DATA:
@@ -275,6 +340,12 @@ class LayeredImage:
                     deeper = getattr(below, "_read_nowait_into", None)
                     if deeper is None or not deeper(part[: stop - s], s, stop):
                         return False
+                elif kind == OTHER:
+                    other = getattr(self.layer, "read_other_nowait", None)
+                    got_other = other(s, e, host) if other is not None else None
+                    if got_other is None:
+                        return False
+                    part[:] = got_other
                 else:
                     return False
         except Exception:
@@ -305,7 +376,7 @@ class LayeredImage:
                 for rel_s, rel_e, state in host_map.classify(host_offset, e - s):
                     if state == WRITTEN:
                         yield (s + rel_s, s + rel_e, raw, host_offset + rel_s)
-            elif kind == ZERO:
+            elif kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
                 continue
             elif kind == BELOW:
                 if below is None or s >= below.size:
@@ -332,15 +403,40 @@ class LayeredImage:
         """Data and hole runs from ``guest_offset`` to the end, merged.
 
         DATA, OTHER and ERROR runs are data (a broken range reads as EIO, so a
-        copier fails instead of skipping it); ZERO runs are holes; BELOW runs
-        are what the source below says, holes past its end or without one.
+        copier fails instead of skipping it); ZERO and UNWRITTEN runs are
+        holes; BELOW runs are what the source below says, holes past its end
+        or without one.
         """
+        if self._below is None:
+            return self._iter_top_extents(guest_offset)
         return coalesce(self._iter_layer_extents(guest_offset, self.size))
+
+    def _iter_top_extents(self, guest_offset: int) -> Iterator[Extent]:
+        """:meth:`iter_extents` of a layer with nothing below, in one pass.
+
+        The same answer as the general path (ZERO, UNWRITTEN and BELOW runs
+        are holes, everything else data, touching runs of a kind merged),
+        without its layers of generators: this is what every lseek walks.
+        """
+        pending_start = pending_end = guest_offset
+        pending_data = False
+        for s, e, kind, _ in self.layer.runs(guest_offset, self.size):
+            data = kind != ZERO and kind != BELOW and kind != UNWRITTEN
+            if data == pending_data and s == pending_end:
+                pending_end = e
+                continue
+            if pending_end > pending_start:
+                yield Extent(
+                    pending_start, pending_end - pending_start, pending_data, not pending_data
+                )
+            pending_start, pending_end, pending_data = s, e, data
+        if pending_end > pending_start:
+            yield Extent(pending_start, pending_end - pending_start, pending_data, not pending_data)
 
     def _iter_layer_extents(self, start: int, end: int) -> Iterator[Extent]:
         below = self._below
         for s, e, kind, _ in self.layer.runs(start, end):
-            if kind == ZERO:
+            if kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
                 yield Extent(s, e - s, data=False, zero=True)
             elif kind != BELOW:
                 yield Extent(s, e - s, data=True)
@@ -368,6 +464,23 @@ class LayeredImage:
                 yield MapEntry(s, n, depth, True, True, False, False, None)
             elif kind == ERROR:
                 yield MapEntry(s, n, depth, True, False, True, False, None)
+            elif kind == UNWRITTEN:
+                # qemu-img map: data (allocated), and "zero" where the image
+                # file has a hole (qemu asks the file layer below a
+                # preallocated image); an unwritten extent, or anything in an
+                # external data file, it calls data only.
+                raw, host_offset, zero_in_map = host
+                for rel_s, rel_e, state in raw.written_map().classify(host_offset, n):
+                    yield MapEntry(
+                        s + rel_s,
+                        rel_e - rel_s,
+                        depth,
+                        True,
+                        zero_in_map and state == HOLE,
+                        True,
+                        False,
+                        host_offset + rel_s,
+                    )
             else:
                 yield from below_map(self._below, s, e, depth)
 
@@ -399,8 +512,16 @@ def below_map(below: SparseSource | None, s: int, e: int, depth: int) -> Iterato
         yield from deeper(s, stop, depth + 1)
     else:
         for x in clip_extents(below, s, stop):
-            yield MapEntry(x.guest_offset, x.length, depth + 1, True, not x.data, x.data, False,
-                           x.guest_offset if x.data else None)
+            yield MapEntry(
+                x.guest_offset,
+                x.length,
+                depth + 1,
+                True,
+                not x.data,
+                x.data,
+                False,
+                x.guest_offset if x.data else None,
+            )
     if e > stop:
         yield MapEntry(stop, e - stop, depth, False, True, False, False, None)
 
@@ -414,81 +535,3 @@ def clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]
             yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
             break
         yield ext
-
-
-# -- parent / backing file names, written once for every format ------------------------
-
-
-def path_has_protocol(name: str) -> bool:
-    """True when ``name`` names a protocol (``nbd:...``, ``json:{...}``), as qemu reads it.
-
-    qemu treats a colon before the first slash as a protocol prefix.
-    """
-    colon = name.find(":")
-    if colon <= 0:
-        return False
-    slash = name.find("/")
-    return slash < 0 or colon < slash
-
-
-def resolve_name(referrer: str, name: str, *, what: str, backing_dir: str | None) -> str:
-    """The path a parent, backing or data file name stored in ``referrer`` refers to.
-
-    Relative names are relative to the referrer's directory.
-
-    Raises:
-        ImageFormatError: the name contains a NUL byte.
-        UnsupportedFeatureError: the name is a protocol (``nbd:``,
-            ``json:{...}``), or with ``backing_dir`` its real path is outside
-            that directory.
-    """
-    if "\0" in name:
-        raise ImageFormatError(f"{referrer}: {what} name contains a NUL byte")
-    if path_has_protocol(name):
-        raise UnsupportedFeatureError(
-            f"{referrer}: {what} {name!r} names a protocol, which sparsefs refuses"
-        )
-    if not os.path.isabs(name):
-        name = os.path.join(os.path.dirname(os.path.abspath(referrer)), name)
-    path = os.path.normpath(name)
-    if backing_dir is not None:
-        root = os.path.realpath(backing_dir)
-        real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root:
-            raise UnsupportedFeatureError(
-                f"{referrer}: {what} {path} is outside --backing-dir {root}"
-            )
-    return path
-
-
-def file_identity(file: str | int) -> str:
-    """``dev:ino`` of a path or descriptor: the same file under any name."""
-    st = os.stat(file)
-    return f"{st.st_dev}:{st.st_ino}"
-
-
-def check_regular_file(path: str, what: str, referrer: str | None = None) -> None:
-    """Refuse a path that exists but is not a regular file (FIFO, device, ...).
-
-    A FIFO would block the open forever and a device reports size 0, so both
-    are refused with a clear message.  A missing file is left to the opener.
-
-    Raises:
-        UnsupportedFeatureError: ``path`` is not a regular file.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return
-    if stat.S_ISREG(st.st_mode):
-        return
-    kind = (
-        "a directory" if stat.S_ISDIR(st.st_mode)
-        else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-        else "a block device" if stat.S_ISBLK(st.st_mode)
-        else "a character device" if stat.S_ISCHR(st.st_mode)
-        else "a socket" if stat.S_ISSOCK(st.st_mode)
-        else "not a regular file"
-    )
-    prefix = f"{referrer}: {what} {path}" if referrer else f"{path}: {what}"
-    raise UnsupportedFeatureError(f"{prefix} is {kind}; sparsefs reads regular files only")

@@ -29,6 +29,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.formats": ("sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3",
                          "trio"),
     "sparsefs.locking": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio"),
+    "sparsefs.parents": ("sparsefs.qcow2", "sparsefs.formats", "sparsefs.layered",
+                         "sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3", "trio"),
 }
 
 

@@ -20,12 +20,15 @@ from support import (
     check_stored,
     host_files_of,
     make_image,
+    qemu_img_create,
     qemu_io,
     qemu_map,
     qemu_raw,
+    run,
     sparsefs,
 )
 
+from sparsefs import layered
 from sparsefs.errors import ImageFormatError, ImageReadError, MissingFileError
 from sparsefs.extents import seek_data, seek_hole
 from sparsefs.qcow2 import open_image
@@ -169,3 +172,55 @@ def test_l2_table_past_eof_gives_read_error_for_that_range_only(tmp_path: Path) 
             img.read(600 * MiB, 4096)
         # Broken ranges count as data so that copiers fail instead of skipping them.
         assert seek_data(img, 512 * MiB) == 512 * MiB
+
+
+def test_read_nowait_never_reads_an_l2_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An L2 table not yet decoded means "ask a thread" (None), never a read from disk."""
+    path = qemu_img_create(tmp_path / "disk.qcow2", 8 * MiB)
+    qemu_io(path, "write -P 0x5a 1M 64k")
+    expected = qemu_raw(path, tmp_path / "ref.raw").read_bytes()[MiB : MiB + 64 * KiB]
+    with open_image(path) as img:
+        qfile = img.qfile
+
+        def no_disk(l1_entry: int) -> object:
+            raise AssertionError("read_nowait decoded an L2 table")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(qfile, "table_runs", no_disk)
+            assert img.read_nowait(MiB, 64 * KiB) is None
+            assert img.read_nowait(4 * MiB, 64 * KiB) is None  # a hole, but unknown yet
+        assert img.read(MiB, 64 * KiB) == expected  # decodes and caches the table
+        hole = img.read_nowait(4 * MiB, 64 * KiB)  # now known to be a hole: no I/O needed
+        assert hole is not None
+        assert bytes(hole) == bytes(64 * KiB)
+        if layered._nowait_ok[0]:  # the host file was just read: in the page cache
+            got = img.read_nowait(MiB, 64 * KiB)
+            assert got is not None
+            assert bytes(got) == expected
+
+
+def test_read_nowait_serves_compressed_clusters_from_the_cache_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = qemu_img_create(tmp_path / "plain.qcow2", 4 * MiB)
+    qemu_io(plain, "write -P 0x33 64k 128k")
+    path = tmp_path / "packed.qcow2"
+    run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(path)])
+    expected = qemu_raw(path, tmp_path / "ref.raw").read_bytes()[64 * KiB : 192 * KiB]
+    with open_image(path) as img:
+        list(img.iter_extents(0))  # the L2 table is decoded and cached
+        qfile = img.qfile
+
+        def no_disk(descriptor: tuple[int, int]) -> bytes:
+            raise AssertionError("read_nowait decompressed a cluster")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(qfile, "decompress", no_disk)
+            assert img.read_nowait(64 * KiB, 128 * KiB) is None
+        assert img.read(64 * KiB, 128 * KiB) == expected
+        if layered._nowait_ok[0]:
+            got = img.read_nowait(64 * KiB, 128 * KiB)
+            assert got is not None
+            assert bytes(got) == expected
