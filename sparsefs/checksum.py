@@ -39,7 +39,6 @@ Imports flow one way: this module knows sources only through
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -229,8 +228,9 @@ def _fill_from_host(source: SparseSource, view: memoryview, offset: int) -> bool
     return True
 
 
-def _iter_pieces(source: SparseSource, offset: int, length: int,
-                 buf: bytearray) -> Iterator[bytes | bytearray | memoryview]:
+def _iter_pieces(
+    source: SparseSource, offset: int, length: int, buf: bytearray
+) -> Iterator[bytes | bytearray | memoryview]:
     """The guest bytes ``[offset, offset + length)`` as consecutive pieces.
 
     Sources that name their host ranges (raw files, qcow2) are read straight
@@ -273,9 +273,15 @@ def _thread_buffer(size: int) -> bytearray:
     return buf
 
 
-def _digest_block(source: SparseSource, index: int, start: int, length: int,
-                  ranges: list[tuple[int, int]], block_size: int,
-                  sink: DataSink | None = None) -> BlockRun:
+def _digest_block(
+    source: SparseSource,
+    index: int,
+    start: int,
+    length: int,
+    ranges: list[tuple[int, int]],
+    block_size: int,
+    sink: DataSink | None = None,
+) -> BlockRun:
     """The run of one block with data: read, zero-checked, hashed (in a worker thread).
 
     A block that is all data and read in one piece is compared with zeros
@@ -365,8 +371,9 @@ def iter_block_digests(
                 continue
             start = index * block_size
             length = min(block_size, size - start)
-            fut = executor.submit(_digest_block, source, index, start, length, ranges,
-                                  block_size, sink)
+            fut = executor.submit(
+                _digest_block, source, index, start, length, ranges, block_size, sink
+            )
             pending.append((index, fut, 1))
             data_pending += 1
             while data_pending >= in_flight or (pending and pending[0][1] is None):
@@ -386,8 +393,9 @@ class _Folder:
 
     def __init__(self, size: int, block_size: int) -> None:
         self._hash = xxhash.xxh3_128()
-        self._hash.update(HEADER_MAGIC + size.to_bytes(8, "little")
-                          + block_size.to_bytes(8, "little"))
+        self._hash.update(
+            HEADER_MAGIC + size.to_bytes(8, "little") + block_size.to_bytes(8, "little")
+        )
         self.next_block = 0
 
     def add(self, run: BlockRun) -> None:
@@ -478,8 +486,9 @@ def _read_exact(source: SparseSource, offset: int, length: int) -> bytes:
     return buf
 
 
-def _stream_read(source: SparseSource, offset: int, length: int,
-                 buf: bytearray) -> tuple[bytes | memoryview, bytearray]:
+def _stream_read(
+    source: SparseSource, offset: int, length: int, buf: bytearray
+) -> tuple[bytes | memoryview, bytearray]:
     """Read a data piece: into ``buf`` where the source names its host ranges, else as
     fresh bytes; return it and buf."""
     if length <= len(buf):

@@ -65,8 +65,14 @@ class HostMap:
         method: how the map was learnt: "fiemap", "seek" or "none".
     """
 
-    __slots__ = ("_unwritten_ends", "_unwritten_starts", "_w_ends", "_w_starts",
-                 "file_size", "method")
+    __slots__ = (
+        "_unwritten_ends",
+        "_unwritten_starts",
+        "_w_ends",
+        "_w_starts",
+        "file_size",
+        "method",
+    )
 
     def __init__(
         self,

@@ -106,12 +106,12 @@ def lock_file(fd: int, path: str, role: tuple[int, int]) -> None:
             if _flock(fd, F_OFD_GETLK, fcntl.F_WRLCK, LOCK_SHARED_BASE + bit) != fcntl.F_UNLCK:
                 raise ImageLockedError(
                     f"{path}: another process (a running VM?) does not share "
-                    f"\"{PERM_NAMES[1 << bit]}\" access to this image; {FORCE_SHARE_HINT}"
+                    f'"{PERM_NAMES[1 << bit]}" access to this image; {FORCE_SHARE_HINT}'
                 )
         for bit in _bits(unshared):
             if _flock(fd, F_OFD_GETLK, fcntl.F_WRLCK, LOCK_PERM_BASE + bit) != fcntl.F_UNLCK:
                 raise ImageLockedError(
-                    f"{path}: image is in use by another process with \"{PERM_NAMES[1 << bit]}\" "
+                    f'{path}: image is in use by another process with "{PERM_NAMES[1 << bit]}" '
                     f"access (a running VM?); {FORCE_SHARE_HINT}"
                 )
     except OSError as exc:
@@ -123,4 +123,3 @@ def lock_file(fd: int, path: str, role: tuple[int, int]) -> None:
         raise ImageLockedError(
             f"{path}: cannot take the image lock: {exc.strerror}; {FORCE_SHARE_HINT}"
         ) from None
-

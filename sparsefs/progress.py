@@ -125,7 +125,7 @@ class Progress:
         if label:
             room = max(bar_space - 12, 0)  # keep at least 10 columns of bar
             if len(label) > room:
-                label = "..." + label[-(room - 3):] if room > 3 else ""
+                label = "..." + label[-(room - 3) :] if room > 3 else ""
             bar_space -= len(label) + 1 if label else 0
         bar_space = max(bar_space, 0)
         filled = int(bar_space * fraction)

@@ -113,9 +113,7 @@ class QMPClient:
             if "return" in reply:
                 return reply["return"]
 
-    def wait_for(
-        self, check: Callable[[], bool], what: str, timeout: float | None = None
-    ) -> None:
+    def wait_for(self, check: Callable[[], bool], what: str, timeout: float | None = None) -> None:
         """Poll ``check`` (which may run commands) until true.
 
         Raises:
@@ -131,7 +129,7 @@ class QMPClient:
         """The ``query-jobs`` entry of ``job_id``, or None once it is gone."""
         for job in self.execute("query-jobs"):
             if job.get("id") == job_id:
-                return job  # type: ignore[no-any-return]
+                return job  # type: ignore[no-any-return]  # QMP replies are JSON: a dict here
         return None
 
     # -- the external snapshot flow ---------------------------------------------------
@@ -144,8 +142,12 @@ class QMPClient:
         """
         self.execute(
             "blockdev-snapshot-sync",
-            **{"node-name": node, "snapshot-file": overlay,
-               "snapshot-node-name": overlay_node, "format": "qcow2"},
+            **{
+                "node-name": node,
+                "snapshot-file": overlay,
+                "snapshot-node-name": overlay_node,
+                "format": "qcow2",
+            },
         )
 
     def commit(self, overlay_node: str, job_id: str, timeout: float | None = None) -> None:
@@ -159,8 +161,9 @@ class QMPClient:
             QMPError: QEMU refused the commit (for example, the base is still
                 open elsewhere without sharing write), or the job failed.
         """
-        self.execute("block-commit", **{"job-id": job_id, "device": overlay_node,
-                                         "auto-dismiss": False})
+        self.execute(
+            "block-commit", **{"job-id": job_id, "device": overlay_node, "auto-dismiss": False}
+        )
         state: dict[str, str] = {}
 
         def status_is(*wanted: str) -> Callable[[], bool]:
@@ -170,6 +173,7 @@ class QMPClient:
                 if job and job.get("error"):
                     state["error"] = str(job["error"])
                 return state["status"] in (*wanted, "concluded", "gone")
+
             return check
 
         try:
@@ -191,8 +195,11 @@ class QMPClient:
             if self.job(job_id) is None:
                 return
             self.execute("job-cancel", id=job_id)
-            self.wait_for(lambda: (self.job(job_id) or {}).get("status", "concluded")
-                          == "concluded", f"job {job_id} to be cancelled", 10)
+            self.wait_for(
+                lambda: (self.job(job_id) or {}).get("status", "concluded") == "concluded",
+                f"job {job_id} to be cancelled",
+                10,
+            )
             if self.job(job_id) is not None:
                 self.execute("job-dismiss", id=job_id)
         except QMPError:

@@ -105,8 +105,7 @@ class RawFile:
                 n = os.preadv(self._fd, [view[got:]], host_offset + got)
             except OSError as exc:
                 raise ImageReadError(
-                    f"{self.path}: read of {want} bytes at {host_offset:#x} failed: "
-                    f"{exc.strerror}"
+                    f"{self.path}: read of {want} bytes at {host_offset:#x} failed: {exc.strerror}"
                 ) from exc
             if n == 0:
                 break

@@ -18,6 +18,7 @@ shared loop (watchdog, one-line errors, failures kept next to the bases).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import resource
 import shutil
@@ -26,8 +27,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from support import KiB, MiB, check_map_agrees
-
 from sparsefs.checksum import block_digest
 from sparsefs.errors import ImageReadError, SparsefsError
 from sparsefs.extents import Extent, SparseSource, data_size, seek_data, seek_hole
@@ -35,6 +34,7 @@ from sparsefs.formats import detect, open_source
 from sparsefs.layered import OTHER, LayeredImage
 from sparsefs.qcow2.image import OpenOptions
 from sparsefs.raw import RawFile
+from support import KiB, MiB, check_map_agrees
 
 READ_BUDGET = 6 * MiB  # data bytes read per mutant (beyond it, samples)
 WATCHDOG_SECONDS = 30  # per mutant; only a hang gets anywhere near it
@@ -59,8 +59,10 @@ def _read(source: SparseSource, offset: int, length: int) -> bytes | None:
 def _samples(rng: random.Random, ext: Extent, n: int, width: int) -> list[tuple[int, int]]:
     """Up to ``n`` windows of at most ``width`` bytes in ``ext``: its start, end and middle."""
     if ext.length <= width * n:
-        return [(ext.guest_offset + i, min(width, ext.end - ext.guest_offset - i))
-                for i in range(0, ext.length, width)]
+        return [
+            (ext.guest_offset + i, min(width, ext.end - ext.guest_offset - i))
+            for i in range(0, ext.length, width)
+        ]
     out = [(ext.guest_offset, width), (ext.end - width, width)]
     for _ in range(n - 2):
         out.append((rng.randrange(ext.guest_offset, ext.end - width), width))
@@ -74,7 +76,8 @@ def exercise(source: SparseSource, rng: random.Random, budget: int = READ_BUDGET
     extents = list(source.iter_extents(0))
     pos = 0
     for ext in extents:
-        assert ext.guest_offset == pos and ext.length > 0, f"extents do not tile: {ext} at {pos}"
+        assert ext.guest_offset == pos, f"extents do not tile: {ext} at {pos}"
+        assert ext.length > 0, f"extents do not tile: {ext} at {pos}"
         pos = ext.end
     assert pos == size, f"extents end at {pos}, size is {size}"
 
@@ -100,10 +103,11 @@ def exercise(source: SparseSource, rng: random.Random, budget: int = READ_BUDGET
         whole = _read(source, start, length)
         cuts = sorted(rng.sample(range(1, length), min(3, length - 1))) if length > 1 else []
         bounds = [0, *cuts, length]
-        pieces = [_read(source, start + a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+        pieces = [_read(source, start + a, b - a) for a, b in itertools.pairwise(bounds)]
         if all(p is not None for p in pieces):
             assert whole is not None, f"[{start}, {start + length}) fails whole, reads in pieces"
-            assert whole == b"".join(pieces), f"[{start}, {start + length}) differs in pieces"
+            joined = b"".join(p for p in pieces if p is not None)
+            assert whole == joined, f"[{start}, {start + length}) differs in pieces"
         else:
             assert whole is None, f"[{start}, {start + length}) reads whole, fails in pieces"
 
@@ -122,7 +126,8 @@ def exercise(source: SparseSource, rng: random.Random, budget: int = READ_BUDGET
         if data is None:
             break
         hole = seek_hole(source, data)
-        assert hole is not None and data < hole <= size, (data, hole, size)
+        assert hole is not None, (data, hole, size)
+        assert data < hole <= size, (data, hole, size)
         walked.append((data, hole))
         pos = hole
     assert walked == expected, "SEEK_DATA/SEEK_HOLE walk disagrees with the extents"
@@ -132,7 +137,8 @@ def exercise(source: SparseSource, rng: random.Random, budget: int = READ_BUDGET
     if iter_map is not None:
         pos = 0
         for entry in iter_map():
-            assert entry.start == pos and entry.length > 0
+            assert entry.start == pos
+            assert entry.length > 0
             pos += entry.length
         assert pos == size
 
@@ -155,13 +161,15 @@ def data_segments(source: SparseSource) -> list[tuple[int, int]]:
         if data is None:
             return out
         hole = seek_hole(source, data)
-        assert hole is not None and data < hole <= source.size
+        assert hole is not None
+        assert data < hole <= source.size
         out.append((data, hole))
         pos = hole
 
 
-def check_conformance(image: Path, fmt: str, expected: Path, qmap: list[dict[str, object]],
-                      rng: random.Random) -> None:
+def check_conformance(
+    image: Path, fmt: str, expected: Path, qmap: list[dict[str, object]], rng: random.Random
+) -> None:
     """Assert that sparsefs reads ``image`` as qemu does (see the module docstring)."""
     if fmt != "raw":
         assert detect(str(image)) == fmt, f"{image} is not detected as {fmt}"
@@ -186,7 +194,8 @@ def check_conformance(image: Path, fmt: str, expected: Path, qmap: list[dict[str
             # qcow2 over another format: always None; a layer whose data is all OTHER
             # (VMDK compressed grains) never answers from the page cache either.
             if isinstance(source, LayeredImage) and not any(
-                    kind == OTHER for _, _, kind, _ in source.layer.runs(0, source.size)):
+                kind == OTHER for _, _, kind, _ in source.layer.runs(0, source.size)
+            ):
                 assert answered, "read_nowait answered nothing from a warm page cache"
         host_ranges = getattr(source, "iter_host_ranges", None)
         if host_ranges is not None:  # what checksum and backup copy: zeros left out
@@ -194,10 +203,15 @@ def check_conformance(image: Path, fmt: str, expected: Path, qmap: list[dict[str
             pos = 0
             for start, stop, raw, host in host_ranges(0, len(want)):
                 assert pos <= start < stop, f"host ranges out of order at {start}"
-                rebuilt[start:stop] = source.read(start, stop - start) if raw is None else (
-                    raw.pread(host, stop - start))
+                rebuilt[start:stop] = (
+                    source.read(start, stop - start)
+                    if raw is None
+                    else (raw.pread(host, stop - start))
+                )
                 pos = stop
-            assert rebuilt == want, f"host ranges differ at {_first_difference(rebuilt, want)}"
+            assert rebuilt == want, (
+                f"host ranges differ at {_first_difference(bytes(rebuilt), want)}"
+            )
         segments = data_segments(source)
         check_map_agrees(segments, qmap)
         pos = 0
@@ -252,7 +266,8 @@ def fuzz_open(path: Path, fmt: str, rng: random.Random) -> None:
         source = open_source(path, fmt, OpenOptions())
     except SparsefsError as exc:
         message = str(exc)
-        assert "\n" not in message and message, f"error message is not one line: {message!r}"
+        assert "\n" not in message, f"error message is not one line: {message!r}"
+        assert message, f"error message is not one line: {message!r}"
         return
     try:
         exercise(source, rng)
@@ -260,8 +275,9 @@ def fuzz_open(path: Path, fmt: str, rng: random.Random) -> None:
         _close(source)
 
 
-def fuzz_loop(bases: dict[str, tuple[Path, str]], mutate: Mutate, iterations: int,
-              seed: int) -> list[str]:
+def fuzz_loop(
+    bases: dict[str, tuple[Path, str]], mutate: Mutate, iterations: int, seed: int
+) -> list[str]:
     """Mutate each base in turn ``iterations`` times; return what misbehaved."""
     kinds = sorted(bases)
     failures: list[str] = []

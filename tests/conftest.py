@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from support import mounted  # noqa: E402
+from support import mounted
 
 FUSE_OK = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 

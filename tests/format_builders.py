@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import KiB, MiB, qemu_img_create, qemu_io, qemu_map, qemu_raw, random_writes, run
+from support import KiB, MiB, num, qemu_img_create, qemu_io, qemu_map, qemu_raw, random_writes, run
 from vmdk_images import BUILDERS as VMDK_BUILDERS
 
 QMap = list[dict[str, object]]
@@ -55,14 +55,23 @@ def virtual_size(image: Path, fmt: str) -> int:
     return int(json.loads(out)["virtual-size"])
 
 
-def scribble(image: Path, fmt: str, seed: int, *, writes: int = 12, zero_writes: int = 3,
-             discards: int = 3, max_len: int = 600 * KiB) -> None:
+def scribble(
+    image: Path,
+    fmt: str,
+    seed: int,
+    *,
+    writes: int = 12,
+    zero_writes: int = 3,
+    discards: int = 3,
+    max_len: int = 600 * KiB,
+) -> None:
     """Seeded pattern writes, zero writes and discards, half of them unaligned."""
     rng = random.Random(seed)
     size = virtual_size(image, fmt)
     commands = []
-    for i, (offset, length) in enumerate(random_writes(rng, size, writes, max_len=max_len,
-                                                       align=512 if seed % 2 else 1)):
+    for i, (offset, length) in enumerate(
+        random_writes(rng, size, writes, max_len=max_len, align=512 if seed % 2 else 1)
+    ):
         if i % 2:
             offset = min(offset + rng.randrange(1, 511), size - 1)
             length = max(1, min(length, size - offset))
@@ -104,8 +113,9 @@ def build_vpc_fixed(d: Path) -> FmtImage:
 
 
 def build_vpc_fixed_force_size(d: Path) -> FmtImage:
-    image = qemu_img_create(d / "fixedforce.vhd", 3 * MiB + 3333, "subformat=fixed",
-                            "force_size=on", fmt="vpc")
+    image = qemu_img_create(
+        d / "fixedforce.vhd", 3 * MiB + 3333, "subformat=fixed", "force_size=on", fmt="vpc"
+    )
     scribble(image, "vpc", 14, max_len=200 * KiB)
     return oracle(image, "vpc")
 
@@ -150,8 +160,7 @@ def make_differencing(child: Path, parent: Path, clear: list[tuple[int, int]]) -
     struct.pack_into(">16s", body, dyn_off + 40, parent_footer[68:84])  # parent unique id
     struct.pack_into(">512s", body, dyn_off + 64, parent.name.encode("utf-16-be"))
     struct.pack_into(">4sIIIQ", body, dyn_off + 576, b"W2ru", 512, len(rel), 0, loc_off)
-    struct.pack_into(">4sIIIQ", body, dyn_off + 600, b"W2ku", 512, len(absolute), 0,
-                     loc_off + 512)
+    struct.pack_into(">4sIIIQ", body, dyn_off + 600, b"W2ku", 512, len(absolute), 0, loc_off + 512)
     struct.pack_into(">I", body, dyn_off + 36, 0)
     struct.pack_into(">I", body, dyn_off + 36, _vhd_checksum(body[dyn_off : dyn_off + 1024], 36))
     out = body + footer
@@ -167,12 +176,20 @@ def build_vpc_differencing(d: Path) -> FmtImage:
     child = qemu_img_create(d / "child.vhd", size, fmt="vpc")
     vsize = virtual_size(child, "vpc")
     assert vsize == virtual_size(parent, "vpc")
-    qemu_io(child, "write -q -P 0xc1 1M 1M", "write -q -P 0xc2 5000000 300000",
-            f"write -q -P 0xc3 {vsize - 4096} 4096", fmt="vpc")
+    qemu_io(
+        child,
+        "write -q -P 0xc1 1M 1M",
+        "write -q -P 0xc2 5000000 300000",
+        f"write -q -P 0xc3 {vsize - 4096} 4096",
+        fmt="vpc",
+    )
     child_raw = qemu_raw(child, d / "child.alone.raw", fmt="vpc").read_bytes()
     parent_raw = qemu_raw(parent, d / "parent.qemu.raw", fmt="vpc").read_bytes()
-    stored = [(int(e["start"]), int(e["start"]) + int(e["length"]))  # type: ignore[call-overload]
-              for e in qemu_map(child, fmt="vpc") if e["data"]]
+    stored = [
+        (num(e["start"]), num(e["start"]) + num(e["length"]))
+        for e in qemu_map(child, fmt="vpc")
+        if e["data"]
+    ]
     # Sectors whose bits are cleared read from the parent again.
     clear = [(2048 + 8, 24), (2048 + 1000, 1), (9765, 100)]
     make_differencing(child, parent, clear)
@@ -201,16 +218,22 @@ def _overlay_map(child_sectors: list[int], parent_map: QMap) -> QMap:
             runs.append([sector * 512, sector * 512 + 512])
     out: QMap = []
     for entry in parent_map:
-        lo = int(entry["start"])  # type: ignore[call-overload]
-        hi = lo + int(entry["length"])  # type: ignore[call-overload]
+        lo = num(entry["start"])
+        hi = lo + num(entry["length"])
         pos = lo
         for s, e in runs:
             if e <= pos or s >= hi:
                 continue
             if s > pos:
                 out.append({**entry, "start": pos, "length": s - pos})
-            out.append({"start": max(s, pos), "length": min(e, hi) - max(s, pos),
-                        "data": True, "zero": False})
+            out.append(
+                {
+                    "start": max(s, pos),
+                    "length": min(e, hi) - max(s, pos),
+                    "data": True,
+                    "zero": False,
+                }
+            )
             pos = min(e, hi)
         if pos < hi:
             out.append({**entry, "start": pos, "length": hi - pos})
@@ -235,8 +258,13 @@ def build_vdi_static(d: Path) -> FmtImage:
 def build_vdi_zero_blocks(d: Path) -> FmtImage:
     """A dynamic VDI with a written block and an unwritten one marked zero (0xFFFFFFFE)."""
     image = qemu_img_create(d / "zeroblocks.vdi", 6 * MiB, fmt="vdi")
-    qemu_io(image, "write -q -P 0x31 0 1M", "write -q -P 0x32 1M 512k",
-            "write -q -P 0x33 4M 100k", fmt="vdi")
+    qemu_io(
+        image,
+        "write -q -P 0x31 0 1M",
+        "write -q -P 0x32 1M 512k",
+        "write -q -P 0x33 4M 100k",
+        fmt="vdi",
+    )
     buf = bytearray(image.read_bytes())
     bmap = struct.unpack_from("<I", buf, 0x154)[0]
     struct.pack_into("<I", buf, bmap + 4 * 1, 0xFFFFFFFE)  # written block 1: now zeros
@@ -261,8 +289,9 @@ def build_raw_sparse(d: Path) -> FmtImage:
 
 def _qcow2_over(d: Path, base: FmtImage, seed: int) -> FmtImage:
     top = d / "top.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.image.name, "-F", base.fmt,
-         str(top)])
+    run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.image.name, "-F", base.fmt, str(top)]
+    )
     scribble(top, "qcow2", seed, writes=6)
     return oracle(top, "qcow2")
 
@@ -296,12 +325,17 @@ def _vmdk(builder: Callable[[Path], Path]) -> Callable[[Path], FmtImage]:
 
 # VMDK's builders live in tests/vmdk_images.py; the 3 GiB split image is left to
 # tests/unit/test_vmdk.py, which compares it without reading it whole.
-BUILDERS.update({f"vmdk-{name}": _vmdk(builder) for name, builder in VMDK_BUILDERS.items()
-                 if name != "twoGbMaxExtentSparse"})
+BUILDERS.update(
+    {
+        f"vmdk-{name}": _vmdk(builder)
+        for name, builder in VMDK_BUILDERS.items()
+        if name != "twoGbMaxExtentSparse"
+    }
+)
 
 
 # VHDX kinds are built by tests/vhdx_images.py (see conformance_builders there).
-from vhdx_images import conformance_builders as _vhdx_conformance_builders  # noqa: E402
+from vhdx_images import conformance_builders as _vhdx_conformance_builders  # noqa: E402  # after BUILDERS: vhdx_images imports this module
 
 BUILDERS.update(_vhdx_conformance_builders())
 
@@ -319,4 +353,3 @@ class FmtCache:
             d.mkdir()
             self._built[kind] = BUILDERS[kind](d)
         return self._built[kind]
-

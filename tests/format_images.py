@@ -129,8 +129,8 @@ def scribble(
         off, n = span()
         commands.append(f"discard -q {off} {n}")
     cmd = ["qemu-io", "-f", fmt]
-    for c in commands:
-        cmd += ["-c", c]
+    for command in commands:
+        cmd += ["-c", command]
     run([*cmd, str(image)], cwd=cwd)
     src.unlink()
 
@@ -172,11 +172,19 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 # -- builders: one per kind -----------------------------------------------------------
 
 
-def _plain(d: Path, size: int, seed: int, *options: str, cluster_size: int = 64 * KiB,
-           max_len: int = 256 * KiB, align: int = 1) -> Built:
+def _plain(
+    d: Path,
+    size: int,
+    seed: int,
+    *options: str,
+    cluster_size: int = 64 * KiB,
+    max_len: int = 256 * KiB,
+    align: int = 1,
+) -> Built:
     img = qemu_img_create(d / "disk.qcow2", size, *options)
-    scribble(img, random.Random(seed), size, cluster_size=cluster_size, max_len=max_len,
-             align=align)
+    scribble(
+        img, random.Random(seed), size, cluster_size=cluster_size, max_len=max_len, align=align
+    )
     return Built(img)
 
 
@@ -198,8 +206,9 @@ def build_cluster_64k(d: Path) -> Built:
 
 
 def build_cluster_2m(d: Path) -> Built:
-    return _plain(d, 9 * MiB + 4096, 2 * MiB, "cluster_size=2M", cluster_size=2 * MiB,
-                  max_len=512 * KiB)
+    return _plain(
+        d, 9 * MiB + 4096, 2 * MiB, "cluster_size=2M", cluster_size=2 * MiB, max_len=512 * KiB
+    )
 
 
 def build_refcount_1(d: Path) -> Built:
@@ -213,8 +222,22 @@ def build_refcount_64(d: Path) -> Built:
 def _compressed(d: Path, ctype: str, cluster_size: int, size: int, seed: int) -> Path:
     src = raw_file(d / "src.raw", size, random.Random(seed), fill=0.6)
     img = d / "disk.qcow2"
-    run(["qemu-img", "convert", "-q", "-c", "-f", "raw", "-O", "qcow2",
-         "-o", f"compression_type={ctype},cluster_size={cluster_size}", str(src), str(img)])
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-q",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            f"compression_type={ctype},cluster_size={cluster_size}",
+            str(src),
+            str(img),
+        ]
+    )
     src.unlink()
     return img
 
@@ -251,8 +274,15 @@ def build_mixed_zlib(d: Path) -> Built:
 def build_mixed_zstd(d: Path) -> Built:
     size = 6 * MiB
     img = _compressed(d, "zstd", 16 * KiB, size, 32)
-    scribble(img, random.Random(33), size, writes=10, compressed_writes=8,
-             cluster_size=16 * KiB, max_len=160 * KiB)
+    scribble(
+        img,
+        random.Random(33),
+        size,
+        writes=10,
+        compressed_writes=8,
+        cluster_size=16 * KiB,
+        max_len=160 * KiB,
+    )
     return Built(img)
 
 
@@ -262,10 +292,19 @@ def build_chain3_raw_base(d: Path) -> Built:
     base = raw_file(d / "base.raw", size, random.Random(40), fill=0.5)
     mid = qemu_img_create(d / "mid.qcow2", size, f"backing_file={base}", "backing_fmt=raw")
     scribble(mid, random.Random(41), size, writes=10)
-    top = qemu_img_create(d / "top.qcow2", size, f"backing_file={mid}", "backing_fmt=qcow2",
-                          "cluster_size=32768")
-    scribble(top, random.Random(42), size, writes=8, zero_writes=4, discards=3,
-             compressed_writes=3, cluster_size=32 * KiB)
+    top = qemu_img_create(
+        d / "top.qcow2", size, f"backing_file={mid}", "backing_fmt=qcow2", "cluster_size=32768"
+    )
+    scribble(
+        top,
+        random.Random(42),
+        size,
+        writes=8,
+        zero_writes=4,
+        discards=3,
+        compressed_writes=3,
+        cluster_size=32 * KiB,
+    )
     return Built(top, overlay=True)
 
 
@@ -277,8 +316,13 @@ def build_backing_shorter(d: Path) -> Built:
     base = qemu_img_create(d / "base.qcow2", 3 * MiB + 1536)
     qemu_io(base, "write -q -P 0x61 0 3146240")
     top = qemu_img_create(d / "top.qcow2", 8 * MiB, f"backing_file={base}", "backing_fmt=qcow2")
-    qemu_io(top, "write -q -P 0x62 100000 5000", "write -q -P 0x63 3100000 1000",
-            "write -q -P 0x64 7000001 9999", "write -q -z 1048576 65536")
+    qemu_io(
+        top,
+        "write -q -P 0x62 100000 5000",
+        "write -q -P 0x63 3100000 1000",
+        "write -q -P 0x64 7000001 9999",
+        "write -q -z 1048576 65536",
+    )
     return Built(top, overlay=True)
 
 
@@ -289,8 +333,9 @@ def build_backing_shorter_raw_odd(d: Path) -> Built:
     """
     base = d / "base.raw"
     base.write_bytes(payload(random.Random(50), 2 * MiB + 1000))
-    top = qemu_img_create(d / "top.qcow2", 4 * MiB, f"backing_file={base}", "backing_fmt=raw",
-                          "cluster_size=4096")
+    top = qemu_img_create(
+        d / "top.qcow2", 4 * MiB, f"backing_file={base}", "backing_fmt=raw", "cluster_size=4096"
+    )
     qemu_io(top, "write -q -P 0x71 2000000 300", "write -q -P 0x72 3000000 4097")
     return Built(top, overlay=True)
 
@@ -310,9 +355,15 @@ def build_zero_hides_backing(d: Path) -> Built:
     base = qemu_img_create(d / "base.qcow2", size)
     qemu_io(base, f"write -q -s {write_source_file(d / 's', random.Random(60), MiB)} 0 {size}")
     top = qemu_img_create(d / "top.qcow2", size, f"backing_file={base}", "backing_fmt=qcow2")
-    qemu_io(top, "write -q -z 0 64k", "write -q -z -u 1M 192k", "discard -q 2M 128k",
-            "write -q -z 3000000 70000", "write -q -P 0x33 3100000 1000",
-            "write -q -z 3276800 512")
+    qemu_io(
+        top,
+        "write -q -z 0 64k",
+        "write -q -z -u 1M 192k",
+        "discard -q 2M 128k",
+        "write -q -z 3000000 70000",
+        "write -q -P 0x33 3100000 1000",
+        "write -q -z 3276800 512",
+    )
     return Built(top, overlay=True)
 
 
@@ -327,11 +378,39 @@ def build_relative_backing(d: Path) -> Built:
     (d / "vm").mkdir()
     base = qemu_img_create(d / "base" / "base.qcow2", size)
     qemu_io(base, "write -q -P 0x11 0 4M")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../../base/base.qcow2", "-F", "qcow2",
-         "mid.qcow2", str(size)], cwd=d / "layers" / "mid")
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../../base/base.qcow2",
+            "-F",
+            "qcow2",
+            "mid.qcow2",
+            str(size),
+        ],
+        cwd=d / "layers" / "mid",
+    )
     qemu_io(d / "layers" / "mid" / "mid.qcow2", "write -q -P 0x22 1M 1M")
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../layers/mid/mid.qcow2",
-         "-F", "qcow2", "top.qcow2", str(size)], cwd=d / "vm")
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../layers/mid/mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            str(size),
+        ],
+        cwd=d / "vm",
+    )
     qemu_io(d / "vm" / "top.qcow2", "write -q -P 0x33 1536k 1M", "write -q -z 3M 64k")
     return Built(d / "vm" / "top.qcow2", overlay=True)
 
@@ -370,7 +449,8 @@ def build_header_104(d: Path) -> Built:
     img = _plain(d, 3 * MiB, 104, "cluster_size=4096", cluster_size=4096).image
     with open(img, "r+b") as f:
         head = bytearray(f.read(4096))
-        assert struct.unpack_from(">I", head, 100)[0] == 112 and head[104] == 0
+        assert struct.unpack_from(">I", head, 100)[0] == 112
+        assert head[104] == 0
         struct.pack_into(">I", head, 100, 104)
         head[104:4088] = head[112:4096]
         head[4088:4096] = bytes(8)
@@ -391,8 +471,12 @@ def build_extended_l2(d: Path) -> Built:
         length = rng.randrange(1, 5) * 2048
         commands.append(f"write -q -P {c % 250 + 1} {base + sc * 2048} {length}")
         commands.append(f"write -q -P 0x77 {base + rng.randrange(64 * KiB - 700)} 700")
-    commands += ["write -q -z 1M 6k", "write -q -z 1056768 4096", "discard -q 2M 64k",
-                 "write -q -z -u 3M 128k"]
+    commands += [
+        "write -q -z 1M 6k",
+        "write -q -z 1056768 4096",
+        "discard -q 2M 64k",
+        "write -q -z -u 3M 128k",
+    ]
     qemu_io(img, *commands)
     return Built(img)
 
@@ -405,18 +489,46 @@ def build_extended_l2_overlay(d: Path) -> Built:
     size = 2 * MiB
     base = qemu_img_create(d / "base.qcow2", size)
     qemu_io(base, f"write -q -s {write_source_file(d / 's', random.Random(81), 300 * KiB)} 0 2M")
-    top = qemu_img_create(d / "top.qcow2", size, f"backing_file={base}", "backing_fmt=qcow2",
-                          "extended_l2=on", "cluster_size=16384")
-    scribble(top, random.Random(82), size, writes=20, zero_writes=8, discards=4,
-             compressed_writes=4, cluster_size=16 * KiB, max_len=24 * KiB, align=512)
+    top = qemu_img_create(
+        d / "top.qcow2",
+        size,
+        f"backing_file={base}",
+        "backing_fmt=qcow2",
+        "extended_l2=on",
+        "cluster_size=16384",
+    )
+    scribble(
+        top,
+        random.Random(82),
+        size,
+        writes=20,
+        zero_writes=8,
+        discards=4,
+        compressed_writes=4,
+        cluster_size=16 * KiB,
+        max_len=24 * KiB,
+        align=512,
+    )
     return Built(top, overlay=True)
 
 
 def build_data_file(d: Path) -> Built:
     """External data file named relative (qemu reads such names from its cwd)."""
     size = 4 * MiB
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=disk.data",
-         "disk.qcow2", str(size)], cwd=d)
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=disk.data",
+            "disk.qcow2",
+            str(size),
+        ],
+        cwd=d,
+    )
     scribble(d / "disk.qcow2", random.Random(90), size, writes=10, cwd=d)
     return Built(d / "disk.qcow2", cwd=d)
 
@@ -424,8 +536,9 @@ def build_data_file(d: Path) -> Built:
 def build_data_file_raw(d: Path) -> Built:
     """External data file with data_file_raw=on, named by its absolute path."""
     size = 4 * MiB
-    img = qemu_img_create(d / "disk.qcow2", size, f"data_file={d / 'disk.data'}",
-                          "data_file_raw=on")
+    img = qemu_img_create(
+        d / "disk.qcow2", size, f"data_file={d / 'disk.data'}", "data_file_raw=on"
+    )
     scribble(img, random.Random(91), size, writes=10)
     return Built(img)
 
@@ -520,8 +633,9 @@ class ImageCache:
 # -- the oracle, for images that may need a working directory or a snapshot ---------
 
 
-def qemu_convert(built: Built, out: Path, *, snapshot: str | None = None,
-                 no_backing: bool = False) -> bytes:
+def qemu_convert(
+    built: Built, out: Path, *, snapshot: str | None = None, no_backing: bool = False
+) -> bytes:
     """``qemu-img convert -O raw`` of the image (``-l`` for a snapshot), as bytes."""
     cmd = ["qemu-img", "convert", "-O", "raw"]
     if snapshot is not None:
@@ -533,19 +647,23 @@ def qemu_convert(built: Built, out: Path, *, snapshot: str | None = None,
     return data
 
 
-def qemu_map_of(built: Built, *, image: Path | None = None,
-                no_backing: bool = False) -> list[dict[str, object]]:
+def qemu_map_of(
+    built: Built, *, image: Path | None = None, no_backing: bool = False
+) -> list[dict[str, object]]:
     """``qemu-img map --output=json`` of the image (or of ``image``, e.g. a copy)."""
     target = _source_arg(built, no_backing) if image is None else str(image)
     out = run(["qemu-img", "map", "--output=json", target], cwd=built.cwd).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
+    result: list[dict[str, object]] = json.loads(out)
+    return result
 
 
 def qemu_info(built: Built) -> list[dict[str, object]]:
     """``qemu-img info --output=json --backing-chain``: one object per layer, top first."""
-    out = run(["qemu-img", "info", "--output=json", "--backing-chain", str(built.image)],
-              cwd=built.cwd).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
+    out = run(
+        ["qemu-img", "info", "--output=json", "--backing-chain", str(built.image)], cwd=built.cwd
+    ).stdout
+    result: list[dict[str, object]] = json.loads(out)
+    return result
 
 
 def applied_snapshot_copy(built: Built, snapshot: str, dest: Path) -> Path:
@@ -561,6 +679,9 @@ def applied_snapshot_copy(built: Built, snapshot: str, dest: Path) -> Path:
 def _source_arg(built: Built, no_backing: bool) -> str:
     if not no_backing:
         return str(built.image)
-    spec = {"driver": "qcow2", "backing": None,
-            "file": {"driver": "file", "filename": os.path.abspath(built.image)}}
+    spec = {
+        "driver": "qcow2",
+        "backing": None,
+        "file": {"driver": "file", "filename": os.path.abspath(built.image)},
+    }
     return "json:" + json.dumps(spec)

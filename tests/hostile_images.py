@@ -104,8 +104,7 @@ class Located:
         return [e for e in self.l2_entries if e.value & COMPRESSED]
 
     def normal(self) -> list[L2Entry]:
-        return [e for e in self.l2_entries
-                if not e.value & COMPRESSED and e.value & OFFSET_MASK]
+        return [e for e in self.l2_entries if not e.value & COMPRESSED and e.value & OFFSET_MASK]
 
     def descriptor(self, entry: int) -> tuple[int, int]:
         """(host_offset, nb_sectors) of a compressed cluster descriptor."""
@@ -129,10 +128,18 @@ def locate(path: Path | str) -> Located:
     header_length = u(">I", 100) if version >= 3 else 72
     incompat = u(">Q", 72) if version >= 3 else 0
     loc = Located(
-        path=Path(path), file_size=len(data), version=version, cluster_bits=cluster_bits,
-        size=u(">Q", 24), l1_table_offset=u(">Q", 40), l1_size=u(">I", 36),
-        header_length=header_length, extended_l2=bool(incompat & 16),
-        refcount_table_offset=u(">Q", 48), snapshots_offset=u(">Q", 64), nb_snapshots=u(">I", 60),
+        path=Path(path),
+        file_size=len(data),
+        version=version,
+        cluster_bits=cluster_bits,
+        size=u(">Q", 24),
+        l1_table_offset=u(">Q", 40),
+        l1_size=u(">I", 36),
+        header_length=header_length,
+        extended_l2=bool(incompat & 16),
+        refcount_table_offset=u(">Q", 48),
+        snapshots_offset=u(">Q", 64),
+        nb_snapshots=u(">I", 60),
     )
     loc.raw = data
     cs = loc.cluster_size
@@ -185,27 +192,55 @@ def build_bases(directory: Path) -> dict[str, Path]:
     """
     d = directory
     out: dict[str, Path] = {}
-    out["plain"] = make_image(d / "plain.qcow2", 4 * MiB, seed=1, options=["cluster_size=4096"],
-                              writes=24, max_len=96 * KiB)
-    out["v2"] = make_image(d / "v2.qcow2", 2 * MiB, seed=2, options=["compat=0.10"], writes=12,
-                           zero_writes=0)
+    out["plain"] = make_image(
+        d / "plain.qcow2",
+        4 * MiB,
+        seed=1,
+        options=["cluster_size=4096"],
+        writes=24,
+        max_len=96 * KiB,
+    )
+    out["v2"] = make_image(
+        d / "v2.qcow2", 2 * MiB, seed=2, options=["compat=0.10"], writes=12, zero_writes=0
+    )
     src = make_image(d / "compress-src.qcow2", 2 * MiB, seed=3, writes=16, max_len=128 * KiB)
     for kind, ctype in (("zlib", "zlib"), ("zstd", "zstd")):
         target = d / f"{kind}.qcow2"
-        run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
-             str(src), str(target)])
+        run(
+            [
+                "qemu-img",
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                f"compression_type={ctype}",
+                str(src),
+                str(target),
+            ]
+        )
         out[kind] = target
     out["snapshots"] = build_snapshots(d)
-    out["extl2"] = make_image(d / "extl2.qcow2", 2 * MiB, seed=5,
-                              options=["extended_l2=on", "cluster_size=65536"], writes=16,
-                              max_len=40 * KiB)
+    out["extl2"] = make_image(
+        d / "extl2.qcow2",
+        2 * MiB,
+        seed=5,
+        options=["extended_l2=on", "cluster_size=65536"],
+        writes=16,
+        max_len=40 * KiB,
+    )
     base = make_image(d / "base.qcow2", 2 * MiB, seed=6, writes=10)
-    out["overlay"] = make_image(d / "overlay.qcow2", 2 * MiB, seed=7, writes=8,
-                                backing=base.name, backing_fmt="qcow2")
+    out["overlay"] = make_image(
+        d / "overlay.qcow2", 2 * MiB, seed=7, writes=8, backing=base.name, backing_fmt="qcow2"
+    )
     # An absolute name: qemu resolves a relative one against its working directory.
     qemu_img_create(d / "datafile.qcow2", 2 * MiB, f"data_file={d / 'datafile.data'}")
-    qemu_io(d / "datafile.qcow2", "write -q -P 0x33 0 192k", "write -q -P 0x44 1M 64k",
-            "write -q -z 1536k 64k")
+    qemu_io(
+        d / "datafile.qcow2",
+        "write -q -P 0x33 0 192k",
+        "write -q -P 0x44 1M 64k",
+        "write -q -z 1536k 64k",
+    )
     out["datafile"] = d / "datafile.qcow2"
     return out
 
@@ -228,10 +263,26 @@ def interesting(rng: random.Random, orig: int, width: int, loc: Located) -> int:
     top = (1 << (8 * width)) - 1
     cs = loc.cluster_size
     choices = [
-        0, 1, top, top >> 1, orig + 1, orig - 1, orig ^ (1 << rng.randrange(8 * width)),
-        orig * 2, orig << 8, rng.randrange(top + 1), loc.file_size, loc.file_size - cs,
-        loc.file_size + cs, cs, cs - 1, rng.randrange(0, loc.file_size + 4 * cs) & ~(cs - 1),
-        1 << rng.randrange(8 * width), 0x7FFFFFFF, 512, 513,
+        0,
+        1,
+        top,
+        top >> 1,
+        orig + 1,
+        orig - 1,
+        orig ^ (1 << rng.randrange(8 * width)),
+        orig * 2,
+        orig << 8,
+        rng.randrange(top + 1),
+        loc.file_size,
+        loc.file_size - cs,
+        loc.file_size + cs,
+        cs,
+        cs - 1,
+        rng.randrange(0, loc.file_size + 4 * cs) & ~(cs - 1),
+        1 << rng.randrange(8 * width),
+        0x7FFFFFFF,
+        512,
+        513,
     ]
     return rng.choice(choices) & top
 
@@ -243,14 +294,20 @@ class Mutator:
         self.loc = loc
         self.rng = rng
         self.kinds: list[Callable[[], tuple[str, Callable[[bytearray], None]]]] = [
-            self.header_field, self.header_field, self.l1_entry, self.truncate,
+            self.header_field,
+            self.header_field,
+            self.l1_entry,
+            self.truncate,
             self.metadata_bytes,
         ]
         if loc.l2_entries:
             self.kinds += [self.l2_entry, self.l2_entry]
         if loc.compressed():
-            self.kinds += [self.compressed_descriptor, self.compressed_descriptor,
-                           self.compressed_payload]
+            self.kinds += [
+                self.compressed_descriptor,
+                self.compressed_descriptor,
+                self.compressed_payload,
+            ]
         if loc.snapshot_entries:
             self.kinds += [self.snapshot_field, self.snapshot_field]
         if loc.extensions:
@@ -278,12 +335,20 @@ class Mutator:
         pos = loc.l1_table_offset + 8 * index
         cs = loc.cluster_size
         orig = loc.l1[index] if index < len(loc.l1) else 0
-        value = self.rng.choice([
-            0, orig ^ (1 << self.rng.randrange(64)), orig + 512, COPIED | cs * 0,
-            COPIED | (loc.file_size & ~(cs - 1)) + cs, COPIED | loc.l1_table_offset,
-            COPIED | loc.refcount_table_offset, COPIED | self.rng.choice(loc.l2_tables or [cs]),
-            self.rng.randrange(1 << 64), COPIED | (1 << 55),
-        ])
+        value = self.rng.choice(
+            [
+                0,
+                orig ^ (1 << self.rng.randrange(64)),
+                orig + 512,
+                COPIED | cs * 0,
+                COPIED | (loc.file_size & ~(cs - 1)) + cs,
+                COPIED | loc.l1_table_offset,
+                COPIED | loc.refcount_table_offset,
+                COPIED | self.rng.choice(loc.l2_tables or [cs]),
+                self.rng.randrange(1 << 64),
+                COPIED | (1 << 55),
+            ]
+        )
         return f"L1[{index}] = {value:#x}", lambda b: put(b, pos, ">Q", value)
 
     def l2_entry(self) -> tuple[str, Callable[[bytearray], None]]:
@@ -292,25 +357,41 @@ class Mutator:
         cs = loc.cluster_size
         orig = entry.value
         host = orig & OFFSET_MASK
-        value = self.rng.choice([
-            0, orig | ZERO, orig ^ COMPRESSED, orig + 512, COPIED | 0 | ZERO,
-            COPIED | cs * self.rng.randrange(0, loc.file_size // cs + 4),
-            COPIED | (host + cs), COPIED | loc.l1_table_offset, COPIED | (1 << 55),
-            orig ^ (1 << self.rng.randrange(64)), self.rng.randrange(1 << 64),
-        ])
+        value = self.rng.choice(
+            [
+                0,
+                orig | ZERO,
+                orig ^ COMPRESSED,
+                orig + 512,
+                COPIED | 0 | ZERO,
+                COPIED | cs * self.rng.randrange(0, loc.file_size // cs + 4),
+                COPIED | (host + cs),
+                COPIED | loc.l1_table_offset,
+                COPIED | (1 << 55),
+                orig ^ (1 << self.rng.randrange(64)),
+                self.rng.randrange(1 << 64),
+            ]
+        )
         changes = [(entry.pos, value)]
         desc = f"L2 entry at {entry.pos:#x} (guest {entry.guest_offset:#x}) = {value:#x}"
         if loc.extended_l2 and self.rng.random() < 0.5:
-            bitmap = self.rng.choice([
-                0xFFFFFFFF_FFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF_00000000, 1 | 1 << 32,
-                self.rng.randrange(1 << 64), (entry.bitmap or 0) ^ (1 << self.rng.randrange(64)),
-            ])
+            bitmap = self.rng.choice(
+                [
+                    0xFFFFFFFF_FFFFFFFF,
+                    0xFFFFFFFF,
+                    0xFFFFFFFF_00000000,
+                    1 | 1 << 32,
+                    self.rng.randrange(1 << 64),
+                    (entry.bitmap or 0) ^ (1 << self.rng.randrange(64)),
+                ]
+            )
             changes = [(entry.pos + 8, bitmap)]
             desc = f"L2 bitmap at {entry.pos + 8:#x} = {bitmap:#x}"
 
         def change(b: bytearray) -> None:
             for pos, v in changes:
                 put(b, pos, ">Q", v)
+
         return desc, change
 
     def compressed_descriptor(self) -> tuple[str, Callable[[bytearray], None]]:
@@ -318,30 +399,50 @@ class Mutator:
         entry = self.rng.choice(loc.compressed())
         host, nb = loc.descriptor(entry.value)
         max_sectors = 1 << (loc.cluster_bits - 8)
-        new_host, new_nb = self.rng.choice([
-            (host, max_sectors), (host, 1), (0, nb), (72, nb), (loc.l1_table_offset, nb),
-            (loc.file_size - 1, nb), (loc.file_size + 512, nb), (host + 1, nb),
-            (host + self.rng.randrange(1, 600), nb), (self.rng.randrange(loc.file_size), nb),
-            (self.rng.choice(loc.compressed()).value & ((1 << (62 - loc.cluster_bits + 8)) - 1),
-             nb),
-        ])
+        new_host, new_nb = self.rng.choice(
+            [
+                (host, max_sectors),
+                (host, 1),
+                (0, nb),
+                (72, nb),
+                (loc.l1_table_offset, nb),
+                (loc.file_size - 1, nb),
+                (loc.file_size + 512, nb),
+                (host + 1, nb),
+                (host + self.rng.randrange(1, 600), nb),
+                (self.rng.randrange(loc.file_size), nb),
+                (
+                    self.rng.choice(loc.compressed()).value
+                    & ((1 << (62 - loc.cluster_bits + 8)) - 1),
+                    nb,
+                ),
+            ]
+        )
         new_host &= (1 << (62 - (loc.cluster_bits - 8))) - 1
         value = loc.make_descriptor(new_host, new_nb)
-        return (f"compressed descriptor at {entry.pos:#x} (guest {entry.guest_offset:#x}) = "
-                f"host {new_host:#x}, {new_nb} sectors"), lambda b: put(b, entry.pos, ">Q", value)
+        return (
+            f"compressed descriptor at {entry.pos:#x} (guest {entry.guest_offset:#x}) = "
+            f"host {new_host:#x}, {new_nb} sectors"
+        ), lambda b: put(b, entry.pos, ">Q", value)
 
     def compressed_payload(self) -> tuple[str, Callable[[bytearray], None]]:
         loc = self.loc
         entry = self.rng.choice(loc.compressed())
         host, nb = loc.descriptor(entry.value)
         n = self.rng.randrange(1, 9)
-        spots = [(host + self.rng.randrange(min(nb * 512, loc.file_size - host)),
-                  1 << self.rng.randrange(8)) for _ in range(n)]
+        spots = [
+            (
+                host + self.rng.randrange(min(nb * 512, loc.file_size - host)),
+                1 << self.rng.randrange(8),
+            )
+            for _ in range(n)
+        ]
 
         def change(b: bytearray) -> None:
             for p, bit in spots:
                 if p < len(b):
                     b[p] ^= bit
+
         return f"compressed payload of guest {entry.guest_offset:#x}: {n} bit flips", change
 
     def snapshot_field(self) -> tuple[str, Callable[[bytearray], None]]:
@@ -352,7 +453,8 @@ class Mutator:
         pos = entry_pos + off
         value = self._value_for(pos, fmt)
         return f"snapshot entry at {entry_pos:#x}: {name} = {value:#x}", (
-            lambda b: put(b, pos, fmt, value))
+            lambda b: put(b, pos, fmt, value)
+        )
 
     def extension(self) -> tuple[str, Callable[[bytearray], None]]:
         loc = self.loc
@@ -360,31 +462,45 @@ class Mutator:
         what = self.rng.choice(["length", "type", "data"])
         if what == "length":
             value = interesting(self.rng, length, 4, loc)
-            return (f"extension {ext_type:#x} at {pos}: length = {value:#x}",
-                    lambda b: put(b, pos + 4, ">I", value))
+            return (
+                f"extension {ext_type:#x} at {pos}: length = {value:#x}",
+                lambda b: put(b, pos + 4, ">I", value),
+            )
         if what == "type":
-            value = self.rng.choice([0, 0xE2792ACA, 0x44415441, 0x6803F857, 0x0537BE77,
-                                     self.rng.randrange(1 << 32)])
-            return (f"extension {ext_type:#x} at {pos}: type = {value:#x}",
-                    lambda b: put(b, pos, ">I", value))
-        text = self.rng.choice([b"raw", b"vmdk", b"qcow2", b"\xff\xfe", b"nbd:x:1", b"/etc/passwd",
-                                b"\x00"])
+            value = self.rng.choice(
+                [0, 0xE2792ACA, 0x44415441, 0x6803F857, 0x0537BE77, self.rng.randrange(1 << 32)]
+            )
+            return (
+                f"extension {ext_type:#x} at {pos}: type = {value:#x}",
+                lambda b: put(b, pos, ">I", value),
+            )
+        text = self.rng.choice(
+            [b"raw", b"vmdk", b"qcow2", b"\xff\xfe", b"nbd:x:1", b"/etc/passwd", b"\x00"]
+        )
 
         def change(b: bytearray) -> None:
             data = (text * (length // len(text) + 1))[:length]
-            b[pos + 8: pos + 8 + length] = data
+            b[pos + 8 : pos + 8 + length] = data
+
         return f"extension {ext_type:#x} at {pos}: data = {text!r}...", change
 
     def truncate(self) -> tuple[str, Callable[[bytearray], None]]:
         loc = self.loc
-        cut = self.rng.choice([
-            self.rng.randrange(loc.file_size), loc.l1_table_offset + 4,
-            self.rng.choice(loc.l2_tables or [loc.cluster_size]) + 8,
-            loc.file_size - loc.cluster_size // 2, loc.file_size - 1, 100, 4096,
-        ])
+        cut = self.rng.choice(
+            [
+                self.rng.randrange(loc.file_size),
+                loc.l1_table_offset + 4,
+                self.rng.choice(loc.l2_tables or [loc.cluster_size]) + 8,
+                loc.file_size - loc.cluster_size // 2,
+                loc.file_size - 1,
+                100,
+                4096,
+            ]
+        )
 
         def change(b: bytearray) -> None:
             del b[cut:]
+
         return f"truncated to {cut} bytes", change
 
     def metadata_bytes(self) -> tuple[str, Callable[[bytearray], None]]:
@@ -400,6 +516,7 @@ class Mutator:
             for p, v in spots:
                 if p < len(b):
                     b[p] = v
+
         return f"{n} random bytes in metadata at {start:#x}: {spots}", change
 
 
@@ -417,9 +534,21 @@ def qemu_dd_range(image: Path, start: int, length: int, scratch: Path) -> bytes 
     out.unlink(missing_ok=True)
     block = start // length
     proc = subprocess.run(
-        ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={image}", f"of={out}",
-         f"bs={length}", f"skip={block}", f"count={block + 1}"],
-        capture_output=True, text=True,
+        [
+            "qemu-img",
+            "dd",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            f"if={image}",
+            f"of={out}",
+            f"bs={length}",
+            f"skip={block}",
+            f"count={block + 1}",
+        ],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         assert "Input/output error" in proc.stderr, proc.stderr
@@ -452,12 +581,14 @@ class SnapshotDamage:
     change: Callable[[bytearray, Located], None]
 
 
-def _put_snapshot(index: int, name: str, value: Callable[[Located], int]
-                  ) -> Callable[[bytearray, Located], None]:
+def _put_snapshot(
+    index: int, name: str, value: Callable[[Located], int]
+) -> Callable[[bytearray, Located], None]:
     off, fmt = SNAPSHOT_FIELDS[name]
 
     def change(buf: bytearray, loc: Located) -> None:
         put(buf, loc.snapshot_entries[index] + off, fmt, value(loc))
+
     return change
 
 
@@ -466,6 +597,7 @@ def _put_header(name: str, value: Callable[[Located], int]) -> Callable[[bytearr
 
     def change(buf: bytearray, loc: Located) -> None:
         put(buf, pos, fmt, value(loc))
+
     return change
 
 
@@ -476,8 +608,10 @@ def _snapshot_l1(loc: Located, index: int) -> int:
 def _move_table_cut(buf: bytearray, loc: Located) -> None:
     """Copy the snapshot table to the end of the file without its last 8 bytes."""
     last = loc.snapshot_entries[-1]
-    extra, id_len, name_len = struct.unpack_from(">I", loc.raw, last + 36)[0], *struct.unpack_from(
-        ">HH", loc.raw, last + 12)
+    extra, id_len, name_len = (
+        struct.unpack_from(">I", loc.raw, last + 36)[0],
+        *struct.unpack_from(">HH", loc.raw, last + 12),
+    )
     table = loc.raw[loc.snapshots_offset : last + 40 + extra + id_len + name_len]
     new = -(-len(buf) // loc.cluster_size) * loc.cluster_size
     buf.extend(bytes(new - len(buf)))
@@ -486,24 +620,74 @@ def _move_table_cut(buf: bytearray, loc: Located) -> None:
 
 
 SNAPSHOT_DAMAGES = [
-    SnapshotDamage("l1-offset-unaligned", ("first",), True, False, "is not cluster aligned",
-                   _put_snapshot(0, "l1_table_offset", lambda loc: _snapshot_l1(loc, 0) + 512)),
-    SnapshotDamage("l1-size-too-large", ("first",), True, False, "L1 table too large",
-                   _put_snapshot(0, "l1_size", lambda loc: 0x1000000)),
-    SnapshotDamage("l1-past-end", ("second",), True, True, "is past the end of the file",
-                   _put_snapshot(1, "l1_table_offset",
-                                 lambda loc: -(-loc.file_size // loc.cluster_size)
-                                 * loc.cluster_size)),
-    SnapshotDamage("table-past-end", ("*",), True, False, "is past the end of the file",
-                   _put_header("snapshots_offset", lambda loc: 1 << 45)),
-    SnapshotDamage("zero-entry", ("snapshot-3",), True, False, "too few for a virtual size",
-                   _put_header("nb_snapshots", lambda loc: loc.nb_snapshots + 1)),
-    SnapshotDamage("table-runs-past-end", ("*",), True, False, "runs past the end of the file",
-                   lambda buf, loc: _move_table_cut(buf, loc)),
-    SnapshotDamage("table-offset-unaligned", ("*",), False, False, "is not cluster aligned",
-                   _put_header("snapshots_offset", lambda loc: loc.snapshots_offset + 512)),
-    SnapshotDamage("too-many-snapshots", ("*",), False, False, "qemu allows at most 65536",
-                   _put_header("nb_snapshots", lambda loc: 0xFFFFFFFF)),
+    SnapshotDamage(
+        "l1-offset-unaligned",
+        ("first",),
+        True,
+        False,
+        "is not cluster aligned",
+        _put_snapshot(0, "l1_table_offset", lambda loc: _snapshot_l1(loc, 0) + 512),
+    ),
+    SnapshotDamage(
+        "l1-size-too-large",
+        ("first",),
+        True,
+        False,
+        "L1 table too large",
+        _put_snapshot(0, "l1_size", lambda loc: 0x1000000),
+    ),
+    SnapshotDamage(
+        "l1-past-end",
+        ("second",),
+        True,
+        True,
+        "is past the end of the file",
+        _put_snapshot(
+            1,
+            "l1_table_offset",
+            lambda loc: -(-loc.file_size // loc.cluster_size) * loc.cluster_size,
+        ),
+    ),
+    SnapshotDamage(
+        "table-past-end",
+        ("*",),
+        True,
+        False,
+        "is past the end of the file",
+        _put_header("snapshots_offset", lambda loc: 1 << 45),
+    ),
+    SnapshotDamage(
+        "zero-entry",
+        ("snapshot-3",),
+        True,
+        False,
+        "too few for a virtual size",
+        _put_header("nb_snapshots", lambda loc: loc.nb_snapshots + 1),
+    ),
+    SnapshotDamage(
+        "table-runs-past-end",
+        ("*",),
+        True,
+        False,
+        "runs past the end of the file",
+        lambda buf, loc: _move_table_cut(buf, loc),
+    ),
+    SnapshotDamage(
+        "table-offset-unaligned",
+        ("*",),
+        False,
+        False,
+        "is not cluster aligned",
+        _put_header("snapshots_offset", lambda loc: loc.snapshots_offset + 512),
+    ),
+    SnapshotDamage(
+        "too-many-snapshots",
+        ("*",),
+        False,
+        False,
+        "qemu allows at most 65536",
+        _put_header("nb_snapshots", lambda loc: 0xFFFFFFFF),
+    ),
 ]
 
 

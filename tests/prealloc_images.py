@@ -17,8 +17,17 @@ from support import KiB, MiB, qemu_img_create, qemu_io, run
 SIZE = 24 * MiB
 
 
-def _scribble(image: Path, seed: int, *, lo: int = 0, hi: int = SIZE, writes: int = 10,
-              zero_writes: int = 3, discards: int = 2, align: int = 1) -> None:
+def _scribble(
+    image: Path,
+    seed: int,
+    *,
+    lo: int = 0,
+    hi: int = SIZE,
+    writes: int = 10,
+    zero_writes: int = 3,
+    discards: int = 2,
+    align: int = 1,
+) -> None:
     """Data writes (unaligned), zero writes and discards into ``[lo, hi)``."""
     rng = random.Random(seed)
     commands = []
@@ -66,15 +75,21 @@ def build_metadata_extended_l2(d: Path) -> Path:
 
 
 def build_data_file(d: Path) -> Path:
-    img = qemu_img_create(d / "df.qcow2", SIZE, "preallocation=falloc",
-                          f"data_file={d / 'df.data'}")
+    img = qemu_img_create(
+        d / "df.qcow2", SIZE, "preallocation=falloc", f"data_file={d / 'df.data'}"
+    )
     _scribble(img, 5)
     return img
 
 
 def build_data_file_raw(d: Path) -> Path:
-    img = qemu_img_create(d / "dfr.qcow2", SIZE, "preallocation=metadata",
-                          f"data_file={d / 'dfr.data'}", "data_file_raw=on")
+    img = qemu_img_create(
+        d / "dfr.qcow2",
+        SIZE,
+        "preallocation=metadata",
+        f"data_file={d / 'dfr.data'}",
+        "data_file_raw=on",
+    )
     _scribble(img, 6, discards=0)
     return img
 

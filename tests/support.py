@@ -24,22 +24,32 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 
+def num(value: object) -> int:
+    """A number from qemu's JSON (typed ``object``): asserted to be an int."""
+    assert isinstance(value, int), value
+    return value
+
+
 def run(cmd: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run a command; fail the test with its stderr when it fails."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]  # kwargs: subprocess.run's own
+        list(cmd), capture_output=True, text=True, **kwargs
+    )
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 def sparsefs(*args: str, check: bool = False, **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run the sparsefs command line (this checkout) and return the completed process."""
-    proc = subprocess.run([*SPARSEFS, *args], capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]  # kwargs: subprocess.run's own
+        [*SPARSEFS, *args], capture_output=True, text=True, **kwargs
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"sparsefs {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 # -- building images ---------------------------------------------------------------
@@ -54,7 +64,9 @@ def qemu_img_create(path: Path | str, size: int, *options: str, fmt: str = "qcow
     return Path(path)
 
 
-def qemu_io(path: Path | str, *commands: str, fmt: str = "qcow2", extra: Sequence[str] = ()) -> None:
+def qemu_io(
+    path: Path | str, *commands: str, fmt: str = "qcow2", extra: Sequence[str] = ()
+) -> None:
     """Run qemu-io commands (``write -P 0xab 0 64k`` ...) against an image, in one process."""
     if not commands:
         return
@@ -130,8 +142,19 @@ def make_encrypted_image(path: Path | str, method: str = "luks", size: int = MiB
     options = f"encrypt.format={method},encrypt.key-secret=sec0"
     if method == "luks":
         options += ",encrypt.iter-time=10"
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x",
-           "-o", options, str(path), str(size)]
+    cmd = [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=x",
+        "-o",
+        options,
+        str(path),
+        str(size),
+    ]
     for _ in range(20):
         if subprocess.run(cmd, capture_output=True).returncode == 0:
             return Path(path)
@@ -142,8 +165,9 @@ def make_encrypted_image(path: Path | str, method: str = "luks", size: int = MiB
 # -- the oracle ---------------------------------------------------------------------
 
 
-def qemu_raw(image: Path | str, out: Path | str, *, snapshot: str | None = None,
-             fmt: str | None = None) -> Path:
+def qemu_raw(
+    image: Path | str, out: Path | str, *, snapshot: str | None = None, fmt: str | None = None
+) -> Path:
     """``qemu-img convert -O raw`` of an image (or one of its snapshots) to ``out``."""
     cmd = ["qemu-img", "convert", "-O", "raw"]
     if fmt:
@@ -160,7 +184,8 @@ def qemu_map(image: Path | str, *, fmt: str | None = None) -> list[dict[str, obj
     if fmt:
         cmd += ["-f", fmt]
     out = run([*cmd, str(image)]).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
+    result: list[dict[str, object]] = json.loads(out)
+    return result
 
 
 def files_equal(a: Path | str, b: Path | str, chunk: int = 8 * MiB) -> bool:
@@ -195,7 +220,7 @@ def first_difference(a: Path | str, b: Path | str, chunk: int = MiB) -> int | No
 
 
 def seek_walk(path: Path | str) -> list[tuple[int, int]]:
-    """The data segments [(start, end)] of a file by SEEK_DATA/SEEK_HOLE, as any copier sees them."""
+    """The data segments [(start, end)] of a file by SEEK_DATA/SEEK_HOLE, as copiers see them."""
     segments = []
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -237,8 +262,8 @@ def check_map_agrees(segments: list[tuple[int, int]], qmap: list[dict[str, objec
         return total
 
     for entry in qmap:
-        lo = int(entry["start"])  # type: ignore[call-overload]
-        hi = lo + int(entry["length"])  # type: ignore[call-overload]
+        lo = num(entry["start"])
+        hi = lo + num(entry["length"])
         got = covered(lo, hi)
         if not entry["data"]:
             assert got == 0, f"qemu says hole at [{lo}, {hi}), sparsefs reports {got} data bytes"
@@ -250,11 +275,7 @@ def check_map_agrees(segments: list[tuple[int, int]], qmap: list[dict[str, objec
 
 def qemu_data_bytes(qmap: list[dict[str, object]], *, include_zero: bool = False) -> int:
     """Bytes qemu-img map reports as data (optionally counting data+zero ranges)."""
-    return sum(
-        int(e["length"])  # type: ignore[call-overload]
-        for e in qmap
-        if e["data"] and (include_zero or not e["zero"])
-    )
+    return sum(num(e["length"]) for e in qmap if e["data"] and (include_zero or not e["zero"]))
 
 
 def fiemap_written(path: Path | str) -> list[tuple[int, int]]:
@@ -278,8 +299,9 @@ def fiemap_written(path: Path | str) -> list[tuple[int, int]]:
     return ranges
 
 
-def host_files_of(image: Path | str, *, cwd: Path | None = None, fmt: str | None = None,
-                  no_backing: bool = False) -> list[Path]:
+def host_files_of(
+    image: Path | str, *, cwd: Path | None = None, fmt: str | None = None, no_backing: bool = False
+) -> list[Path]:
     """The host file that holds each layer's data (its data file, if external), top first."""
     cmd = ["qemu-img", "info", "--output=json", "--backing-chain"]
     if fmt:
@@ -293,8 +315,9 @@ def host_files_of(image: Path | str, *, cwd: Path | None = None, fmt: str | None
     return files
 
 
-def stored_segments(qmap: list[dict[str, object]], host_files: Sequence[Path]
-                    ) -> list[tuple[int, int]]:
+def stored_segments(
+    qmap: list[dict[str, object]], host_files: Sequence[Path]
+) -> list[tuple[int, int]]:
     """Guest ranges some layer stores, by the project's rule, merged.
 
     qemu-img map's ``"data": true, "zero": false`` ranges, cut down to where
@@ -318,12 +341,12 @@ def stored_segments(qmap: list[dict[str, object]], host_files: Sequence[Path]
     for e in qmap:
         if not e["data"] or e["zero"]:
             continue
-        start, length = int(e["start"]), int(e["length"])  # type: ignore[call-overload]
+        start, length = num(e["start"]), num(e["length"])
         if "offset" not in e:
             add(start, start + length)
             continue
-        host = int(e["offset"])  # type: ignore[call-overload]
-        depth = int(e["depth"])  # type: ignore[call-overload]
+        host = num(e["offset"])
+        depth = num(e["depth"])
         pieces = [*written[depth], (sizes[depth], max(sizes[depth], host + length))]
         for ws, we in pieces:
             lo, hi = max(ws, host), min(we, host + length)
@@ -331,8 +354,9 @@ def stored_segments(qmap: list[dict[str, object]], host_files: Sequence[Path]
     return out
 
 
-def check_stored(segments: Sequence[tuple[int, int]], qmap: list[dict[str, object]],
-                 host_files: Sequence[Path]) -> None:
+def check_stored(
+    segments: Sequence[tuple[int, int]], qmap: list[dict[str, object]], host_files: Sequence[Path]
+) -> None:
     """Assert that the data segments are exactly :func:`stored_segments` (merged)."""
     merged: list[tuple[int, int]] = []
     for lo, hi in sorted(segments):
@@ -377,8 +401,11 @@ def is_mounted(path: Path | str) -> bool:
 
 def force_unmount(mountpoint: Path | str) -> None:
     """Unmount whatever is at ``mountpoint``, lazily if it is busy; never raises."""
-    for cmd in (["fusermount3", "-u", str(mountpoint)], ["fusermount3", "-uz", str(mountpoint)],
-                ["umount", "-l", str(mountpoint)]):
+    for cmd in (
+        ["fusermount3", "-u", str(mountpoint)],
+        ["fusermount3", "-uz", str(mountpoint)],
+        ["umount", "-l", str(mountpoint)],
+    ):
         if not is_mounted(mountpoint):
             return
         subprocess.run(cmd, capture_output=True)

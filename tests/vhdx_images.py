@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support import KiB, MiB, qemu_io, qemu_map, qemu_raw, run
-
 from sparsefs.formats.vhdx import layout as L
+from support import KiB, MiB, qemu_io, qemu_map, qemu_raw, run
 
 SECTOR = 512
 
@@ -65,9 +64,15 @@ def create(path: Path, size: int, *options: str) -> Path:
     return path
 
 
-def random_writes(path: Path, rng: random.Random, size: int, count: int,
-                  *, max_len: int = 192 * KiB, within: tuple[int, int] | None = None
-                  ) -> list[tuple[int, int]]:
+def random_writes(
+    path: Path,
+    rng: random.Random,
+    size: int,
+    count: int,
+    *,
+    max_len: int = 192 * KiB,
+    within: tuple[int, int] | None = None,
+) -> list[tuple[int, int]]:
     """Pattern writes at random sector-aligned (often not block-aligned) offsets."""
     lo, hi = within or (0, size)
     commands = []
@@ -87,15 +92,16 @@ def random_writes(path: Path, rng: random.Random, size: int, count: int,
 
 def active_header_offset(buf: bytes | bytearray) -> int:
     """File offset of the header with the higher sequence number."""
-    seqs = [struct.unpack_from("<Q", buf, off + 8)[0] for off in (L.HEADER1_OFFSET,
-                                                                   L.HEADER2_OFFSET)]
+    seqs = [
+        struct.unpack_from("<Q", buf, off + 8)[0] for off in (L.HEADER1_OFFSET, L.HEADER2_OFFSET)
+    ]
     return L.HEADER1_OFFSET if seqs[0] >= seqs[1] else L.HEADER2_OFFSET
 
 
 def reseal(buf: bytearray, offset: int, length: int) -> None:
     """Recompute the CRC-32C at ``offset + 4`` over ``length`` bytes."""
-    buf[offset + 4:offset + 8] = bytes(4)
-    struct.pack_into("<I", buf, offset + 4, L.crc32c(bytes(buf[offset:offset + length])))
+    buf[offset + 4 : offset + 8] = bytes(4)
+    struct.pack_into("<I", buf, offset + 4, L.crc32c(bytes(buf[offset : offset + length])))
 
 
 def regions(buf: bytes | bytearray) -> dict[bytes, tuple[int, int]]:
@@ -135,15 +141,17 @@ def add_metadata_item(buf: bytearray, guid: bytes, data: bytes, flags: int) -> N
     count = struct.unpack_from("<H", buf, base + 10)[0]
     struct.pack_into("<16sIII4x", buf, base + 32 + 32 * count, guid, end, len(data), flags)
     struct.pack_into("<H", buf, base + 10, count + 1)
-    buf[base + end:base + end + len(data)] = data
+    buf[base + end : base + end + len(data)] = data
 
 
 def relabel_sectors(path: Path, logical_sector_size: int) -> None:
     """Set the logical and physical sector size metadata items (qemu makes only 512)."""
+
     def change(buf: bytearray) -> None:
         for guid in (L.LOGICAL_SECTOR_SIZE_GUID, L.PHYSICAL_SECTOR_SIZE_GUID):
             _, off, _, _ = metadata_items(buf)[guid]
             struct.pack_into("<I", buf, off, logical_sector_size)
+
     edit(path, change)
 
 
@@ -165,9 +173,9 @@ def get_bat(buf: bytes | bytearray, index: int) -> tuple[int, int]:
 
 def data_write_guid(path: Path) -> str:
     """The active header's DataWriteGuid as ``{...}`` text."""
-    buf = path.read_bytes()[:L.REGION_TABLE_OFFSET]
+    buf = path.read_bytes()[: L.REGION_TABLE_OFFSET]
     off = active_header_offset(buf)
-    return "{" + str(uuid.UUID(bytes_le=bytes(buf[off + 32:off + 48]))).upper() + "}"
+    return "{" + str(uuid.UUID(bytes_le=bytes(buf[off + 32 : off + 48]))).upper() + "}"
 
 
 def build_parent_locator(entries: dict[str, str]) -> bytes:
@@ -178,8 +186,9 @@ def build_parent_locator(entries: dict[str, str]) -> bytes:
     base = len(head) + 12 * len(entries)
     for key, value in entries.items():
         k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
-        table += struct.pack("<IIHH", base + len(strings), base + len(strings) + len(k),
-                             len(k), len(v))
+        table += struct.pack(
+            "<IIHH", base + len(strings), base + len(strings) + len(k), len(k), len(v)
+        )
         strings += k + v
     return head + bytes(table) + bytes(strings)
 
@@ -190,14 +199,22 @@ def make_differencing(child: Path, locator: dict[str, str]) -> None:
     _, params_off, _, _ = metadata_items(buf)[L.FILE_PARAMETERS_GUID]
     bits = struct.unpack_from("<I", buf, params_off + 4)[0]
     struct.pack_into("<I", buf, params_off + 4, bits | L.PARAMS_HAS_PARENT)
-    add_metadata_item(buf, L.PARENT_LOCATOR_GUID, build_parent_locator(locator),
-                      L.META_IS_VIRTUAL_DISK | L.META_IS_REQUIRED)
+    add_metadata_item(
+        buf,
+        L.PARENT_LOCATOR_GUID,
+        build_parent_locator(locator),
+        L.META_IS_VIRTUAL_DISK | L.META_IS_REQUIRED,
+    )
     child.write_bytes(bytes(buf))
 
 
-def append_sector_bitmap(path: Path, chunk: int, block_size: int,
-                         present: list[tuple[int, int]], logical_sector_size: int = SECTOR
-                         ) -> None:
+def append_sector_bitmap(
+    path: Path,
+    chunk: int,
+    block_size: int,
+    present: list[tuple[int, int]],
+    logical_sector_size: int = SECTOR,
+) -> None:
     """Give ``chunk`` a sector bitmap block at the end of the file, with ``present`` sectors set.
 
     ``present`` holds (first, end) sector ranges of the chunk.
@@ -226,8 +243,9 @@ def edit(path: Path, change: Callable[[bytearray], None]) -> Path:
 # -- differencing disks (qemu-img cannot make or open them) ---------------------------------
 
 
-def family(d: Path, *, locator: dict[str, str] | None = None, sector: int = 512
-            ) -> tuple[Path, Path, bytes, bytes, list[tuple[int, int]]]:
+def family(
+    d: Path, *, locator: dict[str, str] | None = None, sector: int = 512
+) -> tuple[Path, Path, bytes, bytes, list[tuple[int, int]]]:
     """parent.vhdx (qemu-written) and child.vhdx (qemu-written, then made differencing).
 
     Returns the paths, qemu's raw copies of the parent and of the child read
@@ -252,15 +270,19 @@ def family(d: Path, *, locator: dict[str, str] | None = None, sector: int = 512
     return parent, child, parent_raw, child_raw, writes
 
 
-def compose(parent_raw: bytes, child_raw: bytes, blocks: set[int],
-              zero_blocks: frozenset[int] | set[int] = frozenset()) -> bytes:
+def compose(
+    parent_raw: bytes,
+    child_raw: bytes,
+    blocks: set[int],
+    zero_blocks: frozenset[int] | set[int] = frozenset(),
+) -> bytes:
     """Parent bytes, with whole 1 MiB ``blocks`` from the child and ``zero_blocks`` zeroed."""
     out = bytearray(parent_raw)
     for blk in blocks:
-        out[blk * MiB:(blk + 1) * MiB] = child_raw[blk * MiB:(blk + 1) * MiB]
+        out[blk * MiB : (blk + 1) * MiB] = child_raw[blk * MiB : (blk + 1) * MiB]
     for blk in zero_blocks:
         end = min((blk + 1) * MiB, len(out))
-        out[blk * MiB:end] = bytes(end - blk * MiB)
+        out[blk * MiB : end] = bytes(end - blk * MiB)
     return bytes(out)
 
 
@@ -272,8 +294,9 @@ def build_dynamic(d: Path) -> VhdxBuilt:
     size = 19 * MiB + 3 * SECTOR
     img = create(d / "dynamic.vhdx", size)
     writes = random_writes(img, random.Random(1), size, 14)
-    qemu_io(img, f"write -q -z {3 * MiB} {64 * KiB}", f"write -q -P 7 {size - 4 * KiB} 4096",
-            fmt="vhdx")
+    qemu_io(
+        img, f"write -q -z {3 * MiB} {64 * KiB}", f"write -q -P 7 {size - 4 * KiB} 4096", fmt="vhdx"
+    )
     return VhdxBuilt(img, writes=[*writes, (3 * MiB, 64 * KiB), (size - 4 * KiB, 4096)])
 
 
@@ -308,8 +331,7 @@ def build_block_256m(d: Path) -> VhdxBuilt:
 def build_fixed(d: Path) -> VhdxBuilt:
     """Fixed with ``block_state_zero=off``: every block FULLY_PRESENT from creation."""
     size = 5 * MiB
-    img = create(d / "fixed.vhdx", size, "subformat=fixed", "block_size=1M",
-                 "block_state_zero=off")
+    img = create(d / "fixed.vhdx", size, "subformat=fixed", "block_size=1M", "block_state_zero=off")
     return VhdxBuilt(img, writes=random_writes(img, random.Random(4), size, 5), preallocated=True)
 
 
@@ -392,8 +414,15 @@ def build_differencing(d: Path) -> VhdxBuilt:
 
 # Kinds for the shared conformance run (tests/conformance.py): the multi-GiB and
 # 256 MiB-block kinds stay in test_vhdx.py, which reads only their data.
-CONFORMANCE_KINDS = ("dynamic", "not_present", "block_32m", "fixed", "fixed_zero", "sector_4k",
-                     "differencing")
+CONFORMANCE_KINDS = (
+    "dynamic",
+    "not_present",
+    "block_32m",
+    "fixed",
+    "fixed_zero",
+    "sector_4k",
+    "differencing",
+)
 
 
 def conformance_builders() -> dict[str, Callable[[Path], Any]]:
@@ -415,10 +444,13 @@ def conformance_builders() -> dict[str, Callable[[Path], Any]]:
                 # the claim above, measured each time: qemu maps the whole disk as data
                 assert [e["data"] for e in qemu_map(b.qemu_image, fmt="vhdx")] == [True]
             return FmtImage(b.image, "vhdx", expected, [])
+
         return build
 
     return {f"vhdx-{kind.replace('_', '-')}": wrap(kind) for kind in CONFORMANCE_KINDS}
 
 
-ALL_BUILDERS: dict[str, Callable[[Path], VhdxBuilt]] = {**BUILDERS,
-                                                        "differencing": build_differencing}
+ALL_BUILDERS: dict[str, Callable[[Path], VhdxBuilt]] = {
+    **BUILDERS,
+    "differencing": build_differencing,
+}

@@ -32,8 +32,10 @@ Builder = Callable[[Path], Path]
 def _writes(path: Path, seed: int, size: int, count: int, *, zero_writes: int = 2) -> None:
     """Random patterned writes (sector-aligned, some not grain-aligned) and a few zero writes."""
     rng = random.Random(seed)
-    cmds = [f"write -P {rng.randrange(1, 256)} {off} {n}"
-            for off, n in random_writes(rng, size, count, max_len=192 * KiB, align=SECTOR)]
+    cmds = [
+        f"write -P {rng.randrange(1, 256)} {off} {n}"
+        for off, n in random_writes(rng, size, count, max_len=192 * KiB, align=SECTOR)
+    ]
     for off, n in random_writes(rng, size, zero_writes, max_len=128 * KiB, align=SECTOR):
         cmds.append(f"write -z {off} {n}")
     cmds.append(f"write -P 0x5a {size - 3 * SECTOR} {3 * SECTOR}")  # the last, partial grain
@@ -66,8 +68,20 @@ def stream_optimized(d: Path) -> Path:
     """streamOptimized as qemu writes it (compressed grains with markers, GD in the header)."""
     src = monolithic_sparse(d)
     p = d / "stream.vmdk"
-    run(["qemu-img", "convert", "-f", "vmdk", "-O", "vmdk", "-o", "subformat=streamOptimized",
-         str(src), str(p)])
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "vmdk",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            str(src),
+            str(p),
+        ]
+    )
     return p
 
 
@@ -85,8 +99,8 @@ def stream_footer(d: Path) -> Path:
     nb_gd = -(-capacity // (gtes * grain))
     gd_entries = struct.unpack_from(f"<{nb_gd}I", buf, gd * SECTOR)
     gt_sectors = -(-gtes * 4 // SECTOR)
-    tables = [bytes(buf[e * SECTOR:e * SECTOR + gtes * 4]) if e else b"" for e in gd_entries]
-    buf[min(rgd, gd) * SECTOR:overhead * SECTOR] = bytes((overhead - min(rgd, gd)) * SECTOR)
+    tables = [bytes(buf[e * SECTOR : e * SECTOR + gtes * 4]) if e else b"" for e in gd_entries]
+    buf[min(rgd, gd) * SECTOR : overhead * SECTOR] = bytes((overhead - min(rgd, gd)) * SECTOR)
     if len(buf) % SECTOR:
         buf += bytes(SECTOR - len(buf) % SECTOR)
     new_gd = []
@@ -117,9 +131,15 @@ def two_gb_sparse(d: Path) -> Path:
     """twoGbMaxExtentSparse over 3 GiB: writes at the start, across the 2 GiB seam, at the end."""
     size = 3 * GiB + 64 * KiB
     p = _create(d / "split.vmdk", size, "subformat=twoGbMaxExtentSparse")
-    qemu_io(p, "write -P 1 0 100k", f"write -P 2 {2 * GiB - 48 * KiB} 96k",
-            f"write -P 3 {2 * GiB + MiB} 4k", f"write -z {2 * GiB - 16 * KiB} 8k",
-            f"write -P 4 {size - 70 * KiB} 70k", fmt="vmdk")
+    qemu_io(
+        p,
+        "write -P 1 0 100k",
+        f"write -P 2 {2 * GiB - 48 * KiB} 96k",
+        f"write -P 3 {2 * GiB + MiB} 4k",
+        f"write -z {2 * GiB - 16 * KiB} 8k",
+        f"write -P 4 {size - 70 * KiB} 70k",
+        fmt="vmdk",
+    )
     return p
 
 
@@ -146,13 +166,15 @@ def mixed_descriptor(d: Path) -> Path:
     b = d / "mixed-b.flat"
     b.write_bytes(random.Random(6).randbytes(64 * KiB))
     p = d / "mixed.vmdk"
-    p.write_bytes((
-        "# Disk DescriptorFile\r\nversion=1\r\nCID=12345678\r\nparentCID=ffffffff\r\n"
-        'createType="monolithicFlat"\r\n\r\n# Extent description\r\n'
-        f'RW {2 * 64 * KiB // SECTOR} FLAT "mixed-a.flat" 8\r\n'
-        f'RW {MiB // SECTOR} SPARSE "mixed-s.vmdk"\r\n'
-        f'RW {64 * KiB // SECTOR} FLAT "{b}" 0\r\n\r\nddb.adapterType = "ide"\r\n'
-    ).encode())
+    p.write_bytes(
+        (
+            "# Disk DescriptorFile\r\nversion=1\r\nCID=12345678\r\nparentCID=ffffffff\r\n"
+            'createType="monolithicFlat"\r\n\r\n# Extent description\r\n'
+            f'RW {2 * 64 * KiB // SECTOR} FLAT "mixed-a.flat" 8\r\n'
+            f'RW {MiB // SECTOR} SPARSE "mixed-s.vmdk"\r\n'
+            f'RW {64 * KiB // SECTOR} FLAT "{b}" 0\r\n\r\nddb.adapterType = "ide"\r\n'
+        ).encode()
+    )
     return p
 
 
@@ -163,10 +185,12 @@ def delta_chain(d: Path) -> Path:
     qemu_io(base, "write -P 0x11 0 512k", f"write -P 0x12 {2 * MiB} 256k", fmt="vmdk")
     mid = _create(d / "delta.vmdk", UNALIGNED, f"backing_file={base.name}", "backing_fmt=vmdk")
     _writes(mid, 8, UNALIGNED, 6, zero_writes=0)
-    top = _create(d / "top.vmdk", UNALIGNED, "backing_file=delta.vmdk", "backing_fmt=vmdk",
-                  "zeroed_grain=on")
-    qemu_io(top, "write -P 0x33 128k 64k", "write -z 0 128k", f"write -z {2 * MiB} 192k",
-            fmt="vmdk")
+    top = _create(
+        d / "top.vmdk", UNALIGNED, "backing_file=delta.vmdk", "backing_fmt=vmdk", "zeroed_grain=on"
+    )
+    qemu_io(
+        top, "write -P 0x33 128k 64k", "write -z 0 128k", f"write -z {2 * MiB} 192k", fmt="vmdk"
+    )
     return top
 
 
@@ -174,8 +198,13 @@ def delta_split_over_flat(d: Path) -> Path:
     """A twoGbMaxExtentSparse delta (descriptor file) over a monolithicFlat parent."""
     base = _create(d / "fbase.vmdk", 3 * MiB, "subformat=monolithicFlat")
     _writes(base, 9, 3 * MiB, 6, zero_writes=0)
-    top = _create(d / "sdelta.vmdk", 3 * MiB, "subformat=twoGbMaxExtentSparse",
-                  f"backing_file={base.name}", "backing_fmt=vmdk")
+    top = _create(
+        d / "sdelta.vmdk",
+        3 * MiB,
+        "subformat=twoGbMaxExtentSparse",
+        f"backing_file={base.name}",
+        "backing_fmt=vmdk",
+    )
     _writes(top, 10, 3 * MiB, 4, zero_writes=1)
     return top
 

@@ -55,8 +55,9 @@ mount(8) form (used by mount.fuse3 and fstab):
 def _command_of(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names, skipping the global options before it."""
     for word in argv:
-        if word in ("-v", "--verbose") or (len(word) > 1 and word.strip("-v") == "" and
-                                           word.startswith("-v")):
+        if word in ("-v", "--verbose") or (
+            len(word) > 1 and word.strip("-v") == "" and word.startswith("-v")
+        ):
             continue
         return word if word in COMMANDS else None
     return None

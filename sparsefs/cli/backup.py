@@ -57,12 +57,19 @@ XXH128_SUMS = "XXH128SUMS"
 # Bytes per copy_file_range call (the kernel may do fewer).
 KERNEL_COPY_CHUNK = 64 * 1024 * 1024
 # copy_file_range errnos that mean "not here": fall back to read-hash-write.
-_KERNEL_COPY_REFUSED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                        errno.EBADF, errno.EPERM)
+_KERNEL_COPY_REFUSED = (
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EBADF,
+    errno.EPERM,
+)
 # Filesystems where copy_file_range may share extents (reflink / block cloning /
 # server-side clone) instead of writing a second copy of the bytes.
-REFLINK_FILESYSTEMS = frozenset({"xfs", "btrfs", "bcachefs", "ocfs2", "zfs", "nfs", "nfs4",
-                                 "cifs", "smb3"})
+REFLINK_FILESYSTEMS = frozenset(
+    {"xfs", "btrfs", "bcachefs", "ocfs2", "zfs", "nfs", "nfs4", "cifs", "smb3"}
+)
 
 
 @dataclass
@@ -82,8 +89,13 @@ class Result:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "file": self.name, "ok": self.ok, "size": self.size, "data-bytes": self.data_bytes,
-            "seconds": round(self.seconds, 3), "sparsefs1": self.digest, "xxh128": self.xxh128,
+            "file": self.name,
+            "ok": self.ok,
+            "size": self.size,
+            "data-bytes": self.data_bytes,
+            "seconds": round(self.seconds, 3),
+            "sparsefs1": self.digest,
+            "xxh128": self.xxh128,
             "copy-method": self.method,
             "phase-seconds": {k: round(v, 3) for k, v in self.phases.items()},
             "error": self.error,
@@ -147,8 +159,9 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def copy_read_hash_write(source: SparseSource, dst: int,
-                         advance: Callable[[int], None]) -> DigestResult:
+def copy_read_hash_write(
+    source: SparseSource, dst: int, advance: Callable[[int], None]
+) -> DigestResult:
     """Copy the data of ``source`` into ``dst`` (already sized) and return the image digest.
 
     Each data block is read once, hashed and written; all-zero blocks are
@@ -158,6 +171,7 @@ def copy_read_hash_write(source: SparseSource, dst: int,
         ImageReadError: a data range of the image cannot be read.
         OSError: writing failed.
     """
+
     def sink(offset: int, piece: bytes | bytearray | memoryview) -> None:
         _pwrite_all(dst, piece, offset)
 
@@ -190,8 +204,9 @@ def copy_kernel(source: SparseSource, dst: int, advance: Callable[[int], None]) 
             if raw is not None:
                 while pos < end:
                     try:
-                        n = os.copy_file_range(raw.fd, dst, min(KERNEL_COPY_CHUNK, end - pos),
-                                               host + pos - start, pos)
+                        n = os.copy_file_range(
+                            raw.fd, dst, min(KERNEL_COPY_CHUNK, end - pos), host + pos - start, pos
+                        )
                     except OSError as exc:
                         if exc.errno in _KERNEL_COPY_REFUSED:
                             raise _KernelCopyRefused(exc.strerror) from exc
@@ -255,8 +270,9 @@ def _backup_full(args: argparse.Namespace) -> int:
         try:
             os.fstat(args.progress_fd)
         except OSError:
-            raise SparsefsError(f"--progress={args.progress_fd}: not an open file "
-                                "descriptor") from None
+            raise SparsefsError(
+                f"--progress={args.progress_fd}: not an open file descriptor"
+            ) from None
     options = open_options(args)
     # Open every image first: a bad image fails the run before anything is copied.
     mset = open_mount_set(images, options, snapshots=args.snapshots)
@@ -265,9 +281,14 @@ def _backup_full(args: argparse.Namespace) -> int:
     try:
         files = list(mset.files.items())
         total = sum(2 * data_size(source) for _, source in files)
-        run = _Run(dest, args.reflink, args.xxh128sums, args.quiet or args.json,
-                   False if args.quiet else None,
-                   FdProgress(args.progress_fd, total) if args.progress_fd is not None else None)
+        run = _Run(
+            dest,
+            args.reflink,
+            args.xxh128sums,
+            args.quiet or args.json,
+            False if args.quiet else None,
+            FdProgress(args.progress_fd, total) if args.progress_fd is not None else None,
+        )
         for name, source in files:
             results.append(_backup_one(name, source, run))
         results += [Result(name, ok=False, error=problem) for name, problem in mset.damaged]
@@ -289,18 +310,29 @@ def _backup_full(args: argparse.Namespace) -> int:
         mset.close()
     failed = [r for r in results if not r.ok]
     if args.json:
-        print(json.dumps({"ok": not failed, "files": [r.as_dict() for r in results],
-                          "manifest-seconds": round(manifest_seconds, 3)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "ok": not failed,
+                    "files": [r.as_dict() for r in results],
+                    "manifest-seconds": round(manifest_seconds, 3),
+                },
+                indent=2,
+            )
+        )
     elif not args.quiet:
         data = sum(r.data_bytes for r in results if r.ok)
         secs = sum(r.seconds for r in results)
-        print(f"backup: {len(results) - len(failed)} of {len(results)} files copied and "
-              f"verified to {dest}, {human_bytes(data)} of data in {human_duration(secs)}")
+        print(
+            f"backup: {len(results) - len(failed)} of {len(results)} files copied and "
+            f"verified to {dest}, {human_bytes(data)} of data in {human_duration(secs)}"
+        )
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def copy_image(source: SparseSource, partial: str, *, kernel: bool,
-               advance: Callable[[int], None]) -> tuple[DigestResult, str]:
+def copy_image(
+    source: SparseSource, partial: str, *, kernel: bool, advance: Callable[[int], None]
+) -> tuple[DigestResult, str]:
     """Write ``source`` to the new file ``partial``; return (image digest, copy method).
 
     The file is synced and its cached pages dropped before it is closed, so
@@ -342,7 +374,7 @@ def copy_image(source: SparseSource, partial: str, *, kernel: bool,
             finally:
                 hasher.join()
             if "error" in box:
-                raise box["error"]  # type: ignore[misc]
+                raise box["error"]  # type: ignore[misc]  # the box holds the exception the thread raised
             if method == "copy_file_range":
                 result = box["digest"]
                 assert isinstance(result, DigestResult)
@@ -387,8 +419,9 @@ def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
         kernel = _kernel_copy_allowed(_source_file(source), run.dest, run.reflink)
         with bar:
             bar.label = f"{name} copy"
-            image_digest, result.method = copy_image(source, partial, kernel=kernel,
-                                                     advance=advance)
+            image_digest, result.method = copy_image(
+                source, partial, kernel=kernel, advance=advance
+            )
             t1 = time.monotonic()
             result.phases["copy"] = t1 - t0
             bar.label = f"{name} verify"
@@ -404,21 +437,32 @@ def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
                 copy_digest = block_digest(copy, on_run=on_copy_run)
                 if copy.size != source.size or copy_digest.digest != image_digest.digest:
                     difference, _ = compare(source, copy)
-                    where = (f"at byte {difference.offset}" if difference and
-                             difference.offset is not None else "in length")
-                    raise _CopyFailed(f"verification failed: the copy differs from the image "
-                                      f"{where}; no file written")
+                    where = (
+                        f"at byte {difference.offset}"
+                        if difference and difference.offset is not None
+                        else "in length"
+                    )
+                    raise _CopyFailed(
+                        f"verification failed: the copy differs from the image "
+                        f"{where}; no file written"
+                    )
                 t2 = time.monotonic()
                 result.phases["verify"] = t2 - t1
                 if run.xxh128sums:
                     with Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar:
                         result.xxh128 = stream_xxh128(
-                            copy, progress=xbar.update if xbar.enabled else None).digest
+                            copy, progress=xbar.update if xbar.enabled else None
+                        ).digest
                     result.phases["xxh128"] = time.monotonic() - t2
         os.replace(partial, final)
         # The verified copy's block digests, for the next 'backup --since'.
-        incremental.store_blocks(incremental.blocks_path(run.dest, name), os.stat(final),
-                                 copy_digest.digest, block_digests, _source_file(source))
+        incremental.store_blocks(
+            incremental.blocks_path(run.dest, name),
+            os.stat(final),
+            copy_digest.digest,
+            block_digests,
+            _source_file(source),
+        )
         result.ok = True
         result.digest = image_digest.digest
         result.data_bytes = os.stat(final).st_blocks * 512
@@ -437,8 +481,10 @@ def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
     if not result.ok:
         print(f"sparsefs: {result.error}", file=sys.stderr)
     elif not run.quiet:
-        print(f"{name}: {human_bytes(result.data_bytes)} of {human_bytes(result.size)} copied "
-              f"and verified in {human_duration(result.seconds)}  {result.digest}")
+        print(
+            f"{name}: {human_bytes(result.data_bytes)} of {human_bytes(result.size)} copied "
+            f"and verified in {human_duration(result.seconds)}  {result.digest}"
+        )
     return result
 
 
@@ -452,7 +498,7 @@ def _fd(text: str) -> int:
     return fd
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``backup``."""
     b = sub.add_parser(
         "backup",
@@ -467,25 +513,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "status 0 when every file was copied and verified, 1 otherwise: a systemd timer or "
         "cron can alert on it.",
     )
-    b.add_argument("paths", nargs="+", metavar="IMAGE... DEST_DIR",
-                   help="images, then an existing destination directory")
-    b.add_argument("--snapshots", action="store_true",
-                   help="also back up each internal snapshot as NAME@SNAPSHOT.raw")
-    b.add_argument("--xxh128sums", action="store_true",
-                   help="also write DEST_DIR/XXH128SUMS for 'xxh128sum -c' (hashes every zero "
-                   "of the virtual size: time grows with the disk size, not the data)")
-    b.add_argument("--reflink", choices=("never", "auto"), default="never",
-                   help="'never' (default): the copy never shares extents with the image, so "
-                   "it survives damage to the image's blocks; 'auto': on the same XFS/btrfs "
-                   "filesystem, copy_file_range may share them (instant, no extra space, "
-                   "but not an independent copy)")
-    b.add_argument("--progress", dest="progress_fd", type=_fd, metavar="FD",
-                   help="write progress as 'N/100' lines to file descriptor FD (as nbdcopy "
-                   "--progress=FD does), for wrappers and GUIs")
-    b.add_argument("-q", "--quiet", action="store_true",
-                   help="print nothing but errors (no progress bar, no summary)")
-    b.add_argument("--json", action="store_true",
-                   help="print the results as JSON, with per-phase times")
+    b.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE... DEST_DIR",
+        help="images, then an existing destination directory",
+    )
+    b.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also back up each internal snapshot as NAME@SNAPSHOT.raw",
+    )
+    b.add_argument(
+        "--xxh128sums",
+        action="store_true",
+        help="also write DEST_DIR/XXH128SUMS for 'xxh128sum -c' (hashes every zero "
+        "of the virtual size: time grows with the disk size, not the data)",
+    )
+    b.add_argument(
+        "--reflink",
+        choices=("never", "auto"),
+        default="never",
+        help="'never' (default): the copy never shares extents with the image, so "
+        "it survives damage to the image's blocks; 'auto': on the same XFS/btrfs "
+        "filesystem, copy_file_range may share them (instant, no extra space, "
+        "but not an independent copy)",
+    )
+    b.add_argument(
+        "--progress",
+        dest="progress_fd",
+        type=_fd,
+        metavar="FD",
+        help="write progress as 'N/100' lines to file descriptor FD (as nbdcopy "
+        "--progress=FD does), for wrappers and GUIs",
+    )
+    b.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors (no progress bar, no summary)",
+    )
+    b.add_argument(
+        "--json", action="store_true", help="print the results as JSON, with per-phase times"
+    )
     from sparsefs.cli import incremental, live
 
     incremental.add_arguments(b)

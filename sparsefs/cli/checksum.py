@@ -92,8 +92,9 @@ def _progress(path: str, total: int, quiet: bool) -> Progress:
     return Progress(total, label=path, enabled=False if quiet else None)
 
 
-def digest_file(path: str, fmt: Format, options: OpenOptions, *, stream: bool,
-                quiet: bool) -> DigestResult:
+def digest_file(
+    path: str, fmt: Format, options: OpenOptions, *, stream: bool, quiet: bool
+) -> DigestResult:
     """The sparsefs1 (or, with ``stream``, XXH128) digest of one file's guest content.
 
     Raises:
@@ -208,14 +209,16 @@ def cmd_checksum(args: argparse.Namespace) -> int:
             records.append({"file": path, "format": fmt, "error": fail_message(exc)})
             continue
         if args.json:
-            records.append({
-                "file": path,
-                "format": fmt,
-                "algorithm": "xxh128" if args.stream_xxh128 else "sparsefs1",
-                "digest": result.digest,
-                "size": result.size,
-                "bytes-read": result.bytes_read,
-            })
+            records.append(
+                {
+                    "file": path,
+                    "format": fmt,
+                    "algorithm": "xxh128" if args.stream_xxh128 else "sparsefs1",
+                    "digest": result.digest,
+                    "size": result.size,
+                    "bytes-read": result.bytes_read,
+                }
+            )
         else:
             print(format_line(result.digest, path), flush=True)
     if args.json:
@@ -245,8 +248,11 @@ def _check(args: argparse.Namespace) -> int:
         entry = parse_manifest_line(line)
         if entry is None:
             improper += 1
-            print(f"sparsefs: {manifest}: {lineno}: improperly formatted checksum line",
-                  file=sys.stderr, flush=True)
+            print(
+                f"sparsefs: {manifest}: {lineno}: improperly formatted checksum line",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         checked += 1
         fmt = file_format(entry.name, args.format)
@@ -270,18 +276,25 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
     if checked == 0:
-        print(f"sparsefs: {manifest}: no properly formatted checksum lines found",
-              file=sys.stderr)
+        print(f"sparsefs: {manifest}: no properly formatted checksum lines found", file=sys.stderr)
         return EXIT_FAILURE
     if improper:
-        print(f"sparsefs: WARNING: {improper} line{'s' if improper > 1 else ''} "
-              "improperly formatted", file=sys.stderr)
+        print(
+            f"sparsefs: WARNING: {improper} line{'s' if improper > 1 else ''} improperly formatted",
+            file=sys.stderr,
+        )
     if unreadable:
-        print(f"sparsefs: WARNING: {unreadable} listed file{'s' if unreadable > 1 else ''} "
-              "could not be read", file=sys.stderr)
+        print(
+            f"sparsefs: WARNING: {unreadable} listed file{'s' if unreadable > 1 else ''} "
+            "could not be read",
+            file=sys.stderr,
+        )
     if failed:
-        print(f"sparsefs: WARNING: {failed} computed checksum{'s' if failed > 1 else ''} "
-              "did NOT match", file=sys.stderr)
+        print(
+            f"sparsefs: WARNING: {failed} computed checksum{'s' if failed > 1 else ''} "
+            "did NOT match",
+            file=sys.stderr,
+        )
     return EXIT_FAILURE if failed or unreadable else EXIT_OK
 
 
@@ -310,13 +323,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if diff is None:
         assert result is not None
         record["digest"] = result.digest
-        text = (f"{args.image} and {args.copy}: identical content, {result.size} bytes, "
-                f"{result.digest}")
+        text = (
+            f"{args.image} and {args.copy}: identical content, {result.size} bytes, {result.digest}"
+        )
     elif diff.length_differs:
         kind = "shorter" if diff.size_b < diff.size_a else "longer"
         record["difference"] = {"kind": "length"}
-        text = (f"{args.image} and {args.copy} differ: length: {args.copy} is "
-                f"{diff.size_b} bytes, {kind} than {args.image} ({diff.size_a} bytes)")
+        text = (
+            f"{args.image} and {args.copy} differ: length: {args.copy} is "
+            f"{diff.size_b} bytes, {kind} than {args.image} ({diff.size_a} bytes)"
+        )
     else:
         record["difference"] = {
             "kind": "content",
@@ -325,8 +341,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "end": diff.end,
             "offset": diff.offset,
         }
-        text = (f"{args.image} and {args.copy} differ: first difference at byte {diff.offset}, "
-                f"in block {diff.block} = bytes [{diff.start}, {diff.end})")
+        text = (
+            f"{args.image} and {args.copy} differ: first difference at byte {diff.offset}, "
+            f"in block {diff.block} = bytes [{diff.start}, {diff.end})"
+        )
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -345,7 +363,7 @@ printed as sparsefs1:<32 hex digits>.  Holes cost nothing, so the digest of an
 image equals that of its mounted .raw file and of any sparse or full copy."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``checksum`` and ``verify``."""
     c = sub.add_parser(
         "checksum",
@@ -360,18 +378,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("files", nargs="*", metavar="FILE")
-    c.add_argument("-f", "--format", choices=FORMAT_NAMES,
-                   help="read every FILE as this format (default: by suffix, else raw)")
-    c.add_argument("-c", "--check", metavar="MANIFEST",
-                   help="read DIGEST  FILE lines from MANIFEST ('-' for stdin) and check "
-                   "them: FILE: OK or FILE: FAILED; exit 1 on any failure.  Accepts "
-                   "sparsefs1 digests and plain XXH128 lines as xxh128sum prints them")
-    c.add_argument("--stream-xxh128", action="store_true",
-                   help="print the plain XXH128 of the whole byte stream instead, equal to "
-                   "what xxh128sum prints for the raw file (hashes the zeros of holes too)")
+    c.add_argument(
+        "-f",
+        "--format",
+        choices=FORMAT_NAMES,
+        help="read every FILE as this format (default: by suffix, else raw)",
+    )
+    c.add_argument(
+        "-c",
+        "--check",
+        metavar="MANIFEST",
+        help="read DIGEST  FILE lines from MANIFEST ('-' for stdin) and check "
+        "them: FILE: OK or FILE: FAILED; exit 1 on any failure.  Accepts "
+        "sparsefs1 digests and plain XXH128 lines as xxh128sum prints them",
+    )
+    c.add_argument(
+        "--stream-xxh128",
+        action="store_true",
+        help="print the plain XXH128 of the whole byte stream instead, equal to "
+        "what xxh128sum prints for the raw file (hashes the zeros of holes too)",
+    )
     c.add_argument("--json", action="store_true", help="print results as JSON")
-    c.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar; with --check, print no OK lines (as sha256sum)")
+    c.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar; with --check, print no OK lines (as sha256sum)",
+    )
     add_open_options(c)
     c.set_defaults(func=cmd_checksum)
 
@@ -388,9 +421,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     v.add_argument("image", metavar="IMAGE")
     v.add_argument("copy", metavar="COPY")
-    v.add_argument("-f", "--format", choices=FORMAT_NAMES,
-                   help="format of IMAGE (default: probed by magic, raw when none "
-                   "matches); COPY is always raw")
+    v.add_argument(
+        "-f",
+        "--format",
+        choices=FORMAT_NAMES,
+        help="format of IMAGE (default: probed by magic, raw when none "
+        "matches); COPY is always raw",
+    )
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_open_options(v)

@@ -65,8 +65,7 @@ def add_open_options(parser: argparse.ArgumentParser) -> None:
         "--compressed-cache-mib",
         type=_cache_mib,
         metavar="MIB",
-        help="memory for decompressed clusters per image, its backing chain included "
-        "(default 16)",
+        help="memory for decompressed clusters per image, its backing chain included (default 16)",
     )
 
 
@@ -95,7 +94,7 @@ def open_options(args: argparse.Namespace) -> OpenOptions:
     compressed_cache = getattr(args, "compressed_cache_mib", None)
     if compressed_cache is not None:
         kwargs["compressed_cache_bytes"] = int(compressed_cache * 1024 * 1024)
-    return OpenOptions(**kwargs)  # type: ignore[arg-type]
+    return OpenOptions(**kwargs)  # type: ignore[arg-type]  # keys are OpenOptions fields, built above
 
 
 def raw_name(image_path: str) -> str:

@@ -77,8 +77,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         raw = os.path.join(mnt, "demo.raw")
         st = os.stat(raw)
-        print(f"  mounted   {raw}: st_size {st.st_size} bytes, "
-              f"st_blocks say {st.st_blocks * 512 / MiB:.0f} MiB of data")
+        print(
+            f"  mounted   {raw}: st_size {st.st_size} bytes, "
+            f"st_blocks say {st.st_blocks * 512 / MiB:.0f} MiB of data"
+        )
         if os.path.exists(copy):
             os.unlink(copy)
         t0 = time.monotonic()
@@ -89,10 +91,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cst = os.stat(copy)
     print(f"  copied    {copy} with cp --sparse=always in {elapsed:.2f} s")
     print(f"  unmounted {mnt}")
-    print(f"  virtual size {cst.st_size / GiB:.1f} GiB, bytes stored by the copy "
-          f"{cst.st_blocks * 512 / MiB:.0f} MiB")
-    proc = subprocess.run([*_sparsefs_cmd(), "verify", image, copy], capture_output=True,
-                          text=True)
+    print(
+        f"  virtual size {cst.st_size / GiB:.1f} GiB, bytes stored by the copy "
+        f"{cst.st_blocks * 512 / MiB:.0f} MiB"
+    )
+    proc = subprocess.run([*_sparsefs_cmd(), "verify", image, copy], capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  verify    FAILED: {proc.stdout.strip()} {proc.stderr.strip()}", file=sys.stderr)
         return EXIT_FAILURE
@@ -102,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``demo``."""
     d = sub.add_parser(
         "demo",
@@ -111,7 +114,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "copy it with cp --sparse=always, show virtual size against bytes copied, verify "
         "the copy and unmount.",
     )
-    d.add_argument("--workdir", metavar="DIR", help="work here and keep the files "
-                   "(default: a temporary directory, removed afterwards)")
+    d.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="work here and keep the files (default: a temporary directory, removed afterwards)",
+    )
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
     d.set_defaults(func=cmd_demo)

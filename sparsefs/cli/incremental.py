@@ -83,9 +83,14 @@ class SinceResult:
     def as_dict(self) -> dict[str, object]:
         """The JSON form."""
         return {
-            "file": self.name, "ok": True, "size": self.size, "dirty-bytes": self.dirty_bytes,
-            "written-bytes": self.written_bytes, "verified-bytes": self.verified_bytes,
-            "sparsefs1": self.digest, "copy-rehashed": self.rehashed,
+            "file": self.name,
+            "ok": True,
+            "size": self.size,
+            "dirty-bytes": self.dirty_bytes,
+            "written-bytes": self.written_bytes,
+            "verified-bytes": self.verified_bytes,
+            "sparsefs1": self.digest,
+            "copy-rehashed": self.rehashed,
             "seconds": round(self.seconds, 3),
         }
 
@@ -97,23 +102,30 @@ def blocks_path(dest_dir: str, name: str) -> str:
 
 def fold(size: int, digests: list[bytes]) -> str:
     """The sparsefs1 digest from the block digests (README, "The digest (sparsefs1)")."""
-    h = xxhash.xxh3_128(HEADER_MAGIC + size.to_bytes(8, "little")
-                        + BLOCK_SIZE.to_bytes(8, "little"))
+    h = xxhash.xxh3_128(
+        HEADER_MAGIC + size.to_bytes(8, "little") + BLOCK_SIZE.to_bytes(8, "little")
+    )
     h.update(b"".join(digests))
     return DIGEST_PREFIX + h.hexdigest()
 
 
 def _identity(st: os.stat_result) -> dict[str, int]:
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
 def read_manifest_digest(dest_dir: str, name: str) -> str | None:
     """The sparsefs1 digest ``DEST_DIR/SPARSEFS-SUMS`` records for ``name``, or None."""
     found = None
-    with contextlib.suppress(FileNotFoundError), open(
-        os.path.join(dest_dir, SPARSEFS_SUMS), encoding="utf-8"
-    ) as f:
+    with (
+        contextlib.suppress(FileNotFoundError),
+        open(os.path.join(dest_dir, SPARSEFS_SUMS), encoding="utf-8") as f,
+    ):
         for line in f:
             entry = parse_manifest_line(line)
             if entry is not None and entry.name == name and not entry.stream:
@@ -121,8 +133,9 @@ def read_manifest_digest(dest_dir: str, name: str) -> str | None:
     return found
 
 
-def _load_blocks(path: str, copy_st: os.stat_result, digest: str, nb_blocks: int
-                 ) -> list[bytes] | None:
+def _load_blocks(
+    path: str, copy_st: os.stat_result, digest: str, nb_blocks: int
+) -> list[bytes] | None:
     """The stored block digests when they belong to this copy and digest, else None."""
     try:
         with open(path, "rb") as f:
@@ -135,10 +148,10 @@ def _load_blocks(path: str, copy_st: os.stat_result, digest: str, nb_blocks: int
     if head_end < 0:
         return None
     try:
-        head = json.loads(raw[len(BLOCKS_MAGIC):head_end])
+        head = json.loads(raw[len(BLOCKS_MAGIC) : head_end])
     except ValueError:
         return None
-    body = raw[head_end + 1:]
+    body = raw[head_end + 1 :]
     if (
         not isinstance(head, dict)
         or head.get("copy") != _identity(copy_st)
@@ -147,16 +160,21 @@ def _load_blocks(path: str, copy_st: os.stat_result, digest: str, nb_blocks: int
         or len(body) != 16 * nb_blocks
     ):
         return None
-    digests = [body[i:i + 16] for i in range(0, len(body), 16)]
+    digests = [body[i : i + 16] for i in range(0, len(body), 16)]
     if fold(copy_st.st_size, digests) != digest:
         return None
     return digests
 
 
-def store_blocks(path: str, copy_st: os.stat_result, digest: str, digests: list[bytes],
-                  image_path: str | None) -> None:
-    head = {"copy": _identity(copy_st), "digest": digest, "block-size": BLOCK_SIZE,
-            "image": os.path.realpath(image_path) if image_path else None}
+def store_blocks(
+    path: str, copy_st: os.stat_result, digest: str, digests: list[bytes], image_path: str | None
+) -> None:
+    head = {
+        "copy": _identity(copy_st),
+        "digest": digest,
+        "block-size": BLOCK_SIZE,
+        "image": os.path.realpath(image_path) if image_path else None,
+    }
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(BLOCKS_MAGIC + json.dumps(head, sort_keys=True).encode() + b"\n")
@@ -169,9 +187,10 @@ def store_blocks(path: str, copy_st: os.stat_result, digest: str, digests: list[
 def _hash_copy(copy_path: str, size: int) -> list[bytes]:
     """Block digests of the copy, read from the file (holes cost nothing)."""
     digests: list[bytes] = []
-    with RawFile(copy_path) as raw, ThreadPoolExecutor(
-        max_workers=2, thread_name_prefix="sparsefs-hash"
-    ) as executor:
+    with (
+        RawFile(copy_path) as raw,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparsefs-hash") as executor,
+    ):
         if raw.size != size:
             raise NotAVerifiedCopyError(f"{copy_path}: size changed while reading")
         runs = iter_block_digests(raw, executor)
@@ -328,9 +347,7 @@ def backup_since(
     return apply_since(prepare_since(image, image_path, dest_dir, bitmap_name))
 
 
-def prepare_since(
-    image: Qcow2Image, image_path: str, dest_dir: str, bitmap_name: str
-) -> _Plan:
+def prepare_since(image: Qcow2Image, image_path: str, dest_dir: str, bitmap_name: str) -> _Plan:
     """Check the bitmap and the copy; read, never write.  Raises what :func:`backup_since` does."""
     t0 = time.monotonic()
     name = raw_name(image_path)
@@ -373,14 +390,19 @@ def prepare_since(
             )
         if os.stat(copy_path).st_mtime_ns != copy_st.st_mtime_ns:
             raise NotAVerifiedCopyError(f"{copy_path}: changed while it was being checked")
-    return _Plan(image, image_path, dest_dir, copy_path, ranges, digests, digest, copy_st,
-                 result, t0)
+    return _Plan(
+        image, image_path, dest_dir, copy_path, ranges, digests, digest, copy_st, result, t0
+    )
 
 
 def apply_since(plan: _Plan) -> SinceResult:
     """Write the dirty ranges, verify them, record the new digest (steps 3 to 5)."""
-    image, image_path, dest_dir, copy_path = (plan.image, plan.image_path, plan.dest_dir,
-                                              plan.copy_path)
+    image, image_path, dest_dir, copy_path = (
+        plan.image,
+        plan.image_path,
+        plan.dest_dir,
+        plan.copy_path,
+    )
     ranges, digests, result = plan.ranges, plan.digests, plan.result
     name, size = result.name, result.size
     side = blocks_path(dest_dir, name)
@@ -413,7 +435,7 @@ def apply_since(plan: _Plan) -> SinceResult:
             n = min(BLOCK_SIZE, size - start)
             ours = os.pread(fd, n, start)
             for lo, hi in pieces:
-                if len(ours) != n or ours[lo - start:hi - start] != image.read(lo, hi - lo):
+                if len(ours) != n or ours[lo - start : hi - start] != image.read(lo, hi - lo):
                     raise SparsefsError(
                         f"{copy_path}: verification failed in bytes {lo} to {hi}: the copy "
                         f"differs from the image; the copy is left out of {SPARSEFS_SUMS}"
@@ -432,8 +454,15 @@ def apply_since(plan: _Plan) -> SinceResult:
     return result
 
 
-def run_since(images: list[str], dest_dir: str, bitmap_name: str, options: OpenOptions,
-              *, quiet: bool = False, as_json: bool = False) -> int:
+def run_since(
+    images: list[str],
+    dest_dir: str,
+    bitmap_name: str,
+    options: OpenOptions,
+    *,
+    quiet: bool = False,
+    as_json: bool = False,
+) -> int:
     """Run ``backup --since`` for each image; print a line per copy; return the exit status.
 
     Raises:
@@ -457,15 +486,18 @@ def run_since(images: list[str], dest_dir: str, bitmap_name: str, options: OpenO
         print(json.dumps({"ok": True, "files": [r.as_dict() for r in results]}, indent=2))
     elif not quiet:
         for r in results:
-            print(f"{r.name}: {r.dirty_bytes} dirty bytes, {r.written_bytes} written, "
-                  f"{r.verified_bytes} verified  {r.digest}")
+            print(
+                f"{r.name}: {r.dirty_bytes} dirty bytes, {r.written_bytes} written, "
+                f"{r.verified_bytes} verified  {r.digest}"
+            )
     return EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--since`` option of ``backup``."""
     parser.add_argument(
-        "--since", metavar="BITMAP",
+        "--since",
+        metavar="BITMAP",
         help="incremental: update an existing verified DEST_DIR/NAME.raw, writing only the "
         "ranges the image's persistent dirty bitmap BITMAP marks dirty, then verify what was "
         "written and update SPARSEFS-SUMS (see README 'Incremental backups')",

@@ -48,9 +48,11 @@ def _map_bitmap(args: argparse.Namespace) -> int:
     with open_image(args.image, open_options(args)) as image:
         ranges = list(dirty_ranges(image, find_bitmap(image, args.bitmap)))
     if args.output == "json":
-        print("[" + ",\n".join(
-            json.dumps({"start": s, "length": n, "dirty": True}) for s, n in ranges
-        ) + "]")
+        print(
+            "["
+            + ",\n".join(json.dumps({"start": s, "length": n, "dirty": True}) for s, n in ranges)
+            + "]"
+        )
     else:
         print(f"{'Offset':<20}{'Length':<20}Dirty in bitmap {args.bitmap}")
         for start, length in ranges:
@@ -173,9 +175,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"file format: {info['format']}")
     print(f"virtual size: {_human(info['virtual-size'])} ({info['virtual-size']} bytes)")
     print(f"data: {_human(info['data-bytes'])} ({info['data-bytes']} bytes)")
-    shown = {"filename", "format", "version", "compat", "virtual-size", "data-bytes",
-             "backing-filename", "backing-format", "backing-chain", "data-file", "snapshots",
-             "snapshot-table-damaged", "features"}
+    shown = {
+        "filename",
+        "format",
+        "version",
+        "compat",
+        "virtual-size",
+        "data-bytes",
+        "backing-filename",
+        "backing-format",
+        "backing-chain",
+        "data-file",
+        "snapshots",
+        "snapshot-table-damaged",
+        "features",
+    }
     for key, value in info.items():
         if key not in shown and not isinstance(value, (dict, list)):
             print(f"{key.replace('-', ' ')}: {value}")
@@ -212,7 +226,7 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``map`` and ``info``."""
     m = sub.add_parser(
         "map",
@@ -222,15 +236,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "where data is stored uncompressed, its offset in the file.",
     )
     m.add_argument("image", metavar="IMAGE")
-    m.add_argument("--output", choices=("human", "json"), default="human",
-                   help="output format (default: human)")
-    m.add_argument("-f", "--format", choices=FORMAT_NAMES,
-                   help="format of IMAGE (default: probed by magic, raw when none matches)")
-    m.add_argument("-l", "--snapshot", metavar="SNAPSHOT",
-                   help="map an internal snapshot (id or name) instead of the active image")
-    m.add_argument("--bitmap", metavar="BITMAP",
-                   help="print the guest ranges the persistent dirty bitmap BITMAP marks "
-                   "dirty (what qemu-nbd -B BITMAP exports as qemu:dirty-bitmap:BITMAP)")
+    m.add_argument(
+        "--output",
+        choices=("human", "json"),
+        default="human",
+        help="output format (default: human)",
+    )
+    m.add_argument(
+        "-f",
+        "--format",
+        choices=FORMAT_NAMES,
+        help="format of IMAGE (default: probed by magic, raw when none matches)",
+    )
+    m.add_argument(
+        "-l",
+        "--snapshot",
+        metavar="SNAPSHOT",
+        help="map an internal snapshot (id or name) instead of the active image",
+    )
+    m.add_argument(
+        "--bitmap",
+        metavar="BITMAP",
+        help="print the guest ranges the persistent dirty bitmap BITMAP marks "
+        "dirty (what qemu-nbd -B BITMAP exports as qemu:dirty-bitmap:BITMAP)",
+    )
     add_open_options(m)
     m.set_defaults(func=cmd_map)
 
@@ -242,9 +271,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "persistent bitmaps (qcow2: name, granularity, flags) and the features in use.",
     )
     i.add_argument("image", metavar="IMAGE")
-    i.add_argument("--output", choices=("human", "json"), default="human",
-                   help="output format (default: human)")
-    i.add_argument("-f", "--format", choices=FORMAT_NAMES,
-                   help="format of IMAGE (default: probed by magic, raw when none matches)")
+    i.add_argument(
+        "--output",
+        choices=("human", "json"),
+        default="human",
+        help="output format (default: human)",
+    )
+    i.add_argument(
+        "-f",
+        "--format",
+        choices=FORMAT_NAMES,
+        help="format of IMAGE (default: probed by magic, raw when none matches)",
+    )
     add_open_options(i)
     i.set_defaults(func=cmd_info)

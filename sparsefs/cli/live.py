@@ -117,39 +117,68 @@ def snapshot_for_backup(
             signal.signal(signal.SIGTERM, old_term)
 
 
-def _snapshot(socket_path: str, node: str, image_path: str, overlay: str, overlay_node: str,
-              window: str | None) -> None:
+def _snapshot(
+    socket_path: str,
+    node: str,
+    image_path: str,
+    overlay: str,
+    overlay_node: str,
+    window: str | None,
+) -> None:
     with QMPClient(socket_path) as qmp:
         current = _node_file(qmp, node)
         if os.path.realpath(current) != os.path.realpath(image_path):
-            raise QMPError(
-                f"{image_path}: QEMU's node {node!r} is {current!r}, not this image"
-            )
+            raise QMPError(f"{image_path}: QEMU's node {node!r} is {current!r}, not this image")
         if os.path.exists(overlay):
             raise SparsefsError(f"{overlay}: exists already (left by another run?)")
-        snap = {"type": "blockdev-snapshot-sync",
-                "data": {"node-name": node, "snapshot-file": overlay,
-                         "snapshot-node-name": overlay_node, "format": "qcow2"}}
+        snap = {
+            "type": "blockdev-snapshot-sync",
+            "data": {
+                "node-name": node,
+                "snapshot-file": overlay,
+                "snapshot-node-name": overlay_node,
+                "format": "qcow2",
+            },
+        }
         actions: list[dict[str, Any]] = [snap]
         if window is not None:
-            actions.insert(0, {"type": "block-dirty-bitmap-add",
-                               "data": {"node": node, "name": window, "persistent": False}})
+            actions.insert(
+                0,
+                {
+                    "type": "block-dirty-bitmap-add",
+                    "data": {"node": node, "name": window, "persistent": False},
+                },
+            )
         qmp.execute("transaction", actions=actions)
 
 
-def _commit(socket_path: str, overlay_node: str, overlay: str, node: str,
-            bitmap: str | None, window: str | None, rotate: bool) -> None:
+def _commit(
+    socket_path: str,
+    overlay_node: str,
+    overlay: str,
+    node: str,
+    bitmap: str | None,
+    window: str | None,
+    rotate: bool,
+) -> None:
     try:
         with QMPClient(socket_path) as qmp:
             qmp.commit(overlay_node, f"sparsefs-commit-{os.getpid()}", timeout=COMMIT_TIMEOUT)
             if window is not None:
                 if rotate:
-                    qmp.execute("transaction", actions=[
-                        {"type": "block-dirty-bitmap-clear",
-                         "data": {"node": node, "name": bitmap}},
-                        {"type": "block-dirty-bitmap-merge",
-                         "data": {"node": node, "target": bitmap, "bitmaps": [window]}},
-                    ])
+                    qmp.execute(
+                        "transaction",
+                        actions=[
+                            {
+                                "type": "block-dirty-bitmap-clear",
+                                "data": {"node": node, "name": bitmap},
+                            },
+                            {
+                                "type": "block-dirty-bitmap-merge",
+                                "data": {"node": node, "target": bitmap, "bitmaps": [window]},
+                            },
+                        ],
+                    )
                 qmp.execute("block-dirty-bitmap-remove", node=node, name=window)
     except QMPError as exc:
         raise QMPError(
@@ -163,13 +192,15 @@ def _commit(socket_path: str, overlay_node: str, overlay: str, node: str,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--qmp`` and ``--node`` options of ``backup``."""
     parser.add_argument(
-        "--qmp", metavar="SOCKET",
+        "--qmp",
+        metavar="SOCKET",
         help="the image belongs to a running VM whose QMP monitor listens on SOCKET: take an "
         "external snapshot of --node, back up the frozen image, then always commit the "
         "overlay back and pivot (README 'Backing up a running VM')",
     )
-    parser.add_argument("--node", metavar="NODE",
-                        help="with --qmp: the block node (node-name) of the image")
+    parser.add_argument(
+        "--node", metavar="NODE", help="with --qmp: the block node (node-name) of the image"
+    )
 
 
 def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]) -> int:
@@ -185,8 +216,9 @@ def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]
 
     def inner(ns: argparse.Namespace) -> int:
         if getattr(ns, "since", None):
-            return incremental.run_since(images, dest, ns.since, open_options(ns),
-                                         quiet=ns.quiet, as_json=ns.json)
+            return incremental.run_since(
+                images, dest, ns.since, open_options(ns), quiet=ns.quiet, as_json=ns.json
+            )
         return full(ns)
 
     if not images:

@@ -45,10 +45,32 @@ INSTALL_HINT = (
 
 # Options mount(8) and fstab pass that mean nothing here (or are implied).
 _IGNORED_MOUNT_OPTIONS = {
-    "ro", "defaults", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto",
-    "noauto", "user", "users", "nouser", "_netdev", "nofail", "async", "sync",
-    "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
-    "default_permissions", "x-systemd.automount",
+    "ro",
+    "defaults",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "_netdev",
+    "nofail",
+    "async",
+    "sync",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "diratime",
+    "nodiratime",
+    "default_permissions",
+    "x-systemd.automount",
     # mount(8) passes "rw" unless told "ro"; sparsefs mounts are read-only either way.
     "rw",
 }
@@ -409,8 +431,13 @@ def daemonize_and_serve(files: MountSet, mountpoint: str, args: argparse.Namespa
                 os.write(write_fd, b"ok\n")
                 os.close(write_fd)
 
-            serve(files, mountpoint, allow_other=args.allow_other, on_ready=ready,
-                  **_serve_tuning(args))
+            serve(
+                files,
+                mountpoint,
+                allow_other=args.allow_other,
+                on_ready=ready,
+                **_serve_tuning(args),
+            )
         except BaseException as exc:  # report to the parent if it still listens
             status = 1
             with contextlib.suppress(OSError):
@@ -448,8 +475,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not has_lseek_support():
         raise SparsefsError(INSTALL_HINT)
     check_mountpoint(mountpoint)
-    files = open_mount_set(images, open_options(args), snapshots=not args.no_snapshots,
-                           fmt=args.format)
+    files = open_mount_set(
+        images, open_options(args), snapshots=not args.no_snapshots, fmt=args.format
+    )
     try:
         if args.foreground:
             serve(files, mountpoint, allow_other=args.allow_other, **_serve_tuning(args))
@@ -507,8 +535,11 @@ def _mount_lines() -> Iterator[str]:
 
 
 def _unescape(path: str) -> str:
-    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
-        "\\134", "\\"
+    return (
+        path.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
     )
 
 
@@ -546,15 +577,27 @@ def rewrite_mount_helper_form(argv: list[str], commands: Collection[str]) -> lis
             continue
         if key in ("allow_other", "no_backing", "force", "force_share", "no_snapshots"):
             out.append("--" + key.replace("_", "-"))
-        elif key in ("backing_dir", "log_file", "threads", "fuse_tasks", "readahead",
-                     "l2_cache_mib", "compressed_cache_mib", "format") and value:
+        elif (
+            key
+            in (
+                "backing_dir",
+                "log_file",
+                "threads",
+                "fuse_tasks",
+                "readahead",
+                "l2_cache_mib",
+                "compressed_cache_mib",
+                "format",
+            )
+            and value
+        ):
             out.extend(["--" + key.replace("_", "-"), value])
         else:
             raise SystemExit(f"sparsefs: unknown mount option {opt!r}")
     return out + positional
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``mount`` and ``umount``."""
     p = sub.add_parser(
         "mount",
@@ -566,33 +609,60 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "the stored data, so hole-aware copiers skip what is not stored. Returns once the "
         "mount is ready; unmount with 'sparsefs umount MOUNTPOINT'.",
     )
-    p.add_argument("paths", nargs="+", metavar="IMAGE... MOUNTPOINT",
-                   help="one or more images, then the mountpoint (an existing directory)")
-    p.add_argument("--format", choices=FORMAT_NAMES,
-                   help="read every IMAGE as this format (default: probed by magic, raw "
-                   "when none matches)")
-    p.add_argument("-f", "--foreground", action="store_true",
-                   help="stay in the foreground until unmounted (Ctrl-C unmounts)")
-    p.add_argument("--allow-other", action="store_true",
-                   help="let other users see the mount (needs user_allow_other in "
-                   "/etc/fuse.conf when not root); permissions are still checked")
-    p.add_argument("--no-snapshots", action="store_true",
-                   help="do not present internal snapshots as NAME@SNAPSHOT.raw")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="reads served at once in worker threads, for data not yet in "
-                   f"memory (default {DEFAULT_MAX_THREADS})")
-    p.add_argument("--fuse-tasks", type=_positive_int, metavar="N",
-                   help="FUSE requests handled at once (default "
-                   f"{DEFAULT_MAX_TASKS}); 1 costs the least per request")
-    p.add_argument("--readahead", type=_positive_int, metavar="KIB",
-                   help="serve every file through the kernel page cache with this "
-                   f"readahead in KiB (set only as root). Default: files that are at least "
-                   f"half data through the page cache ({AUTO_READAHEAD_KIB} KiB readahead), "
-                   "the others without (direct I/O): every read reaches the daemon at the "
-                   "reader's size, up to 1 MiB, and the kernel never reads ahead past a data "
-                   "extent into the hole after it")
-    p.add_argument("--log-file", metavar="FILE",
-                   help="where the daemon logs (default: syslog)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE... MOUNTPOINT",
+        help="one or more images, then the mountpoint (an existing directory)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMAT_NAMES,
+        help="read every IMAGE as this format (default: probed by magic, raw when none matches)",
+    )
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground until unmounted (Ctrl-C unmounts)",
+    )
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users see the mount (needs user_allow_other in "
+        "/etc/fuse.conf when not root); permissions are still checked",
+    )
+    p.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="do not present internal snapshots as NAME@SNAPSHOT.raw",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="reads served at once in worker threads, for data not yet in "
+        f"memory (default {DEFAULT_MAX_THREADS})",
+    )
+    p.add_argument(
+        "--fuse-tasks",
+        type=_positive_int,
+        metavar="N",
+        help="FUSE requests handled at once (default "
+        f"{DEFAULT_MAX_TASKS}); 1 costs the least per request",
+    )
+    p.add_argument(
+        "--readahead",
+        type=_positive_int,
+        metavar="KIB",
+        help="serve every file through the kernel page cache with this "
+        f"readahead in KiB (set only as root). Default: files that are at least "
+        f"half data through the page cache ({AUTO_READAHEAD_KIB} KiB readahead), "
+        "the others without (direct I/O): every read reaches the daemon at the "
+        "reader's size, up to 1 MiB, and the kernel never reads ahead past a data "
+        "extent into the hole after it",
+    )
+    p.add_argument("--log-file", metavar="FILE", help="where the daemon logs (default: syslog)")
     add_open_options(p)
     p.set_defaults(func=cmd_mount)
 

@@ -79,8 +79,9 @@ class Header:
     def from_bytes(cls, buf: bytes) -> Header:
         """Decode the header from the first bytes of the file."""
         h = _HEADER.unpack_from(buf, HEADER_OFFSET)
-        return cls(h[0], h[1], h[3], h[6], h[7], h[11], h[13], h[14], h[15], h[16], h[18],
-                   h[20], h[21])
+        return cls(
+            h[0], h[1], h[3], h[6], h[7], h[11], h[13], h[14], h[15], h[16], h[18], h[20], h[21]
+        )
 
 
 class VdiLayer:
@@ -117,14 +118,17 @@ class VdiLayer:
         if h.signature != VDI_SIGNATURE:
             raise self._err(f"not a VDI image (signature {h.signature:#010x})")
         if h.version != VDI_VERSION_1_1:
-            raise self._refuse(f"VDI header version {h.version >> 16}.{h.version & 0xFFFF} "
-                               "is not supported (only 1.1)")
+            raise self._refuse(
+                f"VDI header version {h.version >> 16}.{h.version & 0xFFFF} "
+                "is not supported (only 1.1)"
+            )
         if h.image_type not in (VDI_TYPE_DYNAMIC, VDI_TYPE_STATIC):
             name = TYPE_NAMES.get(h.image_type, str(h.image_type))
             raise self._refuse(f"VDI image type {name} is not supported (dynamic and static are)")
         if h.uuid_link.strip(b"\0") or h.uuid_parent.strip(b"\0"):
-            raise self._refuse("differencing VDI images (link or parent UUID set) are not "
-                               "supported")
+            raise self._refuse(
+                "differencing VDI images (link or parent UUID set) are not supported"
+            )
         if h.sector_size != SECTOR_SIZE:
             raise self._refuse(f"sector size {h.sector_size} is not supported (only 512)")
         if h.block_size != VDI_BLOCK_SIZE:
@@ -132,21 +136,26 @@ class VdiLayer:
         if h.block_extra != 0:
             raise self._refuse(f"extra data per block ({h.block_extra} bytes) is not supported")
         if h.offset_bmap % SECTOR_SIZE or h.offset_data % SECTOR_SIZE:
-            raise self._err(f"block map offset {h.offset_bmap:#x} or data offset "
-                            f"{h.offset_data:#x} is not sector-aligned")
+            raise self._err(
+                f"block map offset {h.offset_bmap:#x} or data offset "
+                f"{h.offset_data:#x} is not sector-aligned"
+            )
         if h.blocks_in_image > VDI_BLOCKS_IN_IMAGE_MAX:
             raise self._err(f"{h.blocks_in_image} blocks are more than a VDI can have")
         if h.disk_size > h.blocks_in_image * h.block_size:
-            raise self._err(f"disk size {h.disk_size} is larger than its {h.blocks_in_image} "
-                            f"blocks of {h.block_size} bytes")
+            raise self._err(
+                f"disk size {h.disk_size} is larger than its {h.blocks_in_image} "
+                f"blocks of {h.block_size} bytes"
+            )
         self.size = h.disk_size // SECTOR_SIZE * SECTOR_SIZE
         self.block_size = h.block_size
         self.block_bits = h.block_size.bit_length() - 1
         nb_blocks = -(-self.size // self.block_size)
         bmap_end = h.offset_bmap + 4 * h.blocks_in_image
         if h.offset_bmap < HEADER_END or bmap_end > file_size:
-            raise self._err(f"block map at {h.offset_bmap:#x} ({h.blocks_in_image} entries) "
-                            "is outside the file")
+            raise self._err(
+                f"block map at {h.offset_bmap:#x} ({h.blocks_in_image} entries) is outside the file"
+            )
         if h.offset_data < bmap_end:
             raise self._err(f"data area at {h.offset_data:#x} overlaps the block map")
         # Only the entries that map guest bytes are kept: 4 bytes a block.
@@ -182,9 +191,13 @@ class VdiLayer:
             stop = min(base + bs, guest_end)
             host = offset_data + entry * bs
             if host + min(bs, self.size - base) > file_size:
-                yield (pos, stop, ERROR,
-                       f"{self.path}: block {index} at host offset {host:#x} is past the end of "
-                       "the file (damaged block map or truncated image)")
+                yield (
+                    pos,
+                    stop,
+                    ERROR,
+                    f"{self.path}: block {index} at host offset {host:#x} is past the end of "
+                    "the file (damaged block map or truncated image)",
+                )
             else:
                 yield (pos, stop, DATA, (self.raw, host + (pos - base)))
             pos = stop

@@ -233,8 +233,7 @@ class VpcLayer:
             )
         if table_offset % SECTOR_SIZE or table_offset + 4 * nb_blocks > file_size:
             raise self._err(
-                f"BAT at {table_offset:#x} ({nb_blocks} entries) is outside the file or "
-                "misaligned"
+                f"BAT at {table_offset:#x} ({nb_blocks} entries) is outside the file or misaligned"
             )
         # Only the entries that map guest bytes are kept: 4 bytes a block.
         bat = array("I")

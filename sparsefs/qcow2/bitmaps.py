@@ -149,8 +149,10 @@ def _read_directory(qfile: Qcow2File) -> list[Bitmap]:
     pos = 0
     while pos < dir_size:
         if len(bitmaps) >= ext.nb_bitmaps:
-            raise err(f"bitmap directory holds more than the {ext.nb_bitmaps} bitmaps "
-                      "the extension declares")
+            raise err(
+                f"bitmap directory holds more than the {ext.nb_bitmaps} bitmaps "
+                "the extension declares"
+            )
         try:
             entry = L.parse_bitmap_dir_entry(buf, pos)
         except ValueError as exc:
@@ -158,8 +160,10 @@ def _read_directory(qfile: Qcow2File) -> list[Bitmap]:
         bitmaps.append(_check_entry(qfile, entry, pos, names))
         pos += entry.entry_size
     if len(bitmaps) != ext.nb_bitmaps:
-        raise err(f"bitmap directory holds {len(bitmaps)} bitmaps, the extension declares "
-                  f"{ext.nb_bitmaps}")
+        raise err(
+            f"bitmap directory holds {len(bitmaps)} bitmaps, the extension declares "
+            f"{ext.nb_bitmaps}"
+        )
     return bitmaps
 
 

@@ -180,7 +180,7 @@ class ClusterMap:
         l2_offset = l1_entry & L.L1E_OFFSET_MASK
         runs = self._l2_cache.get(l2_offset)
         if runs is not None:
-            return runs  # type: ignore[no-any-return]
+            return runs  # type: ignore[no-any-return]  # the LRU stores Any; only tables go in
         table_span = 1 << self.table_shift
         cs = self.cluster_size
         problem = None

@@ -48,7 +48,7 @@ class CompressedClusters:
         """
         cached = self._compressed_cache.get(descriptor)
         if cached is not None:
-            return cached  # type: ignore[no-any-return]
+            return cached  # type: ignore[no-any-return]  # the LRU stores Any; only clusters go in
         host_offset, nb_bytes = descriptor
         cs = self.cluster_size
         if host_offset < cs or host_offset >= self.file.file_size:

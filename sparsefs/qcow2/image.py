@@ -111,7 +111,7 @@ class Qcow2Image(LayeredImage):
         cluster boundary.  ``Run.host`` is in qcow2's terms (see :class:`Run`).
         """
         for s, e, kind, host in self.layer.runs(guest_offset, guest_end):
-            if kind == RUN_DATA or kind == RUN_UNWRITTEN:  # noqa: SIM109
+            if kind == RUN_DATA or kind == RUN_UNWRITTEN:  # noqa: SIM109  # two compares beat a tuple build on this hot path
                 host = host[1]
             yield Run(s, e, kind, host)
 

@@ -117,14 +117,34 @@ class Header:
         if len(buf) < _HEADER_V2.size:
             raise ValueError(f"header truncated ({len(buf)} of {_HEADER_V2.size} bytes)")
         (
-            magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
-            crypt_method, l1_size, l1_table_offset, refcount_table_offset,
-            refcount_table_clusters, nb_snapshots, snapshots_offset,
+            magic,
+            version,
+            backing_file_offset,
+            backing_file_size,
+            cluster_bits,
+            size,
+            crypt_method,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
         ) = _HEADER_V2.unpack_from(buf, 0)
         v2 = cls(
-            magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
-            crypt_method, l1_size, l1_table_offset, refcount_table_offset,
-            refcount_table_clusters, nb_snapshots, snapshots_offset,
+            magic,
+            version,
+            backing_file_offset,
+            backing_file_size,
+            cluster_bits,
+            size,
+            crypt_method,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
         )
         if version < 3:
             return v2
@@ -253,8 +273,7 @@ def parse_snapshot(buf: bytes | bytearray, pos: int) -> tuple[Snapshot, int]:
     ) = _SNAPSHOT_HEADER.unpack_from(buf, pos)
     if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
         raise ValueError(
-            f"{extra_data_size} bytes of extra data (qemu allows at most "
-            f"{MAX_SNAPSHOT_EXTRA_DATA})"
+            f"{extra_data_size} bytes of extra data (qemu allows at most {MAX_SNAPSHOT_EXTRA_DATA})"
         )
     extra_start = pos + _SNAPSHOT_HEADER.size
     id_start = extra_start + extra_data_size

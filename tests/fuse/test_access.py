@@ -26,6 +26,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from sparsefs.errors import ImageLockedError
+from sparsefs.qcow2 import OpenOptions, open_image
 from support import (
     MiB,
     daemon_pid,
@@ -43,9 +46,6 @@ from support import (
     sparsefs,
 )
 
-from sparsefs.errors import ImageLockedError
-from sparsefs.qcow2 import OpenOptions, open_image
-
 Mount = Callable[..., Path]
 
 
@@ -55,7 +55,7 @@ Mount = Callable[..., Path]
 def lock_bytes(path: Path) -> list[int]:
     """Byte offsets of the OFD locks on ``path`` (any holder), sorted, from /proc/locks."""
     st = os.stat(path)
-    out = []
+    out: list[int] = []
     with open("/proc/locks") as f:
         for line in f:
             fields = line.split()
@@ -63,7 +63,9 @@ def lock_bytes(path: Path) -> list[int]:
                 continue
             major, minor, inode = fields[5].split(":")
             if (int(inode), int(major, 16), int(minor, 16)) != (
-                st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)
+                st.st_ino,
+                os.major(st.st_dev),
+                os.minor(st.st_dev),
             ):
                 continue
             start, end = int(fields[6]), int(fields[7])
@@ -72,17 +74,24 @@ def lock_bytes(path: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def qemu_io_holding(path: Path, *, fmt: str = "qcow2", read_only: bool = False,
-                    force_share: bool = False) -> Iterator[None]:
+def qemu_io_holding(
+    path: Path, *, fmt: str = "qcow2", read_only: bool = False, force_share: bool = False
+) -> Iterator[None]:
     """qemu-io with ``path`` open (interactive, commands from a pipe) for the body."""
     cmd = ["qemu-io", "-f", fmt]
     if read_only:
         cmd.append("-r")
     if force_share:
         cmd.append("-U")
-    proc = subprocess.Popen([*cmd, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert proc.stdin is not None and proc.stdout is not None
+    proc = subprocess.Popen(
+        [*cmd, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         proc.stdin.write("length\n")  # answered once the image is open
         proc.stdin.flush()
@@ -100,11 +109,22 @@ def qemu_io_holding(path: Path, *, fmt: str = "qcow2", read_only: bool = False,
 def storage_daemon_writing(image: Path, tmp_path: Path) -> Iterator[None]:
     """qemu-storage-daemon exporting ``image`` writable over NBD (as a VM's disk would be)."""
     pidfile = tmp_path / "qsd.pid"
-    run(["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
-         "--blockdev", f"driver=file,node-name=f,filename={image}",
-         "--blockdev", "driver=qcow2,node-name=q,file=f",
-         "--nbd-server", f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
-         "--export", "type=nbd,id=e,node-name=q,writable=on"])
+    run(
+        [
+            "qemu-storage-daemon",
+            "--daemonize",
+            "--pidfile",
+            str(pidfile),
+            "--blockdev",
+            f"driver=file,node-name=f,filename={image}",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--nbd-server",
+            f"addr.type=unix,addr.path={tmp_path / 'nbd.sock'}",
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
+        ]
+    )
     pid = int(pidfile.read_text())
     try:
         yield
@@ -117,14 +137,20 @@ def storage_daemon_writing(image: Path, tmp_path: Path) -> Iterator[None]:
 
 def qemu_can_read(path: Path) -> bool:
     """Whether ``qemu-io -r`` (no -U) accepts to open the image now."""
-    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-r", "-c", "read -q 0 512", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-r", "-c", "read -q 0 512", str(path)],
+        capture_output=True,
+        text=True,
+    )
     return proc.returncode == 0 and "lock" not in proc.stderr + proc.stdout
 
 
 def qemu_can_write(path: Path) -> tuple[bool, str]:
-    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 1 0 512", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -q -P 1 0 512", str(path)],
+        capture_output=True,
+        text=True,
+    )
     out = proc.stderr + proc.stdout
     return proc.returncode == 0 and "lock" not in out, out
 
@@ -133,8 +159,9 @@ def wait_gone(pid: int | None) -> None:
     """Wait until a (daemon) process has exited, so its locks are released."""
     deadline = time.monotonic() + 20
     while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        status = Path(f"/proc/{pid}/status").read_text() if os.path.exists(
-            f"/proc/{pid}/status") else ""
+        status = (
+            Path(f"/proc/{pid}/status").read_text() if os.path.exists(f"/proc/{pid}/status") else ""
+        )
         if "zombie" in status:
             return
         time.sleep(0.05)
@@ -145,16 +172,24 @@ def chain(tmp_path: Path) -> dict[str, Path]:
     """An overlay on a qcow2 base, an overlay on a raw base, and an image with a data file."""
     d = tmp_path
     base = make_image(d / "base.qcow2", 4 * MiB, seed=31, writes=6)
-    top = make_image(d / "top.qcow2", 4 * MiB, seed=32, writes=4, backing="base.qcow2",
-                     backing_fmt="qcow2")
+    top = make_image(
+        d / "top.qcow2", 4 * MiB, seed=32, writes=4, backing="base.qcow2", backing_fmt="qcow2"
+    )
     rawbase = d / "rawbase.img"
     run(["qemu-img", "convert", "-O", "raw", str(base), str(rawbase)])
-    rawtop = make_image(d / "rawtop.qcow2", 4 * MiB, seed=33, writes=4, backing="rawbase.img",
-                        backing_fmt="raw")
+    rawtop = make_image(
+        d / "rawtop.qcow2", 4 * MiB, seed=33, writes=4, backing="rawbase.img", backing_fmt="raw"
+    )
     ext = qemu_img_create(d / "ext.qcow2", 4 * MiB, f"data_file={d / 'ext.data'}")
     qemu_io(ext, "write -q -P 0x21 0 256k")
-    return {"base": base, "top": top, "rawbase": rawbase, "rawtop": rawtop, "ext": ext,
-            "extdata": d / "ext.data"}
+    return {
+        "base": base,
+        "top": top,
+        "rawbase": rawbase,
+        "rawtop": rawtop,
+        "ext": ext,
+        "extdata": d / "ext.data",
+    }
 
 
 # -- sparsefs takes qemu's locks -------------------------------------------------------------
@@ -183,8 +218,9 @@ def test_image_a_vm_writes_is_refused_and_force_share_overrides(
 ) -> None:
     image = make_image(tmp_path / "live.qcow2", 4 * MiB, seed=34, writes=6)
     expected = qemu_raw(image, tmp_path / "live.raw")
-    holding = (qemu_io_holding(image) if holder == "qemu-io"
-               else storage_daemon_writing(image, tmp_path))
+    holding = (
+        qemu_io_holding(image) if holder == "qemu-io" else storage_daemon_writing(image, tmp_path)
+    )
     mp = tmp_path / "mnt"
     mp.mkdir()
     try:
@@ -214,8 +250,7 @@ def test_image_a_vm_writes_is_refused_and_force_share_overrides(
         force_unmount(mp)
 
 
-def test_qemu_cannot_write_an_image_sparsefs_serves(chain: dict[str, Path],
-                                                    tmp_path: Path) -> None:
+def test_qemu_cannot_write_an_image_sparsefs_serves(chain: dict[str, Path], tmp_path: Path) -> None:
     """While mounted: qemu writers of the image, its backing file and data file are refused;
     qemu readers work; after umount writers work again."""
     mp = tmp_path / "mnt"
@@ -224,7 +259,8 @@ def test_qemu_cannot_write_an_image_sparsefs_serves(chain: dict[str, Path],
             pid = daemon_pid(mp)
             for name in ("top", "base", "ext"):
                 ok, out = qemu_can_write(chain[name])
-                assert not ok and 'Failed to get "write" lock' in out, (name, out)
+                assert not ok, (name, out)
+                assert 'Failed to get "write" lock' in out, (name, out)
                 assert qemu_can_read(chain[name]), name
             # Backups of the image straight from qemu keep working alongside.
             run(["qemu-img", "convert", "-O", "raw", str(chain["top"]), str(tmp_path / "t.raw")])
@@ -238,9 +274,11 @@ def test_qemu_cannot_write_an_image_sparsefs_serves(chain: dict[str, Path],
 
 def test_readers_share_an_image(chain: dict[str, Path], tmp_path: Path) -> None:
     """Two mounts of one chain, qemu-io -r and qemu-img convert alongside: readers never clash."""
-    with mounted(tmp_path / "one", chain["top"]) as one, \
-            mounted(tmp_path / "two", chain["top"]) as two, \
-            qemu_io_holding(chain["top"], read_only=True):
+    with (
+        mounted(tmp_path / "one", chain["top"]) as one,
+        mounted(tmp_path / "two", chain["top"]) as two,
+        qemu_io_holding(chain["top"], read_only=True),
+    ):
         copy = qemu_raw(chain["top"], tmp_path / "top.raw")
         assert files_equal(one / "top.raw", copy)
         assert files_equal(two / "top.raw", copy)
@@ -278,14 +316,17 @@ def image(tmp_path: Path) -> Path:
 def test_read_only_modes_and_owner(image: Path, mount: Mount) -> None:
     mp = mount(image)
     _, options = mount_entry(mp)
-    assert "ro" in options and "default_permissions" in options
+    assert "ro" in options
+    assert "default_permissions" in options
     assert "allow_other" not in options
     assert f"user_id={os.getuid()}" in options
     st = os.stat(mp)
-    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555
+    assert stat.S_ISDIR(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o555
     assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
     st = os.stat(mp / "acc.raw")
-    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+    assert stat.S_ISREG(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o444
     assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
 
 
@@ -339,8 +380,9 @@ def test_other_users_only_with_allow_other(image: Path) -> None:
         )
 
         def as_nobody(mp: Path) -> list[str]:
-            proc = subprocess.run(["python3", "-c", probe, str(mp)], capture_output=True,
-                                  text=True, timeout=60)
+            proc = subprocess.run(
+                ["python3", "-c", probe, str(mp)], capture_output=True, text=True, timeout=60
+            )
             assert proc.returncode == 0, proc.stderr
             return proc.stdout.split()
 

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from sparsefs.cli import backup as backup_mod
+from sparsefs.cli import main
+from sparsefs.qcow2 import open_image
 from support import (
     MiB,
     files_equal,
@@ -21,10 +25,6 @@ from support import (
     run,
     sparsefs,
 )
-
-from sparsefs.cli import backup as backup_mod
-from sparsefs.cli import main
-from sparsefs.qcow2 import open_image
 
 
 def _no_backup_mounts() -> bool:
@@ -49,7 +49,9 @@ def test_backup_copies_verifies_and_writes_manifests(images: list[Path], tmp_pat
     assert proc.returncode == 0, proc.stderr
     # Not a terminal: one summary line per file and a final one, no progress bar.
     lines = proc.stdout.splitlines()
-    assert len(lines) == 3 and "\r" not in proc.stdout and "\r" not in proc.stderr
+    assert len(lines) == 3
+    assert "\r" not in proc.stdout
+    assert "\r" not in proc.stderr
     assert lines[-1].startswith("backup: 2 of 2 files copied and verified")
     for image in images:
         name = image.name.replace(".qcow2", ".raw")
@@ -60,8 +62,12 @@ def test_backup_copies_verifies_and_writes_manifests(images: list[Path], tmp_pat
     # SPARSEFS-SUMS only by default (XXH128SUMS would hash every zero of the disk).
     # (and the copies' block digests, hidden, for the next 'backup --since').
     assert sorted(p.name for p in dest.iterdir()) == [
-        ".db.raw.sparsefs1-blocks", ".web.raw.sparsefs1-blocks", "SPARSEFS-SUMS", "db.raw",
-        "web.raw"]
+        ".db.raw.sparsefs1-blocks",
+        ".web.raw.sparsefs1-blocks",
+        "SPARSEFS-SUMS",
+        "db.raw",
+        "web.raw",
+    ]
     out = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout
     assert out.count(": OK") == 2
     # With --xxh128sums, the standard tool checks XXH128SUMS from inside DEST too.
@@ -81,12 +87,16 @@ def test_second_run_updates_manifests_in_place(images: list[Path], tmp_path: Pat
     sums = (dest / "SPARSEFS-SUMS").read_text().splitlines()
     assert len(sums) == 2  # web.raw replaced, db.raw kept
     assert [line for line in sums if "db.raw" in line] == [
-        line for line in before if "db.raw" in line]
-    assert sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest,
-                    check=True).stdout.count(": OK") == 2
+        line for line in before if "db.raw" in line
+    ]
+    assert (
+        sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout.count(": OK")
+        == 2
+    )
     # XXH128SUMS was not rewritten this time: it no longer vouches for web.raw.
     xsums = (dest / "XXH128SUMS").read_text()
-    assert "web.raw" not in xsums and "db.raw" in xsums
+    assert "web.raw" not in xsums
+    assert "db.raw" in xsums
     assert files_equal(dest / "web.raw", qemu_raw(images[0], tmp_path / "web.ref"))
 
 
@@ -94,14 +104,25 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     # Enough data that the copy outlasts the bar's first redraw interval (0.1 s).
     image = tmp_path / "big.qcow2"
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4G"])
-    run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x31 0 200M", "-c",
-         "write -q -P 0x32 3G 200M", str(image)])
+    run(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -q -P 0x31 0 200M",
+            "-c",
+            "write -q -P 0x32 3G 200M",
+            str(image),
+        ]
+    )
     dest = tmp_path / "backup"
     dest.mkdir()
     pid, fd = pty.fork()
     if pid == 0:  # child: the pty is its terminal
-        os.execv(sys.executable, [sys.executable, "-m", "sparsefs", "backup", str(image),
-                                  str(dest)])
+        os.execv(
+            sys.executable, [sys.executable, "-m", "sparsefs", "backup", str(image), str(dest)]
+        )
     output = b""
     deadline = time.monotonic() + 120
     try:
@@ -129,7 +150,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_failed_verification_leaves_no_final_file(
-    images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    images: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A copy that comes out wrong is caught by verification, deleted, and not renamed."""
@@ -140,7 +163,7 @@ def test_failed_verification_leaves_no_final_file(
         data_start = next(e.guest_offset for e in web.iter_extents() if e.data)
 
     def corrupting_copy(source: object, partial: str, **kwargs: object) -> object:
-        result = real_copy(source, partial, **kwargs)  # type: ignore[arg-type]
+        result = real_copy(source, partial, **kwargs)  # type: ignore[arg-type]  # forwarded as copy_image received them
         if "web" in partial:  # one flipped byte, as bad RAM or a bad disk would do
             with open(partial, "r+b") as f:
                 f.seek(data_start + 5000)
@@ -153,11 +176,14 @@ def test_failed_verification_leaves_no_final_file(
     status = main(["backup", *map(str, images), str(dest)])
     err = capsys.readouterr().err
     assert status == 1
-    assert "web.raw" in err and "verification failed" in err
+    assert "web.raw" in err
+    assert "verification failed" in err
     names = sorted(p.name for p in dest.iterdir())
-    assert "web.raw" not in names and not any("partial" in n for n in names)
+    assert "web.raw" not in names
+    assert not any("partial" in n for n in names)
     assert "db.raw" in names  # the other image is backed up
-    assert ".web.raw.sparsefs1-blocks" not in names and ".db.raw.sparsefs1-blocks" in names
+    assert ".web.raw.sparsefs1-blocks" not in names
+    assert ".db.raw.sparsefs1-blocks" in names
     assert "web.raw" not in (dest / "SPARSEFS-SUMS").read_text()
     assert "db.raw" in (dest / "SPARSEFS-SUMS").read_text()
     assert _no_backup_mounts()
@@ -166,8 +192,9 @@ def test_failed_verification_leaves_no_final_file(
 def test_read_error_fails_the_run_and_leaves_no_file(tmp_path: Path) -> None:
     import struct
 
-    image = make_image(tmp_path / "bad.qcow2", 1024 * MiB, seed=3, writes=0, zero_writes=0,
-                       discards=0)
+    image = make_image(
+        tmp_path / "bad.qcow2", 1024 * MiB, seed=3, writes=0, zero_writes=0, discards=0
+    )
     run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x6b 600M 1M", str(image)])
     l1_offset = struct.unpack_from(">Q", image.read_bytes(), 40)[0]
     with open(image, "r+b") as f:
@@ -177,7 +204,8 @@ def test_read_error_fails_the_run_and_leaves_no_file(tmp_path: Path) -> None:
     dest.mkdir()
     proc = sparsefs("backup", str(image), str(dest))
     assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr and "bad.raw" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "bad.raw" in proc.stderr
     assert list(dest.iterdir()) == []
     assert _no_backup_mounts()
 
@@ -185,17 +213,30 @@ def test_read_error_fails_the_run_and_leaves_no_file(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path) -> None:
     image = make_image(tmp_path / "ok.qcow2", 4 * MiB, seed=5)
     proc = sparsefs("backup", str(image), str(tmp_path / "nowhere"))
-    assert proc.returncode == 1 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1
+    assert "nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = sparsefs("backup", str(tmp_path / "missing.qcow2"), str(tmp_path))
-    assert proc.returncode == 1 and "missing.qcow2" in proc.stderr
+    assert proc.returncode == 1
+    assert "missing.qcow2" in proc.stderr
     assert not list(tmp_path.glob("*.raw"))
 
 
 def test_help_is_complete() -> None:
-    for cmd in ([], ["mount"], ["umount"], ["backup"], ["checksum"], ["verify"], ["map"],
-                ["info"], ["demo"]):
-        proc = subprocess.run([sys.executable, "-m", "sparsefs", *cmd, "--help"],
-                              capture_output=True, text=True)
+    for cmd in (
+        [],
+        ["mount"],
+        ["umount"],
+        ["backup"],
+        ["checksum"],
+        ["verify"],
+        ["map"],
+        ["info"],
+        ["demo"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparsefs", *cmd, "--help"], capture_output=True, text=True
+        )
         assert proc.returncode == 0, cmd
         assert "usage: sparsefs" in proc.stdout
         if cmd:
@@ -207,4 +248,5 @@ def test_help_is_complete() -> None:
                     # option whose help wrapped to the next line is fine; bare option is not
                     idx = proc.stdout.splitlines().index(line)
                     nxt = proc.stdout.splitlines()[idx + 1].strip()
-                    assert nxt and not nxt.startswith("-"), (cmd, line)
+                    assert nxt, (cmd, line)
+                    assert not nxt.startswith("-"), (cmd, line)

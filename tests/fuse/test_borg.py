@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from support import MiB, make_image, qemu_data_bytes, qemu_io, qemu_map, run, sparsefs
 
 pytestmark = pytest.mark.skipif(shutil.which("borg") is None, reason="needs borg (borgbackup)")
@@ -38,17 +39,16 @@ def _io_of(cmd: list[str], **kwargs: object) -> tuple[subprocess.CompletedProces
     child's counters are added to its parent's.
     """
     script = '"$@"; rc=$?; grep ^rchar: /proc/$$/io >&2; exit $rc'
-    proc = subprocess.run(["sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
-                          **kwargs)  # type: ignore[call-overload]
+    proc = subprocess.run(  # type: ignore[call-overload]  # kwargs: subprocess.run's own
+        ["sh", "-c", script, "sh", *cmd], capture_output=True, text=True, **kwargs
+    )
     if proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     rchar = int(proc.stderr.rsplit("rchar:", 1)[1].split()[0])
     return proc, rchar
 
 
-def test_borg_round_trip_and_dedup(
-    tmp_path: Path, mount: Callable[..., Path]
-) -> None:
+def test_borg_round_trip_and_dedup(tmp_path: Path, mount: Callable[..., Path]) -> None:
     size = 256 * MiB
     image = make_image(tmp_path / "web.qcow2", size, seed=61, writes=12, max_len=MiB)
     data = qemu_data_bytes(qemu_map(image))
@@ -56,8 +56,16 @@ def test_borg_round_trip_and_dedup(
     env = _borg_env(tmp_path)
     repo = tmp_path / "repo"
     run(["borg", "init", "--encryption=none", str(repo)], env=env)
-    create = ["borg", "create", "--sparse", "--chunker-params", "fixed,4194304",
-              "--compression", "none", "--json"]
+    create = [
+        "borg",
+        "create",
+        "--sparse",
+        "--chunker-params",
+        "fixed,4194304",
+        "--compression",
+        "none",
+        "--json",
+    ]
 
     mp = mount(image)
     proc, rchar = _io_of([*create, f"{repo}::first", "web.raw"], env=env, cwd=mp)

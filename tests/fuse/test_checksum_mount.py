@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import xxhash
+
 from support import (
     KiB,
     MiB,
     make_image,
     oracle_data_bytes,
     qemu_io,
-    qemu_map,
     qemu_raw,
     run,
     sparsefs,
@@ -44,22 +44,55 @@ def reference_digest(path: Path) -> str:
 
 def build_images(d: Path) -> list[Path]:
     """One image per kind, each with a distinct stem (so one mount holds them all)."""
-    plain = make_image(d / "plain.qcow2", 13 * MiB + 5 * 512, seed=21, writes=16,
-                       zero_writes=4, discards=4, max_len=1 * MiB)
+    plain = make_image(
+        d / "plain.qcow2",
+        13 * MiB + 5 * 512,
+        seed=21,
+        writes=16,
+        zero_writes=4,
+        discards=4,
+        max_len=1 * MiB,
+    )
     rnd = d / "random.bin"
     rnd.write_bytes(random.Random(3).randbytes(2 * MiB))
     qemu_io(plain, f"write -q -s {rnd} {3 * MiB + 512} {2 * MiB}")
     compressed = d / "zlib.qcow2"
     run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(compressed)])
     zstd = d / "zstd.qcow2"
-    run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
-         str(plain), str(zstd)])
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            str(plain),
+            str(zstd),
+        ]
+    )
     base = make_image(d / "base.qcow2", 12 * MiB, seed=22, writes=12, max_len=1 * MiB)
-    top = make_image(d / "overlay.qcow2", 12 * MiB + 512, seed=23, writes=6, zero_writes=3,
-                     discards=3, backing=str(base), backing_fmt="qcow2")
-    sub = make_image(d / "subclusters.qcow2", 9 * MiB + 512, seed=24,
-                     options=["extended_l2=on", "cluster_size=128k"], writes=20,
-                     zero_writes=4, discards=4, max_len=200 * KiB)
+    top = make_image(
+        d / "overlay.qcow2",
+        12 * MiB + 512,
+        seed=23,
+        writes=6,
+        zero_writes=3,
+        discards=3,
+        backing=str(base),
+        backing_fmt="qcow2",
+    )
+    sub = make_image(
+        d / "subclusters.qcow2",
+        9 * MiB + 512,
+        seed=24,
+        options=["extended_l2=on", "cluster_size=128k"],
+        writes=20,
+        zero_writes=4,
+        discards=4,
+        max_len=200 * KiB,
+    )
     return [plain, compressed, zstd, top, sub]
 
 
@@ -68,8 +101,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return build_images(tmp_path_factory.mktemp("kinds"))
 
 
-def test_mounted_raw_file_has_the_image_digest(images: list[Path], mount: Mount,
-                                               tmp_path: Path) -> None:
+def test_mounted_raw_file_has_the_image_digest(
+    images: list[Path], mount: Mount, tmp_path: Path
+) -> None:
     mp = mount(*images)
     mounted = [mp / (img.name.removesuffix(".qcow2") + ".raw") for img in images]
     refs = [qemu_raw(img, tmp_path / f"{img.stem}.ref") for img in images]
@@ -82,8 +116,7 @@ def test_mounted_raw_file_has_the_image_digest(images: list[Path], mount: Mount,
         assert b.split("  ")[0] == expected, img.name
 
     # The plain XXH128 of the mounted file is what xxh128sum reads from it.
-    stream = sparsefs("checksum", "-q", "--stream-xxh128", *map(str, mounted),
-                      check=True).stdout
+    stream = sparsefs("checksum", "-q", "--stream-xxh128", *map(str, mounted), check=True).stdout
     assert stream == run(["xxh128sum", *map(str, mounted)]).stdout
     for ref, line in zip(refs, stream.splitlines(), strict=True):
         assert line.split("  ")[0] == xxhash.xxh3_128_hexdigest(ref.read_bytes())
@@ -100,8 +133,9 @@ def test_mounted_raw_file_is_hashed_by_its_data_only(images: list[Path], mount: 
         assert record["bytes-read"] < record["size"]
 
 
-def test_verify_image_against_mount_and_its_copies(images: list[Path], mount: Mount,
-                                                   tmp_path: Path) -> None:
+def test_verify_image_against_mount_and_its_copies(
+    images: list[Path], mount: Mount, tmp_path: Path
+) -> None:
     mp = mount(*images)
     for img in images:
         raw = mp / (img.name.removesuffix(".qcow2") + ".raw")
@@ -123,4 +157,5 @@ def test_verify_image_against_mount_and_its_copies(images: list[Path], mount: Mo
         assert proc.returncode == 1
         diff = json.loads(proc.stdout)["difference"]
         assert diff["offset"] == offset
-        assert diff["start"] == offset // BLOCK * BLOCK and diff["end"] == offset + 1
+        assert diff["start"] == offset // BLOCK * BLOCK
+        assert diff["end"] == offset + 1

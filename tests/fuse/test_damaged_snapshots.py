@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from hostile_images import SNAPSHOT_DAMAGES, SnapshotDamage, build_snapshots, damage_snapshots
 from support import files_equal, force_unmount, is_mounted, qemu_raw, run, sparsefs
 
@@ -54,11 +55,24 @@ def test_damaged_snapshot_is_refused_alone(damage: SnapshotDamage, tmp_path: Pat
     if "*" not in damage.damaged:
         for snap in ("first", "second"):
             if snap not in damage.damaged:
-                expected[f"snapshots@{snap}.raw"] = qemu_raw(path, tmp_path / f"{snap}.ref",
-                                                             snapshot=snap)
+                expected[f"snapshots@{snap}.raw"] = qemu_raw(
+                    path, tmp_path / f"{snap}.ref", snapshot=snap
+                )
         for snap in damage.damaged:  # qemu-img refuses the damaged snapshot too
-            proc = subprocess.run(["qemu-img", "convert", "-O", "raw", "-l", snap, str(path),
-                                   str(tmp_path / "x.raw")], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    "qemu-img",
+                    "convert",
+                    "-O",
+                    "raw",
+                    "-l",
+                    snap,
+                    str(path),
+                    str(tmp_path / "x.raw"),
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode != 0
     damaged_files = [f"snapshots@{label}.raw" for label in damage.damaged]
     # What the warning names: the skipped file, or that no snapshot is served.
@@ -67,7 +81,8 @@ def test_damaged_snapshot_is_refused_alone(damage: SnapshotDamage, tmp_path: Pat
     with mounted_with_stderr(tmp_path / "mnt", path) as stderr:
         warnings = stderr.strip().splitlines()
         assert len(warnings) == 1, stderr
-        assert str(path) in warnings[0] and damage.words in warnings[0]
+        assert str(path) in warnings[0]
+        assert damage.words in warnings[0]
         assert named in warnings[0]
         assert "Traceback" not in stderr
         assert sorted(os.listdir(tmp_path / "mnt")) == sorted(expected)
@@ -81,13 +96,15 @@ def test_damaged_snapshot_is_refused_alone(damage: SnapshotDamage, tmp_path: Pat
     proc = sparsefs("backup", "--snapshots", str(path), str(dest))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert named in proc.stderr and str(path) in proc.stderr
+    assert named in proc.stderr
+    assert str(path) in proc.stderr
     total = len(expected) + len(damaged_files)
     assert f"backup: {len(expected)} of {total} files copied and verified" in proc.stdout
     for name, ref in expected.items():
         assert files_equal(dest / name, ref), name
     assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == sorted(
-        [*expected, "SPARSEFS-SUMS"])
+        [*expected, "SPARSEFS-SUMS"]
+    )
     assert _no_backup_mounts()
 
     # Without --snapshots the same image backs up cleanly.

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+
 from hostile_images import (
     COPIED,
     ZERO,
@@ -40,6 +41,8 @@ from hostile_images import (
     locate,
     put,
 )
+from sparsefs.errors import ImageReadError, SparsefsError
+from sparsefs.qcow2 import open_image
 from support import (
     KiB,
     MiB,
@@ -54,9 +57,6 @@ from support import (
     seek_walk,
     sparsefs,
 )
-
-from sparsefs.errors import ImageReadError, SparsefsError
-from sparsefs.qcow2 import open_image
 
 Mount = Callable[..., Path]
 
@@ -96,7 +96,11 @@ class PausedReader:
         go_r, self._go_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", READER, str(path), str(ready_w), str(go_r)],
-            pass_fds=(ready_w, go_r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            pass_fds=(ready_w, go_r),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         os.close(ready_w)
         os.close(go_r)
         got = os.read(self._ready_r, 1)
@@ -166,8 +170,9 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 # -- the daemon dies ------------------------------------------------------------------------
 
 
-def test_sigkill_while_reading_then_umount_and_remount(big: tuple[Path, Path],
-                                                       tmp_path: Path) -> None:
+def test_sigkill_while_reading_then_umount_and_remount(
+    big: tuple[Path, Path], tmp_path: Path
+) -> None:
     image, reference = big
     mp = tmp_path / "mnt"
     mp.mkdir()
@@ -177,17 +182,25 @@ def test_sigkill_while_reading_then_umount_and_remount(big: tuple[Path, Path],
         assert pid is not None
         reader = PausedReader(mp / "big.raw")
         # Another reader keeps the file open across the kill and the umount.
-        holder = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'rb');"
-                                   " sys.stdin.read()", str(mp / "big.raw")],
-                                  stdin=subprocess.PIPE)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; f = open(sys.argv[1], 'rb'); sys.stdin.read()",
+                str(mp / "big.raw"),
+            ],
+            stdin=subprocess.PIPE,
+        )
         os.kill(pid, signal.SIGKILL)
         wait_exit(pid)
         assert_error_or_exact(reader.resume(), reference)
         assert is_mounted(mp)  # the dead mount is still there
         proc = sparsefs("mount", str(image), str(mp))
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
         assert proc.stderr.strip() == (
-            f"sparsefs: {mp}: a dead mount is left here; run 'sparsefs umount {mp}'")
+            f"sparsefs: {mp}: a dead mount is left here; run 'sparsefs umount {mp}'"
+        )
         sparsefs("umount", str(mp), check=True)  # despite the file still open on it
         assert not is_mounted(mp)
         sparsefs("mount", str(image), str(mp), check=True)
@@ -200,8 +213,9 @@ def test_sigkill_while_reading_then_umount_and_remount(big: tuple[Path, Path],
         force_unmount(mp)
 
 
-def test_sigterm_during_copy_is_an_error_or_a_complete_copy(big: tuple[Path, Path],
-                                                            tmp_path: Path) -> None:
+def test_sigterm_during_copy_is_an_error_or_a_complete_copy(
+    big: tuple[Path, Path], tmp_path: Path
+) -> None:
     image, reference = big
     mp = tmp_path / "mnt"
     mp.mkdir()
@@ -221,8 +235,11 @@ def test_sigterm_during_copy_is_an_error_or_a_complete_copy(big: tuple[Path, Pat
         pid = daemon_pid(mp)
         assert pid is not None
         copy = tmp_path / "copy.raw"
-        cp = subprocess.Popen(["cp", "--sparse=always", str(mp / "big.raw"), str(copy)],
-                              stderr=subprocess.PIPE, text=True)
+        cp = subprocess.Popen(
+            ["cp", "--sparse=always", str(mp / "big.raw"), str(copy)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         while not copy.exists() and cp.poll() is None:
             time.sleep(0.001)
         os.kill(pid, signal.SIGTERM)
@@ -239,10 +256,16 @@ def test_sigterm_during_copy_is_an_error_or_a_complete_copy(big: tuple[Path, Pat
 # -- the image changes under the mount --------------------------------------------------------
 
 
-def test_image_truncated_while_mounted_is_eio_not_wrong_bytes(tmp_path: Path,
-                                                              mount: Mount) -> None:
-    image = make_image(tmp_path / "shrink.qcow2", 8 * MiB, seed=42,
-                       options=["cluster_size=4096"], writes=0, zero_writes=0, discards=0)
+def test_image_truncated_while_mounted_is_eio_not_wrong_bytes(tmp_path: Path, mount: Mount) -> None:
+    image = make_image(
+        tmp_path / "shrink.qcow2",
+        8 * MiB,
+        seed=42,
+        options=["cluster_size=4096"],
+        writes=0,
+        zero_writes=0,
+        discards=0,
+    )
     qemu_io(image, *(f"write -q -P {0x30 + i} {i * 2 + 1}M 192k" for i in range(4)))
     reference = qemu_raw(image, tmp_path / "shrink.raw").read_bytes()
     mp = mount(image)
@@ -255,19 +278,22 @@ def test_image_truncated_while_mounted_is_eio_not_wrong_bytes(tmp_path: Path,
             if got is None:
                 failed += 1
                 continue
-            assert got == reference[off:off + 64 * KiB], f"wrong bytes at {off}"
+            assert got == reference[off : off + 64 * KiB], f"wrong bytes at {off}"
         assert failed > 0
         # Still serving: the first MiB (before the cut) reads again.
         assert os.pread(fd, MiB, 0) == reference[:MiB]
     finally:
         os.close(fd)
-    proc = subprocess.run(["cp", "--sparse=always", str(mp / "shrink.raw"),
-                           str(tmp_path / "c.raw")], capture_output=True, text=True)
-    assert proc.returncode != 0 and "Input/output error" in proc.stderr
+    proc = subprocess.run(
+        ["cp", "--sparse=always", str(mp / "shrink.raw"), str(tmp_path / "c.raw")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "Input/output error" in proc.stderr
 
 
-def test_image_replaced_while_mounted_serves_the_opened_file(tmp_path: Path,
-                                                             mount: Mount) -> None:
+def test_image_replaced_while_mounted_serves_the_opened_file(tmp_path: Path, mount: Mount) -> None:
     """Renaming a new image over the path: the daemon holds the old file, serves it whole."""
     image = make_image(tmp_path / "vm.qcow2", 8 * MiB, seed=43, writes=12)
     old = qemu_raw(image, tmp_path / "old.raw")
@@ -287,9 +313,12 @@ def test_corrupt_image_mounts_only_with_force(tmp_path: Path, mount: Mount) -> N
     mp = tmp_path / "refused"
     mp.mkdir()
     proc = sparsefs("mount", str(image), str(mp))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert str(image) in proc.stderr and "corrupt" in proc.stderr and "--force" in proc.stderr
+    assert str(image) in proc.stderr
+    assert "corrupt" in proc.stderr
+    assert "--force" in proc.stderr
     assert not is_mounted(mp)
     assert files_equal(mount(image, options=["--force"]) / "bad.raw", reference)
 
@@ -311,8 +340,9 @@ def _read_results(path: Path, size: int, step: int) -> list[bytes | None]:
         os.close(fd)
 
 
-def _inprocess_results(image: Path, size: int, step: int) -> tuple[list[bytes | None],
-                                                                    list[tuple[int, int]]]:
+def _inprocess_results(
+    image: Path, size: int, step: int
+) -> tuple[list[bytes | None], list[tuple[int, int]]]:
     """The same chunks and the data segments, read in-process with open_image."""
     out: list[bytes | None] = []
     with open_image(image) as img:
@@ -337,6 +367,7 @@ Hostile = tuple[Path, bytearray, str, list[tuple[int, int]]]
 
 def _hostile_mutants(bases: dict[str, Path], d: Path) -> Iterator[Hostile]:
     """Deterministic hostile copies: (path, bytes, base kind, guest ranges that must be EIO)."""
+
     def copy(kind: str, name: str) -> tuple[Path, bytearray]:
         return d / f"{name}.qcow2", bytearray(bases[kind].read_bytes())
 
@@ -355,7 +386,7 @@ def _hostile_mutants(bases: dict[str, Path], d: Path) -> Iterator[Hostile]:
     entry = zl.compressed()[1]
     host, _ = zl.descriptor(entry.value)
     path, buf = copy("zlib", "zlib-garbage")
-    buf[host:host + 16] = b"\xff" * 16
+    buf[host : host + 16] = b"\xff" * 16
     yield path, buf, "zlib", [(entry.guest_offset, entry.guest_offset + zl.cluster_size)]
 
     zs = locate(bases["zstd"])
@@ -377,8 +408,11 @@ def _hostile_mutants(bases: dict[str, Path], d: Path) -> Iterator[Hostile]:
 
 def test_hostile_images_in_one_mount(bases: dict[str, Path], tmp_path: Path) -> None:
     """Deterministic broken images: EIO for the broken range, qemu's bytes elsewhere."""
-    oracle = {k: qemu_raw(p, tmp_path / f"{k}.raw").read_bytes() for k, p in bases.items()
-              if k in ("plain", "zlib", "zstd", "v2")}
+    oracle = {
+        k: qemu_raw(p, tmp_path / f"{k}.raw").read_bytes()
+        for k, p in bases.items()
+        if k in ("plain", "zlib", "zstd", "v2")
+    }
     cases = []
     for path, buf, kind, broken in _hostile_mutants(bases, tmp_path):
         path.write_bytes(bytes(buf))
@@ -395,21 +429,27 @@ def test_hostile_images_in_one_mount(bases: dict[str, Path], tmp_path: Path) -> 
                 if any(s < off + step and off < e for s, e in broken):
                     assert chunk is None, f"{path.name}: chunk {off} should be EIO"
                 else:
-                    assert chunk == expected[off:off + step], f"{path.name}: chunk {off}"
+                    assert chunk == expected[off : off + step], f"{path.name}: chunk {off}"
             segments = seek_walk(raw)
             for s, e in broken:  # broken ranges are data, so copiers do not skip them
                 assert any(a <= s and e <= b for a, b in segments), (path.name, s, segments)
-            cp = subprocess.run(["cp", "--sparse=always", str(raw), str(tmp_path / "c.raw")],
-                                capture_output=True, text=True)
-            assert cp.returncode != 0 and "Input/output error" in cp.stderr, path.name
-        assert daemon_pid(mp) == pid and is_mounted(mp)
+            cp = subprocess.run(
+                ["cp", "--sparse=always", str(raw), str(tmp_path / "c.raw")],
+                capture_output=True,
+                text=True,
+            )
+            assert cp.returncode != 0, path.name
+            assert "Input/output error" in cp.stderr, path.name
+        assert daemon_pid(mp) == pid
+        assert is_mounted(mp)
 
 
 FUZZ_MOUNT_MUTANTS = int(os.environ.get("SPARSEFS_FUZZ_MOUNT_MUTANTS", "16"))
 
 
-def test_seeded_mutants_through_the_mount_match_in_process(bases: dict[str, Path],
-                                                           tmp_path: Path) -> None:
+def test_seeded_mutants_through_the_mount_match_in_process(
+    bases: dict[str, Path], tmp_path: Path
+) -> None:
     """Random mutants that open: the mount serves what the library reads, EIO for EIO."""
     rng = random.Random(int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501")))
     kinds = ["plain", "v2", "zlib", "zstd", "extl2"]
@@ -436,7 +476,8 @@ def test_seeded_mutants_through_the_mount_match_in_process(bases: dict[str, Path
             refused += 1
             if refused <= 2:  # the command line refuses it in one line, too
                 proc = sparsefs("map", str(path))
-                assert proc.returncode != 0 and "Traceback" not in proc.stderr, desc
+                assert proc.returncode != 0, desc
+                assert "Traceback" not in proc.stderr, desc
                 assert len(proc.stderr.strip().splitlines()) == 1, (desc, proc.stderr)
             continue
         chosen.append((path, desc))
@@ -452,5 +493,6 @@ def test_seeded_mutants_through_the_mount_match_in_process(bases: dict[str, Path
             for i, (a, b) in enumerate(zip(got, want, strict=True)):
                 assert a == b, f"{path.name} ({desc}): chunk {i * step} differs from in-process"
             assert seek_walk(raw) == segments, f"{path.name} ({desc}): seek walk differs"
-        assert daemon_pid(mp) == pid and is_mounted(mp)
+        assert daemon_pid(mp) == pid
+        assert is_mounted(mp)
     shutil.rmtree(tmp_path / "mnt", ignore_errors=True)

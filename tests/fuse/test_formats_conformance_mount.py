@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from format_builders import FmtCache
 from support import check_map_agrees, files_equal, first_difference, seek_walk, sparsefs
 

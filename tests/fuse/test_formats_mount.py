@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from format_images import (
     Built,
     ImageCache,
@@ -23,10 +24,11 @@ from format_images import (
 from support import (
     MiB,
     check_stored,
-    host_files_of,
     files_equal,
     first_difference,
+    host_files_of,
     is_mounted,
+    num,
     qemu_img_create,
     qemu_io,
     seek_walk,
@@ -35,8 +37,13 @@ from support import (
 
 Mount = Callable[..., Path]
 MOUNTED_KINDS = [
-    "compressed-zstd", "mixed-zlib", "chain3-raw-base", "extended-l2-overlay",
-    "data-file", "data-file-raw", "compat-0.10",
+    "compressed-zstd",
+    "mixed-zlib",
+    "chain3-raw-base",
+    "extended-l2-overlay",
+    "data-file",
+    "data-file-raw",
+    "compat-0.10",
 ]
 
 
@@ -49,8 +56,13 @@ def raw_name(image: Path) -> str:
     return image.name.removesuffix(".qcow2") + ".raw"
 
 
-def assert_file_is(mounted: Path, expected: bytes, qmap: list[dict[str, object]],
-                   scratch: Path, host_files: list[Path]) -> None:
+def assert_file_is(
+    mounted: Path,
+    expected: bytes,
+    qmap: list[dict[str, object]],
+    scratch: Path,
+    host_files: list[Path],
+) -> None:
     """Mounted bytes equal qemu's, and its SEEK walk agrees with qemu's map."""
     scratch.write_bytes(expected)
     assert files_equal(mounted, scratch), f"differs at {first_difference(mounted, scratch)}"
@@ -61,23 +73,35 @@ def assert_file_is(mounted: Path, expected: bytes, qmap: list[dict[str, object]]
 
 
 @pytest.mark.parametrize("kind", MOUNTED_KINDS)
-def test_mounted_image_equals_qemu(kind: str, images: ImageCache, mount: Mount,
-                                   tmp_path: Path) -> None:
+def test_mounted_image_equals_qemu(
+    kind: str, images: ImageCache, mount: Mount, tmp_path: Path
+) -> None:
     built = images.get(kind)
     mp = mount(built.image)
     assert sorted(os.listdir(mp)) == [raw_name(built.image)]
     expected = qemu_convert(built, tmp_path / "out.raw")
-    assert_file_is(mp / raw_name(built.image), expected, qemu_map_of(built), tmp_path / "q.raw",
-                   host_files_of(built.image, cwd=built.cwd))
+    assert_file_is(
+        mp / raw_name(built.image),
+        expected,
+        qemu_map_of(built),
+        tmp_path / "q.raw",
+        host_files_of(built.image, cwd=built.cwd),
+    )
 
 
-def test_snapshots_are_files_equal_to_qemu_convert_l(images: ImageCache, mount: Mount,
-                                                     tmp_path: Path) -> None:
+def test_snapshots_are_files_equal_to_qemu_convert_l(
+    images: ImageCache, mount: Mount, tmp_path: Path
+) -> None:
     built = images.get("snapshots")
     mp = mount(built.image)
     assert sorted(os.listdir(mp)) == ["disk.raw", "disk@first.raw", "disk@second.raw"]
-    assert_file_is(mp / "disk.raw", qemu_convert(built, tmp_path / "out.raw"),
-                   qemu_map_of(built), tmp_path / "q.raw", host_files_of(built.image))
+    assert_file_is(
+        mp / "disk.raw",
+        qemu_convert(built, tmp_path / "out.raw"),
+        qemu_map_of(built),
+        tmp_path / "q.raw",
+        host_files_of(built.image),
+    )
     for snap in built.snapshots:
         # convert -l reads at the current virtual size, zeros past the snapshot's.
         via_l = qemu_convert(built, tmp_path / "out.raw", snapshot=snap)
@@ -85,13 +109,18 @@ def test_snapshots_are_files_equal_to_qemu_convert_l(images: ImageCache, mount: 
         size = os.path.getsize(mp / f"disk@{snap}.raw")
         assert size == qemu_map_size(Built(copy))
         assert via_l[size:] == bytes(len(via_l) - size)
-        assert_file_is(mp / f"disk@{snap}.raw", via_l[:size], qemu_map_of(Built(copy)),
-                       tmp_path / "q.raw", host_files_of(built.image))
+        assert_file_is(
+            mp / f"disk@{snap}.raw",
+            via_l[:size],
+            qemu_map_of(Built(copy)),
+            tmp_path / "q.raw",
+            host_files_of(built.image),
+        )
 
 
 def qemu_map_size(built: Built) -> int:
     entries = qemu_map_of(built)
-    return int(entries[-1]["start"]) + int(entries[-1]["length"])  # type: ignore[call-overload]
+    return num(entries[-1]["start"]) + num(entries[-1]["length"])
 
 
 def test_no_snapshots_option_hides_them(images: ImageCache, mount: Mount) -> None:
@@ -100,21 +129,25 @@ def test_no_snapshots_option_hides_them(images: ImageCache, mount: Mount) -> Non
 
 
 @pytest.mark.parametrize("kind", ["chain3-raw-base", "extended-l2-overlay"])
-def test_no_backing_presents_the_top_layer(kind: str, images: ImageCache, mount: Mount,
-                                           tmp_path: Path) -> None:
+def test_no_backing_presents_the_top_layer(
+    kind: str, images: ImageCache, mount: Mount, tmp_path: Path
+) -> None:
     """--no-backing equals qemu reading the overlay with ``"backing": null``."""
     built = images.get(kind)
     mp = mount(built.image, options=["--no-backing"])
     expected = qemu_convert(built, tmp_path / "out.raw", no_backing=True)
-    assert_file_is(mp / raw_name(built.image), expected, qemu_map_of(built, no_backing=True),
-                   tmp_path / "q.raw",
-                   host_files_of(built.image, cwd=built.cwd, no_backing=True))
+    assert_file_is(
+        mp / raw_name(built.image),
+        expected,
+        qemu_map_of(built, no_backing=True),
+        tmp_path / "q.raw",
+        host_files_of(built.image, cwd=built.cwd, no_backing=True),
+    )
 
 
 def test_mount_refuses_a_missing_backing_file(tmp_path: Path) -> None:
     base = qemu_img_create(tmp_path / "base.qcow2", MiB)
-    top = qemu_img_create(tmp_path / "top.qcow2", MiB, f"backing_file={base}",
-                          "backing_fmt=qcow2")
+    top = qemu_img_create(tmp_path / "top.qcow2", MiB, f"backing_file={base}", "backing_fmt=qcow2")
     qemu_io(top, "write -q -P 1 0 64k")
     base.unlink()
     mp = tmp_path / "mnt"
@@ -124,7 +157,9 @@ def test_mount_refuses_a_missing_backing_file(tmp_path: Path) -> None:
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr
         [line] = proc.stderr.strip().splitlines()
-        assert str(top) in line and str(base) in line and "missing" in line, line
+        assert str(top) in line, line
+        assert str(base) in line, line
+        assert "missing" in line, line
         assert not is_mounted(mp)
     finally:
         if is_mounted(mp):

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from support import (
     KiB,
     MiB,
@@ -44,14 +45,32 @@ RSS_BOUND = 128 * MiB
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, bytes]]:
     d = tmp_path_factory.mktemp("load")
     out: dict[str, Path] = {}
-    out["disk64k"] = make_image(d / "disk64k.qcow2", 64 * MiB, seed=51, writes=60,
-                                max_len=768 * KiB)
-    out["disk4k"] = make_image(d / "disk4k.qcow2", 24 * MiB, seed=52, writes=50,
-                               options=["cluster_size=4096"], max_len=256 * KiB)
+    out["disk64k"] = make_image(
+        d / "disk64k.qcow2", 64 * MiB, seed=51, writes=60, max_len=768 * KiB
+    )
+    out["disk4k"] = make_image(
+        d / "disk4k.qcow2",
+        24 * MiB,
+        seed=52,
+        writes=50,
+        options=["cluster_size=4096"],
+        max_len=256 * KiB,
+    )
     src = make_image(d / "src.qcow2", 24 * MiB, seed=53, writes=40, max_len=512 * KiB)
     out["zstd"] = d / "zstd.qcow2"
-    run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", str(src),
-         str(out["zstd"])])
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            str(src),
+            str(out["zstd"]),
+        ]
+    )
     return {k: (p, qemu_raw(p, d / f"{k}.raw").read_bytes()) for k, p in out.items()}
 
 
@@ -73,8 +92,9 @@ def _vm_hwm(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_concurrent_readers_and_copiers(images: dict[str, tuple[Path, bytes]],
-                                        tmp_path: Path) -> None:
+def test_concurrent_readers_and_copiers(
+    images: dict[str, tuple[Path, bytes]], tmp_path: Path
+) -> None:
     names = sorted(images)
     with mounted(tmp_path / "mnt", *(p for p, _ in images.values())) as mp:
         pid = daemon_pid(mp)
@@ -94,7 +114,7 @@ def test_concurrent_readers_and_copiers(images: dict[str, tuple[Path, bytes]],
                     length = rng.randrange(1, 1024 * KiB)
                     offset = rng.randrange(0, len(expected))
                     got = _pread_full(fd, length, offset)
-                    if got != expected[offset:offset + length]:
+                    if got != expected[offset : offset + length]:
                         errors.append(f"reader {seed}: {name} [{offset}, +{length}) differs")
                         return
             except OSError as exc:
@@ -107,9 +127,14 @@ def test_concurrent_readers_and_copiers(images: dict[str, tuple[Path, bytes]],
             fd = os.open(mp / f"{name}.raw", os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
-        cps = [subprocess.Popen(["cp", "--sparse=always", str(mp / f"{name}.raw"),
-                                 str(tmp_path / f"copy{i}.raw")],
-                                stderr=subprocess.PIPE, text=True) for name, i in copies]
+        cps = [
+            subprocess.Popen(
+                ["cp", "--sparse=always", str(mp / f"{name}.raw"), str(tmp_path / f"copy{i}.raw")],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, i in copies
+        ]
         threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(READERS)]
         for t in threads:
             t.start()

@@ -19,20 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from support import (
     KiB,
     MiB,
     check_stored,
-    host_files_of,
-    oracle_data_bytes,
     daemon_pid,
     files_equal,
     force_unmount,
+    host_files_of,
     is_mounted,
     make_encrypted_image,
     make_image,
     one_line_error,
-    qemu_data_bytes,
+    oracle_data_bytes,
     qemu_io,
     qemu_map,
     qemu_raw,
@@ -55,8 +55,16 @@ CASES = [
 def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cluster_size, size, writes = request.param
     path = tmp_path_factory.mktemp("e2e") / "vm-disk.qcow2"
-    make_image(path, size, seed=cluster_size + 1, options=[f"cluster_size={cluster_size}"],
-               writes=writes, zero_writes=8, discards=8, max_len=512 * KiB)
+    make_image(
+        path,
+        size,
+        seed=cluster_size + 1,
+        options=[f"cluster_size={cluster_size}"],
+        writes=writes,
+        zero_writes=8,
+        discards=8,
+        max_len=512 * KiB,
+    )
     return path
 
 
@@ -139,8 +147,18 @@ def test_cp_sparse_always(image: Path, reference: Path, mount: Mount, tmp_path: 
 def test_tar_sparse_roundtrip(image: Path, reference: Path, mount: Mount, tmp_path: Path) -> None:
     mp = mount(image)
     archive = tmp_path / "backup.tar"
-    run(["tar", "--sparse", "--hole-detection=seek", "-cf", str(archive), "-C", str(mp),
-         "vm-disk.raw"])
+    run(
+        [
+            "tar",
+            "--sparse",
+            "--hole-detection=seek",
+            "-cf",
+            str(archive),
+            "-C",
+            str(mp),
+            "vm-disk.raw",
+        ]
+    )
     # The archive stores only the data (plus headers and sparse maps).
     data = oracle_data_bytes(image)
     assert archive.stat().st_size <= data + 2 * MiB
@@ -163,7 +181,7 @@ def test_qemu_img_convert_from_mount(
 
 
 def _read_bytes_by_fd(strace_log: str, path: str) -> tuple[int, int]:
-    """Bytes returned by read(2)/pread(2) on the descriptor that opened ``path``; SEEK_DATA calls."""
+    """Bytes read(2)/pread(2) returned on the descriptor that opened ``path``; SEEK_DATA calls."""
     fds: set[str] = set()
     total = 0
     seek_data = 0
@@ -198,8 +216,20 @@ def test_holes_are_not_read_by_cp(tmp_path: Path, mount: Mount) -> None:
     before = _daemon_io(pid)
     log = tmp_path / "strace.log"
     copy = tmp_path / "copy.raw"
-    run(["strace", "-f", "-o", str(log), "-e", "trace=openat,read,pread64,lseek",
-         "cp", "--sparse=always", str(raw), str(copy)])
+    run(
+        [
+            "strace",
+            "-f",
+            "-o",
+            str(log),
+            "-e",
+            "trace=openat,read,pread64,lseek",
+            "cp",
+            "--sparse=always",
+            str(raw),
+            str(copy),
+        ]
+    )
     read_by_cp, seek_data = _read_bytes_by_fd(log.read_text(), str(raw))
     daemon_read = _daemon_io(pid) - before
     assert seek_data > 0, "cp did not use SEEK_DATA"
@@ -231,11 +261,13 @@ def test_source_image_is_never_written(tmp_path: Path, mount: Mount) -> None:
         except OSError:
             continue
         if target == str(image):
-            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+            flags = int(
+                Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8
+            )
             assert flags & os.O_ACCMODE == os.O_RDONLY
     raw.read_bytes()
     with pytest.raises(OSError) as exc:
-        open(raw, "r+b")  # noqa: SIM115
+        open(raw, "r+b")  # noqa: SIM115  # must fail: nothing to close
     assert exc.value.errno in (errno.EROFS, errno.EACCES)
     run(["cp", "--sparse=always", str(raw), str(tmp_path / "c.raw")])
     sparsefs("umount", str(mp), check=True)
@@ -274,8 +306,9 @@ def test_eio_for_broken_range_rest_served(tmp_path: Path, mount: Mount) -> None:
         f.seek(100 * MiB)
         assert f.read(4096) == bytes(4096)
     # A copier fails loudly instead of writing a short or zero-filled copy.
-    proc = subprocess.run(["cp", "--sparse=always", str(raw), str(tmp_path / "c.raw")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["cp", "--sparse=always", str(raw), str(tmp_path / "c.raw")], capture_output=True, text=True
+    )
     assert proc.returncode != 0
     assert "Input/output error" in proc.stderr
 
@@ -288,14 +321,17 @@ def test_signal_unmounts_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     try:
         sparsefs("mount", str(image), str(mp), check=True)
         pid = daemon_pid(mp)
-        assert pid is not None and is_mounted(mp)
+        assert pid is not None
+        assert is_mounted(mp)
         os.kill(pid, sig)
         deadline = time.monotonic() + 10
         while (is_mounted(mp) or os.path.exists(f"/proc/{pid}")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not is_mounted(mp)
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(
-            f"/proc/{pid}/status").read_text()
+        assert (
+            not os.path.exists(f"/proc/{pid}")
+            or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
     finally:
         force_unmount(mp)
 
@@ -306,8 +342,10 @@ def test_foreground_mount_and_ctrl_c(tmp_path: Path) -> None:
     mp.mkdir()
     errlog = tmp_path / "stderr.log"
     with open(errlog, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "sparsefs", "mount", "--foreground",
-                                 str(image), str(mp)], stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sparsefs", "mount", "--foreground", str(image), str(mp)],
+            stderr=err,
+        )
     try:
         deadline = time.monotonic() + 15
         while not is_mounted(mp) and time.monotonic() < deadline:

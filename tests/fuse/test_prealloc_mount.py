@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from prealloc_images import BUILDERS, read_all_files
 from support import (
     MiB,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from support import MiB, make_image, qemu_data_bytes, qemu_io, qemu_map, sparsefs
 
 Mount = Callable[..., Path]
@@ -45,8 +46,17 @@ def rsync_daemon(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     )
     port = _free_port()
     log = tmp_path / "rsyncd.log"
-    proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
-                             "--address=127.0.0.1", f"--port={port}", f"--log-file={log}"])
+    proc = subprocess.Popen(
+        [
+            "rsync",
+            "--daemon",
+            "--no-detach",
+            f"--config={conf}",
+            "--address=127.0.0.1",
+            f"--port={port}",
+            f"--log-file={log}",
+        ]
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -98,12 +108,20 @@ def test_rsync_incremental_sends_only_changed_blocks(
     mp2 = mount(image)
     proc = subprocess.run(
         ["rsync", "--times", "--inplace", "--no-whole-file", "--stats", str(mp2 / "vm.raw"), url],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    literal = int(re.search(r"Literal data: ([\d,]+) bytes", proc.stdout).group(1)  # type: ignore[union-attr]
-                  .replace(",", ""))
-    sent = int(re.search(r"Total bytes sent: ([\d,]+)", proc.stdout).group(1)  # type: ignore[union-attr]
-               .replace(",", ""))
+    literal = int(
+        re.search(r"Literal data: ([\d,]+) bytes", proc.stdout)
+        .group(1)  # type: ignore[union-attr]  # rsync always prints these lines
+        .replace(",", "")
+    )
+    sent = int(
+        re.search(r"Total bytes sent: ([\d,]+)", proc.stdout)
+        .group(1)  # type: ignore[union-attr]  # rsync always prints these lines
+        .replace(",", "")
+    )
     print(f"incremental rsync: literal data {literal} bytes, total sent {sent} bytes")
     assert changed <= literal <= changed + 256 * 1024, literal
     assert sent < 4 * changed
@@ -114,12 +132,14 @@ def test_tar_sparse_stream_through_a_pipe(image: Path, mount: Mount, tmp_path: P
     mp = mount(image)
     dest = tmp_path / "other-host"
     dest.mkdir()
-    sender = subprocess.Popen(["tar", "--sparse", "-cf", "-", "-C", str(mp), "vm.raw"],
-                              stdout=subprocess.PIPE)
+    sender = subprocess.Popen(
+        ["tar", "--sparse", "-cf", "-", "-C", str(mp), "vm.raw"], stdout=subprocess.PIPE
+    )
     receiver = subprocess.run(["tar", "-xf", "-", "-C", str(dest)], stdin=sender.stdout)
     assert sender.stdout is not None
     sender.stdout.close()
-    assert sender.wait() == 0 and receiver.returncode == 0
+    assert sender.wait() == 0
+    assert receiver.returncode == 0
     copy = dest / "vm.raw"
     _verify(image, copy)
     assert copy.stat().st_blocks * 512 <= qemu_data_bytes(qemu_map(image)) + 2 * MiB

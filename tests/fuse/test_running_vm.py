@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from sparsefs.qmp import QMPClient, QMPError
 from support import (
     REPO,
     KiB,
@@ -34,8 +36,6 @@ from support import (
     run,
     sparsefs,
 )
-
-from sparsefs.qmp import QMPClient, QMPError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None, reason="needs qemu-storage-daemon"
@@ -52,14 +52,24 @@ class VM:
         self.qmp_sock = workdir / "qmp.sock"
         self.nbd_sock = workdir / "nbd.sock"
         self.proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--chardev", f"socket,id=c,path={self.qmp_sock},server=on,wait=off",
-             "--monitor", "chardev=c",
-             "--blockdev", f"driver=file,node-name=f,filename={image}",
-             "--blockdev", "driver=qcow2,node-name=disk,file=f",
-             "--nbd-server", f"addr.type=unix,addr.path={self.nbd_sock}",
-             "--export", "type=nbd,id=e,node-name=disk,name=disk,writable=on"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                "qemu-storage-daemon",
+                "--chardev",
+                f"socket,id=c,path={self.qmp_sock},server=on,wait=off",
+                "--monitor",
+                "chardev=c",
+                "--blockdev",
+                f"driver=file,node-name=f,filename={image}",
+                "--blockdev",
+                "driver=qcow2,node-name=disk,file=f",
+                "--nbd-server",
+                f"addr.type=unix,addr.path={self.nbd_sock}",
+                "--export",
+                "type=nbd,id=e,node-name=disk,name=disk,writable=on",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 20
         while not (self.qmp_sock.exists() and self.nbd_sock.exists()):
@@ -116,8 +126,9 @@ class Writer(threading.Thread):
                 self.log.append((offset, pattern))
                 self.total += 1
                 cmds += ["-c", f"write -q -P {pattern} {offset} {BLOCK}"]
-            proc = subprocess.run(["qemu-io", "-f", "raw", *cmds, self.uri],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                ["qemu-io", "-f", "raw", *cmds, self.uri], capture_output=True, text=True
+            )
             if proc.returncode != 0 or proc.stdout.strip() or proc.stderr.strip():
                 self.error = proc.stdout + proc.stderr
                 return
@@ -154,14 +165,14 @@ def consistent_prefix(start: bytes, log: list[tuple[int, int]], got: bytes) -> l
     for index, (offset, _) in enumerate(log):
         blocks.setdefault(offset, []).append(index)
     for offset in range(0, len(start), BLOCK):
-        mine = got[offset:offset + BLOCK]
+        mine = got[offset : offset + BLOCK]
         writes = blocks.get(offset, [])
         # Version v of the block holds for k in [end of write v, start of write v+1].
         ok = [False] * (n + 1)
         bounds = [-1, *writes, n]
         for v in range(len(writes) + 1):
             if v == 0:
-                value = start[offset:offset + BLOCK]
+                value = start[offset : offset + BLOCK]
             else:
                 value = bytes([log[writes[v - 1]][1]]) * BLOCK
             if mine == value:
@@ -225,8 +236,18 @@ def test_snapshot_backup_commit_while_writing(
         nodes = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes")}
         assert "top" not in nodes
     writer.stop()
-    final = run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri,
-                 str(tmp_path / "final.raw")])
+    final = run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            machine.nbd_uri,
+            str(tmp_path / "final.raw"),
+        ]
+    )
     assert final.returncode == 0
     machine.stop()
     committed = qemu_raw(image, tmp_path / "committed.raw", fmt="qcow2")
@@ -243,15 +264,29 @@ def test_backup_qmp_snapshots_backs_up_and_commits(
     image, machine, writer = vm
     writer.wait_rounds(2)
     writer.pause()
-    start = run(["qemu-img", "convert", "-f", "raw", "-O", "raw", machine.nbd_uri,
-                 str(tmp_path / "start.raw")])
+    start = run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            machine.nbd_uri,
+            str(tmp_path / "start.raw"),
+        ]
+    )
     assert start.returncode == 0
     writer.resume()
     writer.wait_rounds(1)
     dest = tmp_path / "backup"
     dest.mkdir()
-    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                           str(image), str(dest)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk", str(image), str(dest)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     writer.wait_rounds(2)
     log = list(writer.log)
@@ -280,15 +315,32 @@ def test_backup_qmp_commits_even_when_the_backup_fails(
     image, machine, writer = vm
     writer.wait_rounds(1)
     missing = tmp_path / "no-such-dir"
-    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                           str(image), str(missing)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk", str(image), str(missing)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     one_line_error(proc, "destination directory does not exist")
     # A failure inside the snapshot window (the bitmap is missing) still commits.
     dest = tmp_path / "backup"
     dest.mkdir()
-    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                           "--since", "nope", str(image), str(dest)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [
+            *LIVE,
+            "--qmp",
+            str(machine.qmp_sock),
+            "--node",
+            "disk",
+            "--since",
+            "nope",
+            str(image),
+            str(dest),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     one_line_error(proc, "no bitmap named 'nope'")
     with QMPClient(str(machine.qmp_sock)) as qmp:
         names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]
@@ -296,12 +348,20 @@ def test_backup_qmp_commits_even_when_the_backup_fails(
     assert not list(image.parent.glob(".vm.qcow2.sparsefs-overlay-*"))
     # A node that is not this image: refused before any snapshot.
     other = make_image(tmp_path / "other.qcow2", SIZE, seed=92, writes=1)
-    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                           str(other), str(dest)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk", str(other), str(dest)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     one_line_error(proc, "not this image")
     # A protocol node over the image file: refused before any snapshot.
-    proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "f",
-                           str(image), str(dest)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [*LIVE, "--qmp", str(machine.qmp_sock), "--node", "f", str(image), str(dest)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     one_line_error(proc, "not the qcow2 format node")
     writer.wait_rounds(1)
 
@@ -314,8 +374,8 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
     dest.mkdir()
     copy = qemu_raw(image, dest / "vm.raw")
     (dest / "SPARSEFS-SUMS").write_text(
-        run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"],
-            cwd=dest).stdout)
+        run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"], cwd=dest).stdout
+    )
     run(["qemu-img", "bitmap", "--add", str(image), "nightly"])
     snapshot_at = 0  # writes issued before the last snapshot, at least
     with running(image, tmp_path) as (_, machine, writer):
@@ -327,9 +387,23 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
             resumed_at = writer.total
             writer.resume()
             writer.wait_rounds(1)
-            proc = subprocess.run([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                                   "--since", "nightly", "--json", str(image), str(dest)],
-                                  capture_output=True, text=True, cwd=REPO)
+            proc = subprocess.run(
+                [
+                    *LIVE,
+                    "--qmp",
+                    str(machine.qmp_sock),
+                    "--node",
+                    "disk",
+                    "--since",
+                    "nightly",
+                    "--json",
+                    str(image),
+                    str(dest),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
             assert proc.returncode == 0, proc.stderr
             writer.wait_rounds(2)  # these writes must show up in the next night's bitmap
             log = list(writer.log)
@@ -341,11 +415,13 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
                 # Rotated: only writes after night 0's snapshot are dirty, not the older ones.
                 assert dirty <= BLOCK * (resumed_at + len(log) - snapshot_at), dirty
             snapshot_at = resumed_at + prefixes[0]
-            run([sys.executable, "-m", "sparsefs", "checksum", "--check", "SPARSEFS-SUMS"],
-                cwd=dest)
+            run(
+                [sys.executable, "-m", "sparsefs", "checksum", "--check", "SPARSEFS-SUMS"], cwd=dest
+            )
         with QMPClient(str(machine.qmp_sock)) as qmp:
-            disk = next(n for n in qmp.execute("query-named-block-nodes")
-                        if n["node-name"] == "disk")
+            disk = next(
+                n for n in qmp.execute("query-named-block-nodes") if n["node-name"] == "disk"
+            )
             names = [b["name"] for b in disk.get("dirty-bitmaps", [])]
         assert names == ["nightly"], names  # the temporary window bitmaps are gone
 
@@ -368,10 +444,24 @@ def test_backup_qmp_commits_on_interrupt(
         while True:
             os.write(write_end, b"x" * 4096)
     os.set_blocking(write_end, True)
-    proc = subprocess.Popen([*LIVE, "--qmp", str(machine.qmp_sock), "--node", "disk",
-                             "--progress", str(write_end), str(image), str(dest)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, pass_fds=(write_end,))
+    proc = subprocess.Popen(
+        [
+            *LIVE,
+            "--qmp",
+            str(machine.qmp_sock),
+            "--node",
+            "disk",
+            "--progress",
+            str(write_end),
+            str(image),
+            str(dest),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        pass_fds=(write_end,),
+    )
     os.close(write_end)
     try:
         deadline = time.monotonic() + 30
@@ -391,8 +481,7 @@ def test_backup_qmp_commits_on_interrupt(
         if proc.poll() is None:
             proc.kill()
         os.close(read_end)
-    one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
-                   "interrupted")
+    one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), "interrupted")
     assert proc.returncode == 130
     with QMPClient(str(machine.qmp_sock)) as qmp:
         names = [n["node-name"] for n in qmp.execute("query-named-block-nodes")]

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import vhdx_images as V
-from support import MiB, files_equal, first_difference, qemu_raw, run, seek_walk, sparsefs
 
+import vhdx_images as V
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
 from sparsefs.qcow2 import OpenOptions
+from support import MiB, files_equal, first_difference, qemu_raw, run, seek_walk, sparsefs
 
 Mount = Callable[..., Path]
 
@@ -87,7 +87,7 @@ def test_broken_block_is_eio_for_that_block_only(tmp_path: Path, mount: Mount) -
         for other in range(len(expected) // MiB):
             if other != block:
                 got = os.pread(fd, MiB, other * MiB)
-                assert got == expected[other * MiB:(other + 1) * MiB], other
+                assert got == expected[other * MiB : (other + 1) * MiB], other
     finally:
         os.close(fd)
 

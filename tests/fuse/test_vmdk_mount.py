@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from support import (
     check_map_agrees,
     files_equal,
@@ -32,8 +33,13 @@ from support import (
 from vmdk_images import BUILDERS
 
 Mount = Callable[..., Path]
-MOUNTED = ["streamOptimized-footer", "delta-chain", "mixed-descriptor", "zeroedGrain",
-           "monolithicFlat"]
+MOUNTED = [
+    "streamOptimized-footer",
+    "delta-chain",
+    "mixed-descriptor",
+    "zeroedGrain",
+    "monolithicFlat",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +63,9 @@ def _checksum(path: Path, *args: str) -> str:
 
 
 @pytest.mark.parametrize("kind", MOUNTED)
-def test_mounted_equals_qemu(images: dict[str, Path], kind: str, mount: Mount,
-                             tmp_path: Path) -> None:
+def test_mounted_equals_qemu(
+    images: dict[str, Path], kind: str, mount: Mount, tmp_path: Path
+) -> None:
     """Bytes (whole and odd chunks), SEEK walk, st_blocks, checksum, verify: as qemu's copy."""
     image = images[kind]
     want = qemu_raw(image, tmp_path / "want.raw", fmt="vmdk")
@@ -69,7 +76,7 @@ def test_mounted_equals_qemu(images: dict[str, Path], kind: str, mount: Mount,
     with open(mounted, "rb") as f:
         pos = 0
         while chunk := f.read(77_777):
-            assert chunk == data[pos:pos + len(chunk)], f"chunk at {pos} differs"
+            assert chunk == data[pos : pos + len(chunk)], f"chunk at {pos} differs"
             pos += len(chunk)
     segments = seek_walk(mounted)
     check_map_agrees(segments, qemu_map(image, fmt="vmdk"))
@@ -105,9 +112,11 @@ def test_backup(images: dict[str, Path], kind: str, tmp_path: Path) -> None:
 def test_cli_refusal_is_one_line(tmp_path: Path) -> None:
     """A descriptor naming a missing extent: one line naming the file, exit non-zero."""
     desc = tmp_path / "broken.vmdk"
-    desc.write_text('# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n'
-                    'createType="monolithicFlat"\n# Extent description\n'
-                    'RW 2048 FLAT "gone-flat.vmdk" 0\n')
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n# Extent description\n'
+        'RW 2048 FLAT "gone-flat.vmdk" 0\n'
+    )
     for command in ("info", "checksum", "map"):
         one_line_error(sparsefs(command, str(desc)), str(desc), "gone-flat.vmdk", "missing")
 

@@ -7,15 +7,16 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
 from format_images import BUILDERS as QCOW2_KINDS
 from format_images import ImageCache, qemu_convert
 from prealloc_images import BUILDERS as PREALLOC_KINDS
-from support import MiB, files_equal, make_image, oracle_data_bytes, qemu_raw
-
 from sparsefs.cli import backup as backup_mod
 from sparsefs.cli import main
+from support import MiB, files_equal, make_image, oracle_data_bytes, qemu_raw
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +24,21 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
     return ImageCache(tmp_path_factory.mktemp("backup-kinds"))
 
 
-def _backup(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+def _backup(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
     status = main(["backup", "--json", *args])
-    out = json.loads(capsys.readouterr().out)
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert status == (0 if out["ok"] else 1)
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 @pytest.mark.parametrize("kind", list(QCOW2_KINDS))
-def test_every_qcow2_kind_is_copied_exactly(kind: str, images: ImageCache, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_qcow2_kind_is_copied_exactly(
+    kind: str,
+    images: ImageCache,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     built = images.get(kind)
     if built.cwd is not None:
         monkeypatch.chdir(built.cwd)
@@ -47,21 +52,23 @@ def test_every_qcow2_kind_is_copied_exactly(kind: str, images: ImageCache, tmp_p
     for snap in built.snapshots:
         via_l = qemu_convert(built, tmp_path / "ref.raw", snapshot=snap)
         copy = (dest / f"{stem}@{snap}.raw").read_bytes()
-        assert copy == via_l[: len(copy)] and via_l[len(copy):].count(0) == len(via_l) - len(copy)
+        assert copy == via_l[: len(copy)]
+        assert via_l[len(copy) :].count(0) == len(via_l) - len(copy)
     sums = (dest / "SPARSEFS-SUMS").read_text()
     assert sums.count("sparsefs1:") == 1 + len(built.snapshots)
 
 
 @pytest.mark.parametrize("kind", list(PREALLOC_KINDS))
-def test_preallocated_images_copy_only_their_data(kind: str, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_preallocated_images_copy_only_their_data(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     image = PREALLOC_KINDS[kind](src)
     dest = tmp_path / "dest"
     dest.mkdir()
     out = _backup(capsys, str(image), str(dest))
-    (record,) = out["files"]  # type: ignore[misc]
+    (record,) = out["files"]
     assert record["ok"], record
     copy = dest / (image.stem + ".raw")
     assert files_equal(copy, qemu_raw(image, tmp_path / "ref.raw"))
@@ -75,14 +82,15 @@ def image(tmp_path: Path) -> Path:
     return make_image(src / "vm.qcow2", 96 * MiB, seed=77, writes=24, max_len=2 * MiB)
 
 
-def _method(out: dict[str, object]) -> str:
-    (record,) = out["files"]  # type: ignore[misc]
+def _method(out: dict[str, Any]) -> str:
+    (record,) = out["files"]
     assert record["ok"], record
     return str(record["copy-method"])
 
 
-def test_same_filesystem_uses_copy_file_range(image: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_same_filesystem_uses_copy_file_range(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     fs = backup_mod.filesystem_type(str(dest))
@@ -91,13 +99,14 @@ def test_same_filesystem_uses_copy_file_range(image: Path, tmp_path: Path,
     expected = "read-hash-write" if fs in backup_mod.REFLINK_FILESYSTEMS else "copy_file_range"
     assert _method(out) == expected
     assert files_equal(dest / "vm.raw", qemu_raw(image, tmp_path / "ref.raw"))
-    (record,) = out["files"]  # type: ignore[misc]
-    assert set(record["phase-seconds"]) == {"copy", "verify"}  # type: ignore[arg-type]
+    (record,) = out["files"]
+    assert set(record["phase-seconds"]) == {"copy", "verify"}
     assert "manifest-seconds" in out
 
 
-def test_other_filesystem_reads_hashes_and_writes(image: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_filesystem_reads_hashes_and_writes(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shm = Path("/dev/shm")
     if os.stat(shm).st_dev == os.stat(image).st_dev:
         pytest.fail("/dev/shm and the test directory must be different filesystems")
@@ -114,9 +123,9 @@ def test_other_filesystem_reads_hashes_and_writes(image: Path, tmp_path: Path,
         dest.rmdir()
 
 
-def test_refused_copy_file_range_falls_back(image: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_refused_copy_file_range_falls_back(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The kernel refuses mid-copy (EXDEV): the file is redone by read-hash-write, exact."""
     calls = []
     real = os.copy_file_range
@@ -137,20 +146,28 @@ def test_refused_copy_file_range_falls_back(image: Path, tmp_path: Path,
     assert files_equal(dest / "vm.raw", qemu_raw(image, tmp_path / "ref.raw"))
 
 
-@pytest.mark.parametrize(("fs", "reflink", "allowed"), [
-    ("ext4", "never", True), ("xfs", "never", False), ("btrfs", "never", False),
-    ("xfs", "auto", True), ("ext4", "auto", True),
-])
-def test_reflink_policy(fs: str, reflink: str, allowed: bool, image: Path,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("fs", "reflink", "allowed"),
+    [
+        ("ext4", "never", True),
+        ("xfs", "never", False),
+        ("btrfs", "never", False),
+        ("xfs", "auto", True),
+        ("ext4", "auto", True),
+    ],
+)
+def test_reflink_policy(
+    fs: str, reflink: str, allowed: bool, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(backup_mod, "filesystem_type", lambda path: fs)
     assert backup_mod._kernel_copy_allowed(str(image), str(image.parent), reflink) is allowed
     # Another filesystem: never (the kernel would refuse, or copy through the page cache).
     assert backup_mod._kernel_copy_allowed(str(image), "/dev/shm", reflink) is False
 
 
-def test_progress_fd_prints_percent_lines(image: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_fd_prints_percent_lines(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     r, w = os.pipe()
@@ -167,7 +184,9 @@ def test_progress_fd_prints_percent_lines(image: Path, tmp_path: Path,
                 os.close(fd)
     values = [int(line.removesuffix("/100")) for line in lines]
     assert all(line.endswith("/100") for line in lines)
-    assert values == sorted(set(values)) and values[0] == 0 and values[-1] == 100
+    assert values == sorted(set(values))
+    assert values[0] == 0
+    assert values[-1] == 100
     assert len(values) > 3
     assert capsys.readouterr().out == ""
 

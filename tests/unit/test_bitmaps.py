@@ -15,10 +15,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from support import KiB, MiB, one_line_error, qemu_img_create, qemu_io, run, sparsefs
 
 from sparsefs.qcow2 import open_image
 from sparsefs.qcow2.bitmaps import BitmapError, dirty_ranges, find_bitmap, list_bitmaps
+from support import KiB, MiB, one_line_error, qemu_img_create, qemu_io, run, sparsefs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nbdinfo") is None or shutil.which("qemu-nbd") is None,
@@ -28,8 +28,23 @@ pytestmark = pytest.mark.skipif(
 
 def qemu_dirty(image: Path, name: str) -> list[tuple[int, int]]:
     """Dirty ranges of bitmap ``name`` as qemu exports them, merged."""
-    out = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--",
-               "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", name, str(image), "]"]).stdout
+    out = run(
+        [
+            "nbdinfo",
+            "--json",
+            f"--map=qemu:dirty-bitmap:{name}",
+            "--",
+            "[",
+            "qemu-nbd",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            str(image),
+            "]",
+        ]
+    ).stdout
     ranges: list[tuple[int, int]] = []
     for e in json.loads(out):
         if not e["type"] & 1:
@@ -44,7 +59,7 @@ def qemu_dirty(image: Path, name: str) -> list[tuple[int, int]]:
 def qemu_bitmaps(image: Path) -> list[dict[str, object]]:
     """The bitmaps ``qemu-img info`` lists (name, granularity, flags)."""
     info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(image)]).stdout)
-    return info["format-specific"]["data"].get("bitmaps", [])  # type: ignore[no-any-return]
+    return info["format-specific"]["data"].get("bitmaps", [])  # type: ignore[no-any-return]  # qemu-img info's JSON
 
 
 def ours(image: Path, name: str) -> list[tuple[int, int]]:
@@ -53,7 +68,13 @@ def ours(image: Path, name: str) -> list[tuple[int, int]]:
 
 
 def written_image(
-    path: Path, size: int, *, cluster: int, granularity: int, seed: int, writes: int = 12,
+    path: Path,
+    size: int,
+    *,
+    cluster: int,
+    granularity: int,
+    seed: int,
+    writes: int = 12,
     backing: Path | None = None,
 ) -> Path:
     """An image with an enabled bitmap ``b`` and a disabled ``off``, then random writes.
@@ -88,8 +109,13 @@ def written_image(
     ],
 )
 def test_dirty_ranges_match_qemu(tmp_path: Path, size: int, cluster: int, granularity: int) -> None:
-    img = written_image(tmp_path / "a.qcow2", size, cluster=cluster, granularity=granularity,
-                        seed=size ^ cluster ^ granularity)
+    img = written_image(
+        tmp_path / "a.qcow2",
+        size,
+        cluster=cluster,
+        granularity=granularity,
+        seed=size ^ cluster ^ granularity,
+    )
     expected = qemu_dirty(img, "b")
     assert expected, "the writes must have dirtied something"
     assert ours(img, "b") == expected
@@ -103,8 +129,14 @@ def test_chain_top_has_the_bitmap(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     qemu_img_create(base, 8 * MiB)
     qemu_io(base, "write -q -P 1 0 8M")
-    top = written_image(tmp_path / "top.qcow2", 8 * MiB, cluster=64 * KiB,
-                        granularity=64 * KiB, seed=3, backing=base)
+    top = written_image(
+        tmp_path / "top.qcow2",
+        8 * MiB,
+        cluster=64 * KiB,
+        granularity=64 * KiB,
+        seed=3,
+        backing=base,
+    )
     expected = qemu_dirty(top, "b")
     assert expected
     assert ours(top, "b") == expected
@@ -112,8 +144,9 @@ def test_chain_top_has_the_bitmap(tmp_path: Path) -> None:
 
 def test_all_ones_table_entry(tmp_path: Path) -> None:
     """A table entry with no offset and bit 0 set reads as a cluster of ones."""
-    img = written_image(tmp_path / "a.qcow2", 8 * MiB, cluster=512, granularity=512, seed=5,
-                        writes=2)
+    img = written_image(
+        tmp_path / "a.qcow2", 8 * MiB, cluster=512, granularity=512, seed=5, writes=2
+    )
     table_offset = _dir_entry_field(img, "b", 0, ">Q")
     _patch(img, table_offset + 8, struct.pack(">Q", 1))
     expected = qemu_dirty(img, "b")
@@ -122,19 +155,24 @@ def test_all_ones_table_entry(tmp_path: Path) -> None:
 
 
 def test_info_lists_bitmaps_like_qemu_img(tmp_path: Path) -> None:
-    img = written_image(tmp_path / "a.qcow2", 4 * MiB, cluster=64 * KiB,
-                        granularity=128 * KiB, seed=1)
+    img = written_image(
+        tmp_path / "a.qcow2", 4 * MiB, cluster=64 * KiB, granularity=128 * KiB, seed=1
+    )
     info = json.loads(sparsefs("info", "--output=json", str(img), check=True).stdout)
-    want = [{"name": b["name"], "granularity": b["granularity"], "flags": b["flags"]}
-            for b in qemu_bitmaps(img)]
+    want = [
+        {"name": b["name"], "granularity": b["granularity"], "flags": b["flags"]}
+        for b in qemu_bitmaps(img)
+    ]
     assert info["bitmaps"] == want
     text = sparsefs("info", str(img), check=True).stdout
     assert "bitmaps:" in text
     assert "131072" in text
     _set_flags(img, "b", 0x3)  # in_use + auto, as a QEMU holding the image leaves it
     info = json.loads(sparsefs("info", "--output=json", str(img), check=True).stdout)
-    want = [{"name": b["name"], "granularity": b["granularity"], "flags": b["flags"]}
-            for b in qemu_bitmaps(img)]
+    want = [
+        {"name": b["name"], "granularity": b["granularity"], "flags": b["flags"]}
+        for b in qemu_bitmaps(img)
+    ]
     assert info["bitmaps"] == want
     assert "in-use" in info["bitmaps"][0]["flags"]
 
@@ -148,8 +186,9 @@ def test_no_bitmaps(tmp_path: Path) -> None:
 
 def test_autoclear_bit_clear_means_no_bitmaps(tmp_path: Path) -> None:
     """A program without bitmap support cleared the autoclear bit: the bitmaps are stale."""
-    img = written_image(tmp_path / "a.qcow2", MiB, cluster=64 * KiB, granularity=64 * KiB,
-                        seed=2, writes=2)
+    img = written_image(
+        tmp_path / "a.qcow2", MiB, cluster=64 * KiB, granularity=64 * KiB, seed=2, writes=2
+    )
     autoclear = struct.unpack(">Q", img.read_bytes()[88:96])[0]
     _patch(img, 88, struct.pack(">Q", autoclear & ~1))
     with open_image(img) as im:
@@ -161,8 +200,9 @@ def test_autoclear_bit_clear_means_no_bitmaps(tmp_path: Path) -> None:
 
 
 def test_in_use_refused_even_with_force_share(tmp_path: Path) -> None:
-    img = written_image(tmp_path / "a.qcow2", MiB, cluster=64 * KiB, granularity=64 * KiB,
-                        seed=4, writes=2)
+    img = written_image(
+        tmp_path / "a.qcow2", MiB, cluster=64 * KiB, granularity=64 * KiB, seed=4, writes=2
+    )
     _set_flags(img, "b", 0x3)
     with open_image(img) as im, pytest.raises(BitmapError, match="in use"):
         list(dirty_ranges(im, find_bitmap(im, "b")))
@@ -187,8 +227,9 @@ def _corrupt_cases() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("case", "needle"), _corrupt_cases(), ids=[c for c, _ in _corrupt_cases()])
 def test_corrupt_bitmaps_one_line_error(tmp_path: Path, case: str, needle: str) -> None:
-    img = written_image(tmp_path / "a.qcow2", MiB, cluster=64 * KiB, granularity=64 * KiB,
-                        seed=6, writes=3)
+    img = written_image(
+        tmp_path / "a.qcow2", MiB, cluster=64 * KiB, granularity=64 * KiB, seed=6, writes=3
+    )
     before = img.read_bytes()
     dir_offset, dir_pos, ext_pos = _directory(img)
     entry = dir_offset  # first entry ("b")

@@ -21,11 +21,19 @@ import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from sparsefs import checksum as C
+from sparsefs.cli.checksum import format_line, parse_manifest_line
+from sparsefs.errors import ImageReadError
+from sparsefs.extents import Extent
+from sparsefs.progress import Progress, human_bytes, human_duration
+from sparsefs.raw import RawFile
 from support import (
     SPARSEFS,
     KiB,
     MiB,
     make_image,
+    num,
     oracle_data_bytes,
     qemu_img_create,
     qemu_io,
@@ -35,13 +43,6 @@ from support import (
     seek_walk,
     sparsefs,
 )
-
-from sparsefs import checksum as C
-from sparsefs.cli.checksum import format_line, parse_manifest_line
-from sparsefs.errors import ImageReadError
-from sparsefs.extents import Extent
-from sparsefs.progress import Progress, human_bytes, human_duration
-from sparsefs.raw import RawFile
 
 BLOCK = 1 * MiB  # the documented block size
 
@@ -62,8 +63,7 @@ def reference_digest(path: Path, block_size: int = BLOCK) -> str:
 
 def reference_digest_bytes(data: bytes, block_size: int) -> str:
     fold = xxhash.xxh3_128()
-    fold.update(b"sparsefs1\0" + len(data).to_bytes(8, "little")
-                + block_size.to_bytes(8, "little"))
+    fold.update(b"sparsefs1\0" + len(data).to_bytes(8, "little") + block_size.to_bytes(8, "little"))
     for pos in range(0, len(data), block_size):
         fold.update(xxhash.xxh3_128(data[pos : pos + block_size]).digest())
     return "sparsefs1:" + fold.hexdigest()
@@ -100,12 +100,22 @@ def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
 
 def _plain(d: Path) -> Path:
     # Not a multiple of the block size: the last block is short.
-    img = make_image(d / "plain.qcow2", 22 * MiB + 7 * 512, seed=41, writes=24, zero_writes=5,
-                     discards=5, max_len=1536 * KiB)
+    img = make_image(
+        d / "plain.qcow2",
+        22 * MiB + 7 * 512,
+        seed=41,
+        writes=24,
+        zero_writes=5,
+        discards=5,
+        max_len=1536 * KiB,
+    )
     rnd = d / "random.bin"
     rnd.write_bytes(random.Random(7).randbytes(3 * MiB))
-    qemu_io(img, f"write -q -s {rnd} {5 * MiB + 4096} {3 * MiB}",
-            f"write -q -s {rnd} {22 * MiB + 3 * 512} {2048}")  # data in the short last block
+    qemu_io(
+        img,
+        f"write -q -s {rnd} {5 * MiB + 4096} {3 * MiB}",
+        f"write -q -s {rnd} {22 * MiB + 3 * 512} {2048}",
+    )  # data in the short last block
     return img
 
 
@@ -119,23 +129,57 @@ def _compressed(d: Path) -> Path:
 def _compressed_zstd(d: Path) -> Path:
     src = _plain(d)
     out = d / "zstd.qcow2"
-    run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
-         str(src), str(out)])
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            str(src),
+            str(out),
+        ]
+    )
     return out
 
 
 def _backing_chain(d: Path) -> Path:
     base = make_image(d / "base.qcow2", 18 * MiB, seed=5, writes=20, max_len=1 * MiB)
-    mid = make_image(d / "mid.qcow2", 18 * MiB, seed=6, writes=8, zero_writes=3, discards=2,
-                     backing=str(base), backing_fmt="qcow2")
-    return make_image(d / "top.qcow2", 20 * MiB + 512, seed=7, writes=8, zero_writes=3,
-                      discards=3, backing=str(mid), backing_fmt="qcow2")
+    mid = make_image(
+        d / "mid.qcow2",
+        18 * MiB,
+        seed=6,
+        writes=8,
+        zero_writes=3,
+        discards=2,
+        backing=str(base),
+        backing_fmt="qcow2",
+    )
+    return make_image(
+        d / "top.qcow2",
+        20 * MiB + 512,
+        seed=7,
+        writes=8,
+        zero_writes=3,
+        discards=3,
+        backing=str(mid),
+        backing_fmt="qcow2",
+    )
 
 
 def _extended_l2(d: Path) -> Path:
-    return make_image(d / "subclusters.qcow2", 17 * MiB + 3 * 512, seed=9,
-                      options=["extended_l2=on", "cluster_size=128k"], writes=30,
-                      zero_writes=6, discards=6, max_len=200 * KiB)
+    return make_image(
+        d / "subclusters.qcow2",
+        17 * MiB + 3 * 512,
+        seed=9,
+        options=["extended_l2=on", "cluster_size=128k"],
+        writes=30,
+        zero_writes=6,
+        discards=6,
+        max_len=200 * KiB,
+    )
 
 
 KINDS = {
@@ -189,8 +233,7 @@ def test_image_digest_equals_every_copy(image: Path, tmp_path: Path) -> None:
 def test_stream_xxh128_equals_xxh128sum(image: Path, tmp_path: Path) -> None:
     raw = qemu_raw(image, tmp_path / "disk.raw")
     expected = xxh128sum(raw)
-    proc = sparsefs("checksum", "--quiet", "--stream-xxh128", "disk.raw", check=True,
-                    cwd=tmp_path)
+    proc = sparsefs("checksum", "--quiet", "--stream-xxh128", "disk.raw", check=True, cwd=tmp_path)
     assert proc.stdout.rstrip("\n") == expected  # the whole line: DIGEST  NAME
     img_line = sparsefs("checksum", "--quiet", "--stream-xxh128", str(image), check=True).stdout
     assert img_line.split("  ")[0] == expected.split("  ")[0]
@@ -216,13 +259,13 @@ def test_verify_equal(image: Path, tmp_path: Path) -> None:
 
 def _spots(image: Path) -> dict[str, int]:
     qmap = qemu_map(image)
-    data = next(e for e in qmap if e["data"] and not e["zero"] and int(e["length"]) > 2)
-    hole = next(e for e in qmap if not e["data"] and int(e["length"]) > 2)
-    size = int(qmap[-1]["start"]) + int(qmap[-1]["length"])
+    data = next(e for e in qmap if e["data"] and not e["zero"] and num(e["length"]) > 2)
+    hole = next(e for e in qmap if not e["data"] and num(e["length"]) > 2)
+    size = num(qmap[-1]["start"]) + num(qmap[-1]["length"])
     assert size % BLOCK, "the image must end in a short block"
     return {
-        "data": int(data["start"]) + int(data["length"]) // 2,
-        "hole": int(hole["start"]) + int(hole["length"]) // 2,
+        "data": num(data["start"]) + num(data["length"]) // 2,
+        "hole": num(hole["start"]) + num(hole["length"]) // 2,
         "last-partial-block": size - 3,
     }
 
@@ -234,8 +277,9 @@ def test_flipped_byte_found_by_verify_and_check(
     img, raw = plain
     offset = _spots(img)[where]
     manifest = tmp_path / "SUMS"
-    manifest.write_text(sparsefs("checksum", "-q", str(img), check=True).stdout.replace(
-        str(img), str(copy)))
+    manifest.write_text(
+        sparsefs("checksum", "-q", str(img), check=True).stdout.replace(str(img), str(copy))
+    )
     assert sparsefs("checksum", "--check", str(manifest)).returncode == 0
 
     in_data = any(s <= offset < e for s, e in seek_walk(copy))
@@ -246,8 +290,13 @@ def test_flipped_byte_found_by_verify_and_check(
     diff = json.loads(proc.stdout)["difference"]
     size = raw.stat().st_size
     block = offset // BLOCK
-    assert diff == {"kind": "content", "block": block, "start": block * BLOCK,
-                    "end": min((block + 1) * BLOCK, size), "offset": offset}
+    assert diff == {
+        "kind": "content",
+        "block": block,
+        "start": block * BLOCK,
+        "end": min((block + 1) * BLOCK, size),
+        "offset": offset,
+    }
     text = sparsefs("verify", "--quiet", str(img), str(copy))
     assert text.returncode == 1
     assert f"byte {offset}," in text.stdout
@@ -261,8 +310,9 @@ def test_flipped_byte_found_by_verify_and_check(
 
 
 @pytest.mark.parametrize("change", ["truncated", "extended-by-zeros", "extended-by-data"])
-def test_wrong_length_is_a_difference(plain: tuple[Path, Path], copy: Path, change: str,
-                                      tmp_path: Path) -> None:
+def test_wrong_length_is_a_difference(
+    plain: tuple[Path, Path], copy: Path, change: str, tmp_path: Path
+) -> None:
     img, raw = plain
     size = raw.stat().st_size
     manifest = tmp_path / "SUMS"
@@ -300,22 +350,27 @@ def test_verify_exit_2_on_errors(plain: tuple[Path, Path], tmp_path: Path) -> No
         proc = sparsefs("verify", "-q", *argv)
         assert proc.returncode == 2, (name, proc.stderr)
         assert proc.stdout == "", name
-        assert len(proc.stderr.splitlines()) == 1 and needle in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1, (name, proc.stderr)
+        assert needle in proc.stderr, (name, proc.stderr)
         no_traceback(proc)
     # -f raw reads IMAGE as raw: the qemu raw output then verifies against itself.
     assert sparsefs("verify", "-q", "-f", "raw", str(raw), str(raw)).returncode == 0
 
 
 def test_checksum_missing_file(plain: tuple[Path, Path], tmp_path: Path) -> None:
-    img, raw = plain
+    _img, raw = plain
     proc = sparsefs("checksum", "-q", str(tmp_path / "gone.raw"), str(raw))
     assert proc.returncode == 1
     assert proc.stdout == format_line(reference_digest(raw), str(raw)) + "\n"
     assert proc.stderr.strip() == f"sparsefs: {tmp_path / 'gone.raw'}: no such file"
 
     manifest = tmp_path / "SUMS"
-    manifest.write_text(format_line(reference_digest(raw), str(tmp_path / "gone.raw")) + "\n"
-                        + format_line(reference_digest(raw), str(raw)) + "\n")
+    manifest.write_text(
+        format_line(reference_digest(raw), str(tmp_path / "gone.raw"))
+        + "\n"
+        + format_line(reference_digest(raw), str(raw))
+        + "\n"
+    )
     check = sparsefs("checksum", "--check", str(manifest))
     assert check.returncode == 1
     assert check.stdout == f"{tmp_path / 'gone.raw'}: FAILED open or read\n{raw}: OK\n"
@@ -357,7 +412,7 @@ def test_raw_copy_starting_with_a_qcow2_header_is_raw(tmp_path: Path) -> None:
 def test_check_reads_xxh128sum_manifests_and_xxh128sum_reads_ours(
     plain: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    img, raw = plain
+    _img, raw = plain
     work = tmp_path / "w"
     work.mkdir()
     shutil.copyfile(raw, work / "a.raw")
@@ -371,8 +426,9 @@ def test_check_reads_xxh128sum_manifests_and_xxh128sum_reads_ours(
         assert proc.returncode == 0, proc.stderr
         assert all(line.endswith(": OK") for line in proc.stdout.splitlines()), proc.stdout
 
-    ours = sparsefs("checksum", "-q", "--stream-xxh128", "a.raw", "odd name\\x.raw",
-                    check=True, cwd=work).stdout
+    ours = sparsefs(
+        "checksum", "-q", "--stream-xxh128", "a.raw", "odd name\\x.raw", check=True, cwd=work
+    ).stdout
     assert ours == gnu
     (work / "OURS").write_text(ours)
     run(["xxh128sum", "-c", "OURS"], cwd=work)
@@ -384,26 +440,47 @@ def test_names_that_are_not_utf8(plain: tuple[Path, Path], tmp_path: Path) -> No
     name = b"bad\xffname.raw"
     shutil.copyfile(raw, os.path.join(os.fsencode(tmp_path), name))
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
-    out = subprocess.run([*SPARSEFS, "checksum", "-q", os.fsdecode(name)], cwd=tmp_path,
-                         env=env, capture_output=True, check=True).stdout
+    out = subprocess.run(
+        [*SPARSEFS, "checksum", "-q", os.fsdecode(name)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        check=True,
+    ).stdout
     assert out == reference_digest(raw).encode() + b"  " + name + b"\n"
     (tmp_path / "SUMS").write_bytes(out)
-    check = subprocess.run([*SPARSEFS, "checksum", "-c", "SUMS"], cwd=tmp_path, env=env,
-                           capture_output=True)
+    check = subprocess.run(
+        [*SPARSEFS, "checksum", "-c", "SUMS"], cwd=tmp_path, env=env, capture_output=True
+    )
     assert (check.returncode, check.stdout, check.stderr) == (0, name + b": OK\n", b"")
 
 
 def test_manifest_lines_round_trip() -> None:
     digest = "sparsefs1:" + "0123456789abcdef" * 2
-    for name in ("plain.raw", "with space.raw", "back\\slash", "new\nline", "cr\rname",
-                 " lead", "*star"):
+    for name in (
+        "plain.raw",
+        "with space.raw",
+        "back\\slash",
+        "new\nline",
+        "cr\rname",
+        " lead",
+        "*star",
+    ):
         entry = parse_manifest_line(format_line(digest, name))
-        assert entry is not None and (entry.digest, entry.name) == (digest, name)
+        assert entry is not None
+        assert (entry.digest, entry.name) == (digest, name)
     entry = parse_manifest_line("ABCDEF0123456789ABCDEF0123456789 *bin.raw")
-    assert entry is not None and entry.stream and entry.name == "bin.raw"
+    assert entry is not None
+    assert entry.stream
+    assert entry.name == "bin.raw"
     assert entry.digest == "abcdef0123456789abcdef0123456789"
-    for bad in ("", "sparsefs1:abc  x", "0123  x", "sparsefs1:" + "0" * 32 + " x",
-                "XXH64 (x) = 0123456789abcdef"):
+    for bad in (
+        "",
+        "sparsefs1:abc  x",
+        "0123  x",
+        "sparsefs1:" + "0" * 32 + " x",
+        "XXH64 (x) = 0123456789abcdef",
+    ):
         assert parse_manifest_line(bad) is None, bad
 
 
@@ -412,11 +489,13 @@ def test_checksum_json(plain: tuple[Path, Path]) -> None:
     proc = sparsefs("checksum", "--json", str(img), str(raw), check=True)
     records = json.loads(proc.stdout)
     size = raw.stat().st_size
-    assert [(r["file"], r["format"], r["algorithm"], r["digest"], r["size"]) for r in records] \
-        == [(str(img), "qcow2", "sparsefs1", reference_digest(raw), size),
-            (str(raw), "raw", "sparsefs1", reference_digest(raw), size)]
+    assert [(r["file"], r["format"], r["algorithm"], r["digest"], r["size"]) for r in records] == [
+        (str(img), "qcow2", "sparsefs1", reference_digest(raw), size),
+        (str(raw), "raw", "sparsefs1", reference_digest(raw), size),
+    ]
     verify = json.loads(sparsefs("verify", "--json", str(img), str(raw)).stdout)
-    assert verify["equal"] is True and verify["digest"] == reference_digest(raw)
+    assert verify["equal"] is True
+    assert verify["digest"] == reference_digest(raw)
 
 
 def test_no_progress_bar_when_not_a_tty(plain: tuple[Path, Path]) -> None:
@@ -463,8 +542,11 @@ def sources(draw: st.DrawFn) -> MemSource:
         kind = draw(st.sampled_from(["data", "data-zeros", "hole", "known-zero"]))
         if kind == "data":
             data[pos : pos + n] = draw(st.binary(min_size=n, max_size=n))
-        extents.append(Extent(pos, n, data=kind in ("data", "data-zeros", "known-zero"),
-                              zero=kind == "known-zero"))
+        extents.append(
+            Extent(
+                pos, n, data=kind in ("data", "data-zeros", "known-zero"), zero=kind == "known-zero"
+            )
+        )
         pos += n
     return MemSource(bytes(data), extents)
 
@@ -490,8 +572,9 @@ def test_stream_matches_xxh128_of_bytes(src: MemSource) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(src=sources(), block_size=st.sampled_from([1, 16, 64, 100]), data=st.data())
-def test_compare_names_the_first_difference(src: MemSource, block_size: int,
-                                            data: st.DataObject) -> None:
+def test_compare_names_the_first_difference(
+    src: MemSource, block_size: int, data: st.DataObject
+) -> None:
     other = bytearray(src.data)
     flips = data.draw(st.lists(st.integers(0, max(0, len(other) - 1)), max_size=3))
     for i in flips if other else ():
@@ -500,21 +583,28 @@ def test_compare_names_the_first_difference(src: MemSource, block_size: int,
     diff, result = C.compare(src, copy, block_size=block_size)
     changed = [i for i in range(len(other)) if other[i] != src.data[i]]
     if not changed:
-        assert diff is None and result is not None
+        assert diff is None
+        assert result is not None
         assert result.digest == reference_digest_bytes(src.data, block_size)
         return
     first = changed[0]
     block = first // block_size
     assert diff is not None
     assert (diff.block, diff.start, diff.end, diff.offset) == (
-        block, block * block_size, min((block + 1) * block_size, len(other)), first)
+        block,
+        block * block_size,
+        min((block + 1) * block_size, len(other)),
+        first,
+    )
 
 
 def test_compare_different_lengths_reads_nothing() -> None:
     a = MemSource(b"abc" * 10, [Extent(0, 30, data=True)])
     b = MemSource(b"abc" * 10 + b"\0", [Extent(0, 31, data=True)])
     diff, result = C.compare(a, b)
-    assert result is None and diff is not None and diff.length_differs
+    assert result is None
+    assert diff is not None
+    assert diff.length_differs
     assert (diff.size_a, diff.size_b, diff.block) == (30, 31, None)
     assert a.reads == b.reads == []
 
@@ -523,9 +613,11 @@ def test_stored_zeros_hash_like_a_hole() -> None:
     size = 3 * 64 + 10
     hole = MemSource(bytes(size), [Extent(0, size, data=False, zero=True)])
     stored = MemSource(bytes(size), [Extent(0, size, data=True)])
-    assert C.block_digest(hole, block_size=64).digest \
-        == C.block_digest(stored, block_size=64).digest \
+    assert (
+        C.block_digest(hole, block_size=64).digest
+        == C.block_digest(stored, block_size=64).digest
         == reference_digest_bytes(bytes(size), 64)
+    )
     assert hole.reads == []
 
 
@@ -557,8 +649,9 @@ def test_large_hole_costs_no_reads() -> None:
     result = C.block_digest(src)
     assert src.reads == [(12345678, 1)]
     nb = size // BLOCK
-    fold = xxhash.xxh3_128(b"sparsefs1\0" + size.to_bytes(8, "little")
-                           + BLOCK.to_bytes(8, "little"))
+    fold = xxhash.xxh3_128(
+        b"sparsefs1\0" + size.to_bytes(8, "little") + BLOCK.to_bytes(8, "little")
+    )
     zero = xxhash.xxh3_128_digest(bytes(BLOCK))
     one = bytearray(BLOCK)
     one[12345678 % BLOCK] = 1
@@ -647,7 +740,8 @@ def test_progress_line_rate_and_eta() -> None:
     assert " 20% 200 MiB / 1000 MiB  100 MiB/s  ETA 0:08" in line
     assert len(line) <= 99
     bar.update(1000 * MiB)
-    assert "100%" in bar.line() and "ETA 0:00" in bar.line()
+    assert "100%" in bar.line()
+    assert "ETA 0:00" in bar.line()
 
 
 def test_progress_silent_when_not_a_tty_or_quiet() -> None:
@@ -665,12 +759,18 @@ def test_progress_silent_when_not_a_tty_or_quiet() -> None:
 
 
 def test_progress_narrow_terminal_and_long_label() -> None:
-    bar = Progress(100, label="/very/long/path/" * 10 + "disk.raw", stream=FakeTTY(),
-                   clock=FakeClock(), width=70)
+    bar = Progress(
+        100,
+        label="/very/long/path/" * 10 + "disk.raw",
+        stream=FakeTTY(),
+        clock=FakeClock(),
+        width=70,
+    )
     bar.update(50)
     line = bar.line()
     assert len(line) <= 69
-    assert line.startswith("...") and "disk.raw [" in line
+    assert line.startswith("...")
+    assert "disk.raw [" in line
 
 
 def test_human_units() -> None:

@@ -18,9 +18,9 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from conformance import capped_address_space, check_conformance, fuzz_loop
 from format_builders import BUILDERS, FmtCache, FmtImage
-
 from sparsefs.formats import detect, open_source
 from sparsefs.qcow2.image import OpenOptions
 
@@ -49,7 +49,7 @@ def test_raw_is_never_probed_into(built: FmtCache, tmp_path: Path) -> None:
     try:
         assert source.read(0, 512) == vhd.read_bytes()[:512]
     finally:
-        source.close()  # type: ignore[attr-defined]
+        source.close()  # type: ignore[attr-defined]  # every opened image has close()
 
 
 # -- fuzz ---------------------------------------------------------------------------------
@@ -112,8 +112,23 @@ def _mutate(buf: bytearray, rng: random.Random) -> str:
         code = {2: "H", 4: "I", 8: "Q"}[width]
         limit = 1 << (8 * width)
         old = struct.unpack_from(order + code, buf, at)[0]
-        value = rng.choice([0, 1, limit - 1, limit - 2, old + 1, old - 1, old * 2,
-                            len(buf) // 512, len(buf), rng.randrange(limit)]) % limit
+        value = (
+            rng.choice(
+                [
+                    0,
+                    1,
+                    limit - 1,
+                    limit - 2,
+                    old + 1,
+                    old - 1,
+                    old * 2,
+                    len(buf) // 512,
+                    len(buf),
+                    rng.randrange(limit),
+                ]
+            )
+            % limit
+        )
         struct.pack_into(order + code, buf, at, value)
         what = f"u{8 * width} at {at:#x}: {old:#x} -> {value:#x}"
     if is_vhd and rng.random() < 0.7:

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from hostile_images import (
     SNAPSHOT_DAMAGES,
     SNAPSHOT_FIELDS,
@@ -27,11 +28,10 @@ from hostile_images import (
     damage_snapshots,
     put,
 )
-from support import one_line_error, qemu_raw, sparsefs
-
 from sparsefs.cli.mount import open_mount_set
 from sparsefs.errors import ImageFormatError
-from sparsefs.qcow2 import OpenOptions, open_image
+from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
+from support import one_line_error, qemu_raw, sparsefs
 
 SNAPSHOTS = ("first", "second")
 
@@ -84,8 +84,10 @@ def test_damaged_snapshot_costs_only_itself(
         assert image.read(0, image.size) == expected_active
         problem = image.snapshot_table_problem
         if "*" in damage.damaged:
-            assert problem is not None and damage.words in problem
-            assert problem.startswith(f"{path}: ") and "\n" not in problem
+            assert problem is not None
+            assert damage.words in problem
+            assert problem.startswith(f"{path}: ")
+            assert "\n" not in problem
             assert image.snapshots == []
         else:
             assert problem is None
@@ -96,7 +98,8 @@ def test_damaged_snapshot_costs_only_itself(
                         image.open_snapshot(snap)
                     message = str(info.value)
                     assert message == image.snapshot_problem(snap)
-                    assert message.startswith(f"{path}: snapshot ") and damage.words in message
+                    assert message.startswith(f"{path}: snapshot ")
+                    assert damage.words in message
                     assert "\n" not in message
                     # QEMU refuses it too, or reads it as zeros (a kept difference).
                     got = qemu_convert(path, tmp_path / "qemu-damaged.raw", snap.name or None)
@@ -115,12 +118,16 @@ def test_damaged_snapshot_costs_only_itself(
     try:
         assert [name for name, _ in mset.damaged] == damaged_names(damage)
         for name, message in mset.damaged:
-            assert message.startswith(f"{path}: ") and "\n" not in message
+            assert message.startswith(f"{path}: ")
+            assert "\n" not in message
             assert damage.words in message
             if "*" not in name:
-                assert "snapshot " in message and name in message
-        expected_files = ["snapshots.raw", *(f"snapshots@{s}.raw" for s in
-                                             intact_snapshots(damage))]
+                assert "snapshot " in message
+                assert name in message
+        expected_files = [
+            "snapshots.raw",
+            *(f"snapshots@{s}.raw" for s in intact_snapshots(damage)),
+        ]
         assert sorted(mset.files) == sorted(expected_files)
         assert mset.files["snapshots.raw"].read(0, len(expected_active)) == expected_active
     finally:
@@ -129,14 +136,20 @@ def test_damaged_snapshot_costs_only_itself(
     # --no-snapshots: the table is never read.
     mset = open_mount_set([str(path)], OpenOptions(), snapshots=False)
     try:
-        assert list(mset.files) == ["snapshots.raw"] and mset.damaged == []
-        assert mset.images[0].qfile._snapshot_table is None
+        assert list(mset.files) == ["snapshots.raw"]
+        assert mset.damaged == []
+        top = mset.images[0]
+        assert isinstance(top, Qcow2Image)
+        assert top.qfile._snapshot_table is None
     finally:
         mset.close()
 
 
-@pytest.mark.parametrize("damage", [d for d in SNAPSHOT_DAMAGES if d.name in (
-    "l1-offset-unaligned", "table-past-end")], ids=lambda d: d.name)
+@pytest.mark.parametrize(
+    "damage",
+    [d for d in SNAPSHOT_DAMAGES if d.name in ("l1-offset-unaligned", "table-past-end")],
+    ids=lambda d: d.name,
+)
 def test_cli_shows_damaged_snapshots(
     damage: SnapshotDamage, intact: Path, intact_raw: dict[str | None, bytes], tmp_path: Path
 ) -> None:
@@ -147,12 +160,14 @@ def test_cli_shows_damaged_snapshots(
     info = json.loads(proc.stdout)
     text = sparsefs("info", str(path), check=True).stdout
     if "*" in damage.damaged:
-        assert damage.words in info["snapshot-table-damaged"] and info["snapshots"] == []
+        assert damage.words in info["snapshot-table-damaged"]
+        assert info["snapshots"] == []
         assert "snapshots: damaged: " in text
     else:
         assert info["snapshot-table-damaged"] is None
         states = {s["name"]: s["damaged"] for s in info["snapshots"]}
-        assert states["second"] is None and damage.words in states["first"]
+        assert states["second"] is None
+        assert damage.words in states["first"]
         assert "damaged: " in next(line for line in text.splitlines() if " first " in line)
         one_line_error(sparsefs("map", "-l", "first", str(path)), str(path), "snapshot 'first'")
         assert sparsefs("map", "-l", "second", str(path)).returncode == 0

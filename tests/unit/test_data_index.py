@@ -18,6 +18,7 @@ from support import (
     MiB,
     host_files_of,
     make_image,
+    num,
     qemu_img_create,
     qemu_io,
     qemu_map,
@@ -164,7 +165,7 @@ async def _handlers_agree(image: Path) -> None:
         qmap = qemu_map(image)
         offsets = {0, src.size - 1, src.size, src.size + 1}
         for ent in qmap:
-            start = int(ent["start"])  # type: ignore[call-overload]
+            start = num(ent["start"])
             offsets.update((start - 1, start, start + 1))
         for off in sorted(o for o in offsets if o >= 0):
             for whence in (os.SEEK_DATA, os.SEEK_HOLE):
@@ -178,8 +179,8 @@ async def _handlers_agree(image: Path) -> None:
                 if off >= src.size:
                     assert answers[1] == -errno.ENXIO
         for ent in qmap:
-            start = int(ent["start"])  # type: ignore[call-overload]
-            length = min(int(ent["length"]), MiB)  # type: ignore[call-overload]
+            start = num(ent["start"])
+            length = min(num(ent["length"]), MiB)
             got = bytes(await warm.read(inode, start, length))
             assert got == src.read(start, length)
             if not ent["data"]:
@@ -205,5 +206,5 @@ def test_direct_io_for_mostly_holes_page_cache_for_mostly_data(tmp_path: Path) -
             ops.precompute()
             assert tuple(ops.uses_page_cache(i) for i in inodes) == after
             for inode, cached in zip(inodes, after, strict=True):
-                info = trio.run(ops.open, inode, os.O_RDONLY, None)  # type: ignore[arg-type]
+                info = trio.run(ops.open, inode, os.O_RDONLY, None)  # type: ignore[arg-type]  # open() ignores ctx
                 assert info.direct_io == (not cached)

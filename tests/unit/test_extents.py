@@ -95,8 +95,15 @@ def test_data_size_counts_only_data() -> None:
 
 
 def test_coalesce_merges_touching_runs_of_one_kind() -> None:
-    runs = [Extent(0, 10, True), Extent(10, 5, True), Extent(15, 5, False, True),
-            Extent(20, 5, False, True), Extent(25, 5, True, True)]
+    runs = [
+        Extent(0, 10, True),
+        Extent(10, 5, True),
+        Extent(15, 5, False, True),
+        Extent(20, 5, False, True),
+        Extent(25, 5, True, True),
+    ]
     assert list(coalesce(iter(runs))) == [
-        Extent(0, 15, True), Extent(15, 10, False, True), Extent(25, 5, True, True)
+        Extent(0, 15, True),
+        Extent(15, 10, False, True),
+        Extent(25, 5, True, True),
     ]

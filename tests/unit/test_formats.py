@@ -11,6 +11,7 @@ one line that names the file and the problem.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from format_images import (
     BUILDERS,
     Built,
@@ -30,21 +32,6 @@ from format_images import (
     qemu_info,
     qemu_map_of,
 )
-from support import (
-    KiB,
-    MiB,
-    check_map_agrees,
-    check_stored,
-    host_files_of,
-    stored_segments,
-    make_encrypted_image,
-    qemu_data_bytes,
-    qemu_img_create,
-    qemu_io,
-    run,
-    sparsefs,
-)
-
 from sparsefs.cli import main
 from sparsefs.cli.mount import open_mount_set, snapshot_file_names
 from sparsefs.errors import (
@@ -56,14 +43,33 @@ from sparsefs.errors import (
 from sparsefs.extents import Extent
 from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
 from sparsefs.qcow2.image import RUN_COMPRESSED
+from support import (
+    KiB,
+    MiB,
+    check_map_agrees,
+    check_stored,
+    host_files_of,
+    make_encrypted_image,
+    qemu_img_create,
+    qemu_io,
+    run,
+    sparsefs,
+    stored_segments,
+)
 
-SNAPSHOT_CASES = [("snapshots", "first"), ("snapshots", "second"),
-                  ("snapshots-overlay", "before")]
+SNAPSHOT_CASES = [("snapshots", "first"), ("snapshots", "second"), ("snapshots-overlay", "before")]
 CASES = [(kind, None) for kind in BUILDERS] + SNAPSHOT_CASES
 OVERLAYS = [
-    "chain3-raw-base", "backing-shorter", "backing-shorter-raw-odd", "backing-longer",
-    "zero-hides-backing", "relative-backing", "probed-backing", "extended-l2-overlay",
-    "backing-fmt-raw-over-qcow2", "snapshots-overlay",
+    "chain3-raw-base",
+    "backing-shorter",
+    "backing-shorter-raw-odd",
+    "backing-longer",
+    "zero-hides-backing",
+    "relative-backing",
+    "probed-backing",
+    "extended-l2-overlay",
+    "backing-fmt-raw-over-qcow2",
+    "snapshots-overlay",
 ]
 
 
@@ -83,10 +89,12 @@ class Case:
     host_files: list[Path]  # the file holding each layer's data (FIEMAP oracle)
 
 
-@pytest.fixture(scope="module", params=CASES,
-                ids=[k if s is None else f"{k}@{s}" for k, s in CASES])
-def case(request: pytest.FixtureRequest, images: ImageCache,
-         tmp_path_factory: pytest.TempPathFactory) -> Case:
+@pytest.fixture(
+    scope="module", params=CASES, ids=[k if s is None else f"{k}@{s}" for k, s in CASES]
+)
+def case(
+    request: pytest.FixtureRequest, images: ImageCache, tmp_path_factory: pytest.TempPathFactory
+) -> Case:
     kind, snapshot = request.param
     built = images.get(kind)
     out = tmp_path_factory.mktemp("oracle") / "out.raw"
@@ -151,8 +159,9 @@ def test_extents_agree_with_qemu_map(case: Case) -> None:
         # The runs tile [0, size) ...
         assert extents[0].guest_offset == 0
         assert extents[-1].end == source.size
-        for a, b in zip(extents, extents[1:], strict=False):
-            assert a.end == b.guest_offset and a.length > 0
+        for a, b in itertools.pairwise(extents):
+            assert a.end == b.guest_offset
+            assert a.length > 0
         # ... holes read as zeros (a copier that skips them loses nothing) ...
         for ext in extents:
             if not ext.data:
@@ -164,9 +173,10 @@ def test_extents_agree_with_qemu_map(case: Case) -> None:
             mid = ext.guest_offset + ext.length // 2
             tail = list(source.iter_extents(mid))
             assert tail[0].guest_offset == mid
-            assert data_segments(tail)[:1] == [
-                (max(s, mid), e) for s, e in data_segments(extents) if e > mid
-            ][:1]
+            assert (
+                data_segments(tail)[:1]
+                == [(max(s, mid), e) for s, e in data_segments(extents) if e > mid][:1]
+            )
 
 
 def test_map_command_agrees_with_qemu_map(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,18 +187,21 @@ def test_map_command_agrees_with_qemu_map(case: Case, capsys: pytest.CaptureFixt
     entries = json.loads(capsys.readouterr().out)
     pos = 0
     for e in entries:
-        assert e["start"] == pos and e["length"] > 0, e
+        assert e["start"] == pos, e
+        assert e["length"] > 0, e
         pos += e["length"]
     assert pos == len(case.expected)
-    check_map_agrees([(e["start"], e["start"] + e["length"]) for e in entries if e["data"]],
-                     case.qmap)
+    check_map_agrees(
+        [(e["start"], e["start"] + e["length"]) for e in entries if e["data"]], case.qmap
+    )
     # Piece by piece: the same layer (depth), allocation and flags as qemu, and
     # the same host offset wherever qemu reports stored data at one.  qemu's
     # "zero" on allocated data comes from the image file's holes, which
     # sparsefs does not consult; an offset on a hole means nothing to a reader.
     cuts = {_int(e["start"]) for e in case.qmap} | {e["start"] for e in entries}
-    for (lo, hi, q), (_, _, ours) in zip(map_pieces(case.qmap, cuts), map_pieces(entries, cuts),
-                                         strict=True):
+    for (lo, hi, q), (_, _, ours) in zip(
+        map_pieces(case.qmap, cuts), map_pieces(entries, cuts), strict=True
+    ):
         where = f"[{lo}, {hi}): qemu {q}, sparsefs {ours}"
         if not q["data"] and hi - lo < 512 and q["present"] and not ours["present"]:
             # qemu rounds a raw layer's length up to 512 bytes, so the zeros
@@ -196,21 +209,25 @@ def test_map_command_agrees_with_qemu_map(case: Case, capsys: pytest.CaptureFixt
             assert not ours["data"], where
             continue
         assert (ours["data"], ours["present"], ours["depth"]) == (
-            q["data"], q["present"], q["depth"]), where
+            q["data"],
+            q["present"],
+            q["depth"],
+        ), where
         if not (q["data"] and q["zero"]):
             assert ours["zero"] == q["zero"], where
         if q["data"] and not q["zero"] and q["offset"] is not None:
             assert ours["offset"] == q["offset"], where
 
 
-def map_pieces(entries: list[dict[str, object]], cuts: set[int]
-               ) -> list[tuple[int, int, dict[str, object]]]:
+def map_pieces(
+    entries: list[dict[str, object]], cuts: set[int]
+) -> list[tuple[int, int, dict[str, object]]]:
     """Map entries split at every cut: (start, end, fields), offsets advanced."""
     out = []
     for e in entries:
         start, end = _int(e["start"]), _int(e["start"]) + _int(e["length"])
         points = sorted({start, end, *(c for c in cuts if start < c < end)})
-        for lo, hi in zip(points, points[1:], strict=False):
+        for lo, hi in itertools.pairwise(points):
             fields = {k: e[k] for k in ("depth", "present", "zero", "data")}
             fields["offset"] = _int(e["offset"]) + lo - start if "offset" in e else None
             out.append((lo, hi, fields))
@@ -226,12 +243,13 @@ def _int(value: object) -> int:
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
-def test_info_agrees_with_qemu_info(kind: str, images: ImageCache,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_agrees_with_qemu_info(
+    kind: str, images: ImageCache, capsys: pytest.CaptureFixture[str]
+) -> None:
     built = images.get(kind)
     chain = qemu_info(built)
     top = chain[0]
-    qspec = top["format-specific"]["data"]  # type: ignore[index]
+    qspec = top["format-specific"]["data"]  # type: ignore[index]  # qemu-img info's JSON
     assert main(["info", "--output=json", str(built.image)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["virtual-size"] == top["virtual-size"]
@@ -241,18 +259,22 @@ def test_info_agrees_with_qemu_info(kind: str, images: ImageCache,
     assert info["compression-type"] == qspec["compression-type"]
     assert info["refcount-bits"] == qspec["refcount-bits"]
     assert ("extended L2 entries (subclusters)" in info["features"]) == bool(
-        qspec.get("extended-l2", False))
+        qspec.get("extended-l2", False)
+    )
     assert info["data-file"] == qspec.get("data-file")
     assert ("external data file (raw)" in info["features"]) == bool(
-        qspec.get("data-file-raw", False))
+        qspec.get("data-file-raw", False)
+    )
     assert [(s["id"], s["name"]) for s in info["snapshots"]] == [
-        (s["id"], s["name"]) for s in top.get("snapshots", [])  # type: ignore[attr-defined]
+        (s["id"], s["name"])
+        for s in top.get("snapshots", [])  # type: ignore[attr-defined]  # qemu-img info's JSON
     ]
     assert info["backing-filename"] == top.get("backing-filename")
     assert info["backing-format"] == top.get("backing-filename-format")
     # The chain, layer by layer, as the same files in the same formats.
-    assert [(Path(layer["filename"]).resolve(), layer["format"])
-            for layer in info["backing-chain"]] == [
+    assert [
+        (Path(layer["filename"]).resolve(), layer["format"]) for layer in info["backing-chain"]
+    ] == [
         (Path(built.cwd or ".", str(layer["filename"])).resolve(), layer["format"])
         for layer in chain[1:]
     ]
@@ -273,21 +295,25 @@ def test_no_backing_presents_the_top_layer(kind: str, images: ImageCache, tmp_pa
         assert image.backing is None
         assert image.read(0, image.size) == expected
         extents = list(image.iter_extents())
-        check_stored(data_segments(extents), qmap,
-                     host_files_of(built.image, cwd=built.cwd, no_backing=True))
+        check_stored(
+            data_segments(extents), qmap, host_files_of(built.image, cwd=built.cwd, no_backing=True)
+        )
         # A delta holds less than (or as much as) the whole chain.
         with open_image(built.image) as full:
             assert sum(e.length for e in extents if e.data) <= sum(
-                e.length for e in full.iter_extents() if e.data)
+                e.length for e in full.iter_extents() if e.data
+            )
 
 
 # -- snapshots --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "snapshot"), SNAPSHOT_CASES,
-                         ids=[f"{k}@{s}" for k, s in SNAPSHOT_CASES])
-def test_snapshot_equals_qemu_convert_l(kind: str, snapshot: str, images: ImageCache,
-                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "snapshot"), SNAPSHOT_CASES, ids=[f"{k}@{s}" for k, s in SNAPSHOT_CASES]
+)
+def test_snapshot_equals_qemu_convert_l(
+    kind: str, snapshot: str, images: ImageCache, tmp_path: Path
+) -> None:
     """``qemu-img convert -l`` bytes, at the snapshot's own virtual size.
 
     qemu-img convert -l presents a snapshot at the image's current virtual size
@@ -351,7 +377,8 @@ def test_unknown_incompatible_feature_bit_is_refused(tmp_path: Path) -> None:
         f.write(struct.pack(">Q", bits | 1 << 13))
     # qemu refuses it too (the bit is meaningless to both).
     proc = subprocess.run(["qemu-img", "info", str(image)], capture_output=True, text=True)
-    assert proc.returncode != 0 and "feature" in proc.stderr
+    assert proc.returncode != 0
+    assert "feature" in proc.stderr
     with pytest.raises(UnsupportedFeatureError, match="bit 13"):
         open_image(image)
     assert_refused(image, "incompatible feature", "bit 13")
@@ -359,8 +386,7 @@ def test_unknown_incompatible_feature_bit_is_refused(tmp_path: Path) -> None:
 
 def test_missing_backing_file_is_refused(tmp_path: Path) -> None:
     base = qemu_img_create(tmp_path / "base.qcow2", MiB)
-    top = qemu_img_create(tmp_path / "top.qcow2", MiB, f"backing_file={base}",
-                          "backing_fmt=qcow2")
+    top = qemu_img_create(tmp_path / "top.qcow2", MiB, f"backing_file={base}", "backing_fmt=qcow2")
     base.unlink()
     with pytest.raises(MissingFileError, match="backing file"):
         open_image(top)
@@ -392,7 +418,6 @@ def test_backing_loop_is_refused(length: int, tmp_path: Path) -> None:
     assert_refused(a, "loop")
 
 
-
 # -- where a relative data file name points ----------------------------------------------
 
 
@@ -404,15 +429,30 @@ def cwd_relative_data_file(tmp_path: Path) -> tuple[Path, Path]:
     it runs in ``dir`` (it reads relative data file names from its cwd).
     """
     (tmp_path / "sub").mkdir()
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=sub/disk.data",
-         "sub/disk.qcow2", "1M"], cwd=tmp_path)
-    run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x3c 4096 70000", "sub/disk.qcow2"],
-        cwd=tmp_path)
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=sub/disk.data",
+            "sub/disk.qcow2",
+            "1M",
+        ],
+        cwd=tmp_path,
+    )
+    run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x3c 4096 70000", "sub/disk.qcow2"],
+        cwd=tmp_path,
+    )
     return tmp_path, tmp_path / "sub" / "disk.qcow2"
 
 
 def test_relative_data_file_from_qemus_directory(
-        cwd_relative_data_file: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd_relative_data_file: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     where, image = cwd_relative_data_file
     expected = qemu_convert(Built(image, cwd=where), where / "out.raw")
     monkeypatch.chdir(where)
@@ -422,15 +462,17 @@ def test_relative_data_file_from_qemus_directory(
 
 
 def test_relative_data_file_missing_names_the_place_beside_the_image(
-        cwd_relative_data_file: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    where, image = cwd_relative_data_file
+    cwd_relative_data_file: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _where, image = cwd_relative_data_file
     monkeypatch.chdir(image.parent)  # sub/sub/disk.data exists neither here nor beside
     with pytest.raises(MissingFileError, match=str(image.parent / "sub" / "disk.data")):
         open_image(image)
 
 
 def test_relative_data_file_that_resolves_two_ways_is_refused(
-        cwd_relative_data_file: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd_relative_data_file: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     where, image = cwd_relative_data_file
     (image.parent / "sub").mkdir()
     (image.parent / "sub" / "disk.data").write_bytes(bytes(MiB))
@@ -442,8 +484,7 @@ def test_relative_data_file_that_resolves_two_ways_is_refused(
 # -- snapshot file names ------------------------------------------------------------------
 
 
-def test_snapshot_file_names_are_keys_qemu_resolves_to_the_same_snapshot(
-        tmp_path: Path) -> None:
+def test_snapshot_file_names_are_keys_qemu_resolves_to_the_same_snapshot(tmp_path: Path) -> None:
     """Names that cannot serve (shared, '/', empty, too long, another's id) give way to ids."""
     image = qemu_img_create(tmp_path / "disk.qcow2", MiB)
     names = ["same", "same", "a/b", "1", "x" * 300, "", "nightly", "2024-01-01 12:00"]
@@ -453,13 +494,23 @@ def test_snapshot_file_names_are_keys_qemu_resolves_to_the_same_snapshot(
     mset = open_mount_set([str(image)], OpenOptions())
     try:
         files = sorted(mset.files)
-        assert files == sorted(["disk.raw", "disk@1.raw", "disk@2.raw", "disk@3.raw",
-                                "disk@4.raw", "disk@5.raw", "disk@6.raw", "disk@nightly.raw",
-                                "disk@2024-01-01 12:00.raw"])
+        assert files == sorted(
+            [
+                "disk.raw",
+                "disk@1.raw",
+                "disk@2.raw",
+                "disk@3.raw",
+                "disk@4.raw",
+                "disk@5.raw",
+                "disk@6.raw",
+                "disk@nightly.raw",
+                "disk@2024-01-01 12:00.raw",
+            ]
+        )
         for name in files:
             if name == "disk.raw":
                 continue
-            label = name[len("disk@"):-len(".raw")]
+            label = name[len("disk@") : -len(".raw")]
             # qemu-img convert -l LABEL: qemu looks the id up first, then the name.
             assert mset.files[name].read(0, MiB) == _convert_l(image, label, tmp_path), name
     finally:
@@ -475,9 +526,14 @@ def _convert_l(image: Path, key: str, tmp_path: Path) -> bytes:
 def test_snapshot_file_names_in_a_damaged_table() -> None:
     # Duplicate ids cannot come from qemu; each file still gets its own name.
     assert snapshot_file_names("vm", [("a", "1"), ("b", "1"), ("/", "/")]) == [
-        "vm@a.raw", "vm@b.raw", "vm@snapshot-3.raw"]
+        "vm@a.raw",
+        "vm@b.raw",
+        "vm@snapshot-3.raw",
+    ]
     assert snapshot_file_names("vm", [("", "1"), ("", "1")]) == [
-        "vm@snapshot-1.raw", "vm@snapshot-2.raw"]
+        "vm@snapshot-1.raw",
+        "vm@snapshot-2.raw",
+    ]
 
 
 # -- a compressed cluster that does not decompress ------------------------------------------
@@ -485,13 +541,15 @@ def test_snapshot_file_names_in_a_damaged_table() -> None:
 
 @pytest.mark.parametrize("kind", ["compressed-zlib", "compressed-zstd"])
 def test_corrupt_compressed_cluster_fails_that_cluster_only(
-        kind: str, images: ImageCache, tmp_path: Path) -> None:
+    kind: str, images: ImageCache, tmp_path: Path
+) -> None:
     built = images.get(kind)
     expected = qemu_convert(built, tmp_path / "good.raw")
     with open_image(built.image) as image:
         compressed = [r for r in image.iter_runs(0, image.size) if r.kind == RUN_COMPRESSED]
         cluster_size = image.qfile.cluster_size
     victim = compressed[len(compressed) // 2]
+    assert isinstance(victim.host, tuple)
     host_offset, _ = victim.host
     bad = tmp_path / "bad.qcow2"
     shutil.copyfile(built.image, bad)
@@ -500,8 +558,11 @@ def test_corrupt_compressed_cluster_fails_that_cluster_only(
         f.write(b"\xff" * 16)
     lo, hi = victim.guest_offset, victim.guest_end
     # qemu cannot read it either.
-    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read {lo} {hi - lo}", str(bad)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"read {lo} {hi - lo}", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert "read failed" in proc.stdout + proc.stderr
     with open_image(bad) as image:
         with pytest.raises(ImageReadError, match="compressed cluster"):

@@ -35,13 +35,13 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+
 from conformance import READ_BUDGET, exercise
 from hostile_images import Located, Mutator, build_bases, locate
-from support import KiB, MiB
-
 from sparsefs.errors import SparsefsError
 from sparsefs.qcow2 import open_image
 from sparsefs.qcow2.image import OpenOptions
+from support import KiB, MiB
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "1000"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))
@@ -86,11 +86,13 @@ def capped_memory() -> Iterator[None]:
 def fuzz_one(path: Path, rng: random.Random) -> None:
     """Open a mutant; exercise it and its snapshots when it opens."""
     try:
-        image = open_image(path, OpenOptions(l2_cache_bytes=64 * KiB,
-                                             compressed_cache_bytes=64 * KiB))
+        image = open_image(
+            path, OpenOptions(l2_cache_bytes=64 * KiB, compressed_cache_bytes=64 * KiB)
+        )
     except SparsefsError as exc:
         message = str(exc)
-        assert "\n" not in message and message, f"error message is not one line: {message!r}"
+        assert "\n" not in message, f"error message is not one line: {message!r}"
+        assert message, f"error message is not one line: {message!r}"
         return
     with image:
         exercise(image, rng)

@@ -34,6 +34,7 @@ from types import FrameType
 
 import pytest
 import zstandard
+
 from hostile_images import (
     COPIED,
     HEADER_FIELDS,
@@ -44,8 +45,6 @@ from hostile_images import (
     locate,
     put,
 )
-from support import KiB, MiB, make_image, qemu_img_create, qemu_io, qemu_raw, run, sparsefs
-
 from sparsefs.cli.mount import open_mount_set
 from sparsefs.errors import (
     ImageFormatError,
@@ -56,6 +55,7 @@ from sparsefs.errors import (
 from sparsefs.extents import Extent, seek_data
 from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
 from sparsefs.qcow2.image import MAX_CHAIN_LENGTH
+from support import KiB, MiB, make_image, qemu_img_create, qemu_io, qemu_raw, run, sparsefs
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,9 @@ def patch(path: Path, pos: int, fmt: str, value: int) -> None:
         f.write(buf)
 
 
-def assert_served_except(image: Qcow2Image, expected: bytes, broken: list[tuple[int, int]],
-                         step: int) -> None:
+def assert_served_except(
+    image: Qcow2Image, expected: bytes, broken: list[tuple[int, int]], step: int
+) -> None:
     """EIO for every chunk touching ``broken``, the oracle's bytes for every other chunk."""
     assert image.size == len(expected)
     for off in range(0, image.size, step):
@@ -99,7 +100,7 @@ def assert_served_except(image: Qcow2Image, expected: bytes, broken: list[tuple[
             with pytest.raises(ImageReadError):
                 image.read(off, n)
         else:
-            assert image.read(off, n) == expected[off:off + n], f"chunk at {off}"
+            assert image.read(off, n) == expected[off : off + n], f"chunk at {off}"
     for s, e in broken:
         # Broken ranges are data: a hole-skipping copier must read (and fail on) them.
         assert all(ext.data for ext in image.iter_extents(s) if ext.guest_offset < e)
@@ -119,7 +120,7 @@ def one_line_error(args: list[str]) -> str:
 class Watchdog:
     """Turn a hang into a failure: SIGALRM after ``seconds`` raises Hang."""
 
-    class Hang(BaseException):  # noqa: N818
+    class Hang(BaseException):
         pass
 
     def __init__(self, seconds: float) -> None:
@@ -128,6 +129,7 @@ class Watchdog:
     def __enter__(self) -> None:
         def fire(signum: int, frame: FrameType | None) -> None:
             raise Watchdog.Hang(f"no answer within {self.seconds} s")
+
         self._old = signal.signal(signal.SIGALRM, fire)
         signal.setitimer(signal.ITIMER_REAL, self.seconds)
 
@@ -149,8 +151,9 @@ def peak_memory() -> Iterator[Callable[[], int]]:
 # -- corrupt and dirty bits ----------------------------------------------------------------
 
 
-def test_corrupt_bit_refused_unless_force(bases: dict[str, Path], oracle: dict[str, bytes],
-                                          tmp_path: Path) -> None:
+def test_corrupt_bit_refused_unless_force(
+    bases: dict[str, Path], oracle: dict[str, bytes], tmp_path: Path
+) -> None:
     path, _ = copy_base(bases, "plain", tmp_path)
     patch(path, 72, ">Q", 1 << 1)  # incompatible_features: corrupt
     with pytest.raises(ImageFormatError, match=r"plain\.qcow2: image is marked corrupt.*--force"):
@@ -160,7 +163,8 @@ def test_corrupt_bit_refused_unless_force(bases: dict[str, Path], oracle: dict[s
     # The command line refuses it the same way, and --force is wired through.
     for command in ("info", "map"):
         line = one_line_error([command, str(path)])
-        assert str(path) in line and "corrupt" in line
+        assert str(path) in line
+        assert "corrupt" in line
         assert sparsefs(command, "--force", str(path)).returncode == 0
 
 
@@ -205,13 +209,20 @@ HEADER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("field", "value", "error", "words"), HEADER_CASES,
-                         ids=[f"{c[0]}={c[1]:#x}" for c in HEADER_CASES])
+@pytest.mark.parametrize(
+    ("field", "value", "error", "words"),
+    HEADER_CASES,
+    ids=[f"{c[0]}={c[1]:#x}" for c in HEADER_CASES],
+)
 def test_invalid_header_field_is_refused_at_open(
-    bases: dict[str, Path], tmp_path: Path, field: str, value: int,
-    error: type[SparsefsError], words: str,
+    bases: dict[str, Path],
+    tmp_path: Path,
+    field: str,
+    value: int,
+    error: type[SparsefsError],
+    words: str,
 ) -> None:
-    path, loc = copy_base(bases, "plain", tmp_path)
+    path, _loc = copy_base(bases, "plain", tmp_path)
     if field == "backing_file_offset":
         patch(path, 16, ">I", 8)  # a name length, so that the offset is used
     pos, fmt = HEADER_FIELDS[field]
@@ -219,7 +230,9 @@ def test_invalid_header_field_is_refused_at_open(
     with pytest.raises(error) as info:
         open_image(path)
     message = str(info.value)
-    assert message.startswith(f"{path}: ") and words in message and "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert words in message
+    assert "\n" not in message
 
 
 def test_snapshot_table_past_end_and_misaligned(
@@ -248,7 +261,7 @@ def test_extension_longer_than_the_first_cluster(bases: dict[str, Path], tmp_pat
     path, loc = copy_base(bases, "snapshots", tmp_path)
     pos, _, _ = loc.extensions[0]
     patch(path, pos + 4, ">I", 0xFFFFFFF0)
-    with pytest.raises(ImageFormatError, match="header extension .* past the first cluster"):
+    with pytest.raises(ImageFormatError, match=r"header extension .* past the first cluster"):
         open_image(path)
 
 
@@ -286,7 +299,9 @@ def test_huge_snapshot_extra_data_is_refused_without_reading_it(
     tracemalloc.reset_peak()
     with open_image(path) as image:
         problem = image.snapshot_table_problem
-        assert problem is not None and "extra data" in problem and image.snapshots == []
+        assert problem is not None
+        assert "extra data" in problem
+        assert image.snapshots == []
     assert peak_memory() < 4 * MiB
 
 
@@ -308,8 +323,8 @@ def test_snapshot_table_larger_than_qemu_allows(
     tracemalloc.reset_peak()
     with open_image(path) as image:
         problem = image.snapshot_table_problem
-        assert problem is not None and f"snapshot table at {table:#x} is larger than 64 MiB" in (
-            problem)
+        assert problem is not None
+        assert f"snapshot table at {table:#x} is larger than 64 MiB" in (problem)
     assert peak_memory() < 100 * MiB
 
 
@@ -331,8 +346,12 @@ def test_many_snapshots_of_a_huge_disk_stop_at_the_l1_budget(
     count = 1000
     for k in range(count):
         ident = str(k).encode()
-        entry = struct.pack(">QIHHIIQII", l1_at, l1_entries, len(ident), len(ident), 0, 0, 0, 0,
-                            16) + struct.pack(">QQ", 0, disk_size) + ident + ident
+        entry = (
+            struct.pack(">QIHHIIQII", l1_at, l1_entries, len(ident), len(ident), 0, 0, 0, 0, 16)
+            + struct.pack(">QQ", 0, disk_size)
+            + ident
+            + ident
+        )
         entries += entry + bytes(-len(entry) % 8)
     with open(path, "r+b") as f:
         f.seek(table)
@@ -348,7 +367,8 @@ def test_many_snapshots_of_a_huge_disk_stop_at_the_l1_budget(
         assert 0 < budget <= 64 * MiB // (l1_entries * 8)
         assert len(mset.damaged) == count - budget
         name, message = mset.damaged[0]
-        assert name == f"snapshots@{budget}.raw" and "would pass 64 MiB" in message
+        assert name == f"snapshots@{budget}.raw"
+        assert "would pass 64 MiB" in message
         assert message.startswith(f"{path}: snapshot '{budget}' (id {budget}) L1 table")
     finally:
         mset.close()
@@ -368,7 +388,10 @@ def _append_compressed(path: Path, loc: Located, payload: bytes) -> int:
 
 @pytest.mark.parametrize("kind", ["zstd", "zlib"])
 def test_decompression_bomb_is_eio_with_bounded_memory(
-    kind: str, bases: dict[str, Path], oracle: dict[str, bytes], tmp_path: Path,
+    kind: str,
+    bases: dict[str, Path],
+    oracle: dict[str, bytes],
+    tmp_path: Path,
     peak_memory: Callable[[], int],
 ) -> None:
     """A compressed cluster that inflates to 1 GiB: EIO (zstd) or one cluster (zlib), ~no memory.
@@ -394,8 +417,9 @@ def test_decompression_bomb_is_eio_with_bounded_memory(
     tracemalloc.reset_peak()
     with open_image(path) as image:
         if kind == "zstd":
-            assert_served_except(image, oracle[kind], [(entry.guest_offset,
-                                                        entry.guest_offset + cs)], cs)
+            assert_served_except(
+                image, oracle[kind], [(entry.guest_offset, entry.guest_offset + cs)], cs
+            )
         else:
             assert image.read(entry.guest_offset, cs) == bytes(cs)
     assert peak_memory() < 16 * MiB
@@ -418,8 +442,7 @@ def test_broken_l1_entry_fails_only_its_table(
     }[how]
     patch(path, loc.l1_table_offset + 8 * index, ">Q", value)
     with open_image(path) as image:
-        assert_served_except(image, oracle["plain"], [(index * span, (index + 1) * span)],
-                             64 * KiB)
+        assert_served_except(image, oracle["plain"], [(index * span, (index + 1) * span)], 64 * KiB)
 
 
 @pytest.mark.parametrize("how", ["past-eof", "unaligned", "header"])
@@ -437,8 +460,9 @@ def test_broken_l2_entry_fails_only_its_cluster(
     patch(path, entry.pos, ">Q", value)
     cs = loc.cluster_size
     with open_image(path) as image:
-        assert_served_except(image, oracle["plain"], [(entry.guest_offset,
-                                                      entry.guest_offset + cs)], cs)
+        assert_served_except(
+            image, oracle["plain"], [(entry.guest_offset, entry.guest_offset + cs)], cs
+        )
 
 
 @pytest.mark.parametrize("how", ["header", "past-eof", "payload"])
@@ -457,8 +481,9 @@ def test_broken_compressed_cluster_fails_only_itself(
         patch(path, entry.pos, ">Q", loc.make_descriptor(new_host, nb))
     cs = loc.cluster_size
     with open_image(path) as image:
-        assert_served_except(image, oracle["zlib"], [(entry.guest_offset,
-                                                     entry.guest_offset + cs)], cs)
+        assert_served_except(
+            image, oracle["zlib"], [(entry.guest_offset, entry.guest_offset + cs)], cs
+        )
 
 
 def test_zero_flag_in_a_v2_image_is_eio_like_qemu(
@@ -468,13 +493,18 @@ def test_zero_flag_in_a_v2_image_is_eio_like_qemu(
     entry = loc.normal()[0]
     patch(path, entry.pos, ">Q", entry.value | ZERO)
     # qemu refuses to read that cluster too.
-    qemu = subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(tmp_path / "x.raw")],
-                          capture_output=True, text=True)
-    assert qemu.returncode != 0 and "Zero cluster entry found in pre-v3 image" in qemu.stderr
+    qemu = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(path), str(tmp_path / "x.raw")],
+        capture_output=True,
+        text=True,
+    )
+    assert qemu.returncode != 0
+    assert "Zero cluster entry found in pre-v3 image" in qemu.stderr
     cs = loc.cluster_size
     with open_image(path) as image:
-        assert_served_except(image, oracle["v2"], [(entry.guest_offset,
-                                                   entry.guest_offset + cs)], cs)
+        assert_served_except(
+            image, oracle["v2"], [(entry.guest_offset, entry.guest_offset + cs)], cs
+        )
 
 
 def test_subcluster_both_allocated_and_zero_is_eio(
@@ -487,8 +517,9 @@ def test_subcluster_both_allocated_and_zero_is_eio(
     patch(path, entry.pos + 8, ">Q", (entry.bitmap or 0) | (lowest << 32))
     cs = loc.cluster_size
     with open_image(path) as image:
-        assert_served_except(image, oracle["extl2"], [(entry.guest_offset,
-                                                      entry.guest_offset + cs)], cs)
+        assert_served_except(
+            image, oracle["extl2"], [(entry.guest_offset, entry.guest_offset + cs)], cs
+        )
 
 
 # -- truncation -----------------------------------------------------------------------------
@@ -502,8 +533,11 @@ def test_truncated_files_never_serve_wrong_bytes(
     for kind in ("plain", "zlib", "zstd", "extl2"):
         src = bases[kind]
         loc = locate(src)
-        cuts = {loc.file_size - 1, loc.file_size - loc.cluster_size // 2,
-                *(rng.randrange(loc.cluster_size, loc.file_size) for _ in range(6))}
+        cuts = {
+            loc.file_size - 1,
+            loc.file_size - loc.cluster_size // 2,
+            *(rng.randrange(loc.cluster_size, loc.file_size) for _ in range(6)),
+        }
         for cut in sorted(cuts):
             path = tmp_path / f"{kind}-{cut}.qcow2"
             path.write_bytes(src.read_bytes()[:cut])
@@ -521,7 +555,7 @@ def _exact_or_eio(image: Qcow2Image, expected: bytes, step: int, what: str) -> N
             got = image.read(off, step)
         except ImageReadError:
             continue
-        assert got == expected[off:off + step], f"{what}: wrong bytes at {off}"
+        assert got == expected[off : off + step], f"{what}: wrong bytes at {off}"
 
 
 def test_image_shrinking_while_open_never_serves_wrong_bytes(tmp_path: Path) -> None:
@@ -531,8 +565,15 @@ def test_image_shrinking_while_open_never_serves_wrong_bytes(tmp_path: Path) -> 
     again comes back short.  That must not look like an empty table (which
     would turn the data it maps into holes).
     """
-    path = make_image(tmp_path / "shrink.qcow2", 8 * MiB, seed=8, options=["cluster_size=4096"],
-                      writes=0, zero_writes=0, discards=0)
+    path = make_image(
+        tmp_path / "shrink.qcow2",
+        8 * MiB,
+        seed=8,
+        options=["cluster_size=4096"],
+        writes=0,
+        zero_writes=0,
+        discards=0,
+    )
     qemu_io(path, *(f"write -q -P {0x10 + i} {i * 2 + 1}M 64k" for i in range(4)))
     expected = qemu_raw(path, tmp_path / "shrink.raw").read_bytes()
     loc = locate(path)
@@ -549,7 +590,7 @@ def test_image_shrinking_while_open_never_serves_wrong_bytes(tmp_path: Path) -> 
             except ImageReadError:
                 failed += 1
                 continue
-            assert got == expected[off:off + 64 * KiB], f"wrong bytes at {off} after truncation"
+            assert got == expected[off : off + 64 * KiB], f"wrong bytes at {off} after truncation"
         assert failed >= 3
 
 
@@ -563,7 +604,7 @@ def test_data_file_shrinking_while_open_is_eio(
         with open_image(path) as image:
             assert image.read(0, image.size) == oracle["datafile"]
             os.truncate(data, 64 * KiB)
-            assert image.read(0, 64 * KiB) == oracle["datafile"][:64 * KiB]
+            assert image.read(0, 64 * KiB) == oracle["datafile"][: 64 * KiB]
             with pytest.raises(ImageReadError, match="truncated"):
                 image.read(64 * KiB, 64 * KiB)
     finally:
@@ -598,7 +639,7 @@ def test_concurrent_reads_of_compressed_clusters_are_exact(
                 except Exception as exc:
                     errors.append(f"thread {seed}: cluster {off:#x}: {exc!r}")
                     return
-                if got != expected[off:off + cs]:
+                if got != expected[off : off + cs]:
                     errors.append(f"thread {seed}: wrong bytes in cluster {off:#x}")
                     return
 
@@ -619,7 +660,8 @@ def test_fifo_image_is_refused_without_hanging(tmp_path: Path) -> None:
     with Watchdog(20), pytest.raises(UnsupportedFeatureError, match="is a FIFO"):
         open_image(fifo)
     line = one_line_error(["info", str(fifo)])
-    assert str(fifo) in line and "FIFO" in line
+    assert str(fifo) in line
+    assert "FIFO" in line
 
 
 # -- backing files ----------------------------------------------------------------------------
@@ -629,19 +671,23 @@ def _rebase_unsafe(image: Path, backing: str, fmt: str = "qcow2") -> None:
     run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", backing, "-F", fmt, str(image)])
 
 
-@pytest.mark.parametrize("name", [
-    "nbd:localhost:10809",
-    'json:{"driver":"file","filename":"/etc/passwd"}',
-    "http://example.com/base.qcow2",
-    "file:base.qcow2",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nbd:localhost:10809",
+        'json:{"driver":"file","filename":"/etc/passwd"}',
+        "http://example.com/base.qcow2",
+        "file:base.qcow2",
+    ],
+)
 def test_protocol_backing_names_are_refused(name: str, tmp_path: Path) -> None:
     image = qemu_img_create(tmp_path / "top.qcow2", MiB)
     _rebase_unsafe(image, name, fmt="raw")
     with pytest.raises(UnsupportedFeatureError, match="names a protocol"):
         open_image(image)
     line = one_line_error(["info", str(image)])
-    assert str(image) in line and "protocol" in line
+    assert str(image) in line
+    assert "protocol" in line
     # Without the chain, the top layer alone is served.
     with open_image(image, OpenOptions(backing=False)) as top:
         assert top.read(0, 4096) == bytes(4096)
@@ -655,7 +701,7 @@ def test_protocol_data_file_name_is_refused(bases: dict[str, Path], tmp_path: Pa
         f.seek(pos + 4)
         f.write(struct.pack(">I", len(name)))
         f.write(name + bytes(length - len(name) if length > len(name) else 0))
-    with pytest.raises(UnsupportedFeatureError, match="data file .* names a protocol"):
+    with pytest.raises(UnsupportedFeatureError, match=r"data file .* names a protocol"):
         open_image(path)
 
 
@@ -692,7 +738,7 @@ def test_overlong_chain_is_refused(tmp_path: Path) -> None:
     _rebase_unsafe(template, "c0000.qcow2")
     raw = template.read_bytes()
     name_at, name_len = struct.unpack_from(">QI", raw, 8)
-    assert raw[name_at:name_at + name_len] == b"c0000.qcow2"
+    assert raw[name_at : name_at + name_len] == b"c0000.qcow2"
     n = MAX_CHAIN_LENGTH + 1
     for i in range(n):
         buf = bytearray(raw)
@@ -700,7 +746,7 @@ def test_overlong_chain_is_refused(tmp_path: Path) -> None:
             put(buf, 8, ">Q", 0)  # the last one has no backing file
             put(buf, 16, ">I", 0)
         else:
-            buf[name_at:name_at + name_len] = f"c{i + 1:04d}.qcow2".encode()
+            buf[name_at : name_at + name_len] = f"c{i + 1:04d}.qcow2".encode()
         (tmp_path / f"c{i:04d}.qcow2").write_bytes(bytes(buf))
     with open_image(tmp_path / "c0001.qcow2") as image:  # exactly MAX_CHAIN_LENGTH images
         assert len(image.chain()) == MAX_CHAIN_LENGTH - 1
@@ -736,7 +782,7 @@ def test_backing_dir_confines_backing_and_data_files(
         assert image.chain()[0][0] == str(inside / "base.qcow2")
     # An external data file outside is refused the same way.
     datafile = bases["datafile"]
-    with pytest.raises(UnsupportedFeatureError, match="data file .* outside --backing-dir"):
+    with pytest.raises(UnsupportedFeatureError, match=r"data file .* outside --backing-dir"):
         open_image(datafile, confined)
     with open_image(datafile, OpenOptions(backing_dir=str(datafile.parent))):
         pass
@@ -790,9 +836,12 @@ def test_unexpected_errors_cost_one_request_not_the_mount(
 
     ops = SparseFS({"bug.raw": _BuggySource()})
     inode = next(iter(ops._nodes))
-    for call in (lambda: ops.read(inode, 0, 4096),
-                 lambda: ops.lseek(inode, inode, 4096, os.SEEK_DATA)):
+    for call in (
+        lambda: ops.read(inode, 0, 4096),
+        lambda: ops.lseek(inode, inode, 4096, os.SEEK_DATA),
+    ):
         with pytest.raises(pyfuse3.FUSEError) as info:
             trio.run(call)
         assert info.value.errno == errno.EIO
-    assert "a bug in a reader" in caplog.text and "a bug in an extent walk" in caplog.text
+    assert "a bug in a reader" in caplog.text
+    assert "a bug in an extent walk" in caplog.text

@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from sparsefs.cli import incremental
+from sparsefs.errors import SparsefsError
+from sparsefs.qcow2 import open_image
 from support import (
     REPO,
     KiB,
@@ -31,10 +35,6 @@ from support import (
     sparsefs,
 )
 
-from sparsefs.cli import incremental
-from sparsefs.errors import SparsefsError
-from sparsefs.qcow2 import open_image
-
 SIZE = 64 * MiB
 SINCE = [sys.executable, "-m", "sparsefs", "backup"]
 
@@ -46,8 +46,9 @@ def since(*args: str) -> tuple[subprocess.CompletedProcess[str], int]:
     own /proc/self/io after the command holds the command's writes.
     """
     script = '"$@"; rc=$?; grep ^wchar: /proc/$$/io >&2; exit $rc'
-    proc = subprocess.run(["sh", "-c", script, "sh", *SINCE, *args], capture_output=True,
-                          text=True, cwd=REPO)
+    proc = subprocess.run(
+        ["sh", "-c", script, "sh", *SINCE, *args], capture_output=True, text=True, cwd=REPO
+    )
     lines = proc.stderr.splitlines()
     wchar = int(lines[-1].split()[1])
     proc.stderr = "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else "")
@@ -58,8 +59,9 @@ def full_copy(image: Path, dest: Path) -> Path:
     """A verified copy as a full backup leaves it: DEST/NAME.raw plus its SPARSEFS-SUMS line."""
     dest.mkdir(exist_ok=True)
     copy = qemu_raw(image, dest / image.name.replace(".qcow2", ".raw"))
-    line = run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", copy.name],
-               cwd=dest).stdout
+    line = run(
+        [sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", copy.name], cwd=dest
+    ).stdout
     (dest / "SPARSEFS-SUMS").write_text(line)
     return copy
 
@@ -70,8 +72,10 @@ def check_manifest(dest: Path) -> None:
 
 def dir_state(dest: Path) -> dict[str, tuple[str, int]]:
     """Every file of ``dest``: its content hash and mtime (to prove "untouched")."""
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(dest.iterdir())}
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(dest.iterdir())
+    }
 
 
 def dirty_bytes(image: Path, name: str) -> int:
@@ -88,11 +92,18 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
     return image, dest, copy
 
 
-def test_since_writes_only_dirty_and_equals_image(setup: tuple[Path, Path, Path],
-                                                  tmp_path: Path) -> None:
+def test_since_writes_only_dirty_and_equals_image(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     image, dest, copy = setup
-    qemu_io(image, "write -q -P 0x11 5M 300k", "write -q -z 20M 1M", "discard -q 30M 2M",
-            "write -q -P 0x22 63M 1M", "write -q -P 0x33 1k 2k")
+    qemu_io(
+        image,
+        "write -q -P 0x11 5M 300k",
+        "write -q -z 20M 1M",
+        "discard -q 30M 2M",
+        "write -q -P 0x22 63M 1M",
+        "write -q -P 0x33 1k 2k",
+    )
     dirty = dirty_bytes(image, "nightly")
     assert 0 < dirty < 8 * MiB
     proc, wchar = since(str(image), str(dest), "--since", "nightly", "--json")
@@ -141,16 +152,16 @@ def _entry_flags_offset(image: Path, name: str) -> int:
     buf = image.read_bytes()
     pos = struct.unpack(">I", buf[100:104])[0]
     while True:
-        ext_type, length = struct.unpack(">II", buf[pos:pos + 8])
+        ext_type, length = struct.unpack(">II", buf[pos : pos + 8])
         assert ext_type, "no bitmaps extension"
         if ext_type == 0x23852875:
-            entry = struct.unpack(">Q", buf[pos + 24:pos + 32])[0]
+            entry = struct.unpack(">Q", buf[pos + 24 : pos + 32])[0]
             break
         pos += 8 + ((length + 7) & ~7)
     while True:
-        name_size, extra = struct.unpack(">HI", buf[entry + 18:entry + 24])
-        if buf[entry + 24 + extra:entry + 24 + extra + name_size] == name.encode():
-            return entry + 12
+        name_size, extra = struct.unpack(">HI", buf[entry + 18 : entry + 24])
+        if buf[entry + 24 + extra : entry + 24 + extra + name_size] == name.encode():
+            return int(entry) + 12
         entry += (24 + extra + name_size + 7) & ~7
 
 
@@ -220,7 +231,7 @@ def test_interrupted_run_leaves_no_verified_copy(
         calls.append(a)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*a)  # type: ignore[arg-type]
+        return real(*a)  # type: ignore[arg-type]  # forwarded unchanged
 
     monkeypatch.setattr(incremental, "_copy_range", interrupted)
     with open_image(image) as im, pytest.raises(KeyboardInterrupt):
@@ -239,8 +250,11 @@ def test_one_refusal_touches_no_copy(setup: tuple[Path, Path, Path], tmp_path: P
     full_copy(other, dest)
     line = (dest / "SPARSEFS-SUMS").read_text()  # full_copy rewrote it for db.raw only
     (dest / "SPARSEFS-SUMS").write_text(
-        line + run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"],
-                   cwd=dest).stdout)
+        line
+        + run(
+            [sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"], cwd=dest
+        ).stdout
+    )
     qemu_io(image, "write -q -P 0x21 3M 64k")
     before = dir_state(dest)
     proc, _ = since(str(image), str(other), str(dest), "--since", "nightly")
@@ -248,14 +262,24 @@ def test_one_refusal_touches_no_copy(setup: tuple[Path, Path, Path], tmp_path: P
     assert dir_state(dest) == before
 
 
-def test_bitmap_held_by_running_qemu_refused(setup: tuple[Path, Path, Path],
-                                             tmp_path: Path) -> None:
+def test_bitmap_held_by_running_qemu_refused(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     """A QEMU process with the image open marks its bitmaps in_use: refused, even with -U."""
     image, dest, _copy = setup
     pidfile = tmp_path / "qsd.pid"
-    run(["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
-         "--blockdev", f"driver=file,node-name=f,filename={image}",
-         "--blockdev", "driver=qcow2,node-name=q,file=f"])
+    run(
+        [
+            "qemu-storage-daemon",
+            "--daemonize",
+            "--pidfile",
+            str(pidfile),
+            "--blockdev",
+            f"driver=file,node-name=f,filename={image}",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+        ]
+    )
     try:
         before = dir_state(dest)
         proc, _ = since(str(image), str(dest), "--since", "nightly")
@@ -296,7 +320,7 @@ def test_bad_write_fails_verification(
     real = incremental._copy_range
 
     def corrupting(image_: object, fd: int, start: int, end: int) -> int:
-        written = real(image_, fd, start, end)  # type: ignore[arg-type]
+        written = real(image_, fd, start, end)  # type: ignore[arg-type]  # forwarded unchanged
         os.pwrite(fd, b"\xff", start + 100)  # what the storage gives back is wrong
         return written
 

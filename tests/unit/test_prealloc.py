@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from prealloc_images import BUILDERS, read_all_files
+from sparsefs.qcow2 import open_image
 from support import (
     check_map_agrees,
     check_stored,
@@ -24,8 +26,6 @@ from support import (
     sparsefs,
     stored_segments,
 )
-
-from sparsefs.qcow2 import open_image
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,7 @@ def test_bytes_equal_qemu_convert(kind: str, built: dict[str, Path], tmp_path: P
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
-def test_holes_are_qemu_zeros_and_unwritten_host_ranges(kind: str, built: dict[str, Path]
-                                                        ) -> None:
+def test_holes_are_qemu_zeros_and_unwritten_host_ranges(kind: str, built: dict[str, Path]) -> None:
     image = built[kind]
     qmap = qemu_map(image)
     files = host_files_of(image)
@@ -95,14 +94,16 @@ def test_map_command_keeps_qemus_shape_and_values(kind: str, built: dict[str, Pa
 
 
 @pytest.mark.parametrize("kind", list(BUILDERS))
-def test_checksum_and_verify_read_only_the_data(kind: str, built: dict[str, Path],
-                                                tmp_path: Path) -> None:
+def test_checksum_and_verify_read_only_the_data(
+    kind: str, built: dict[str, Path], tmp_path: Path
+) -> None:
     image = built[kind]
     stored = sum(e - s for s, e in stored_segments(qemu_map(image), host_files_of(image)))
     (record,) = json.loads(sparsefs("checksum", "-q", "--json", str(image), check=True).stdout)
     assert record["bytes-read"] == stored
     ref = qemu_raw(image, tmp_path / "ref.raw")
-    (ref_record,) = json.loads(sparsefs("checksum", "-q", "--json", "-f", "raw", str(ref),
-                                        check=True).stdout)
+    (ref_record,) = json.loads(
+        sparsefs("checksum", "-q", "--json", "-f", "raw", str(ref), check=True).stdout
+    )
     assert record["digest"] == ref_record["digest"]
     assert sparsefs("verify", "-q", str(image), str(ref)).returncode == 0

@@ -24,11 +24,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hostile_images import HEADER_FIELDS, OFFSET_MASK, ZERO, build_snapshots, locate, qemu_dd_range
-from support import KiB, MiB, one_line_error, qemu_img_create, qemu_io, qemu_raw, sparsefs
 
+from hostile_images import HEADER_FIELDS, OFFSET_MASK, ZERO, build_snapshots, locate, qemu_dd_range
 from sparsefs.errors import ImageFormatError, ImageReadError
 from sparsefs.qcow2 import open_image
+from support import KiB, MiB, one_line_error, qemu_img_create, qemu_io, qemu_raw, sparsefs
 
 
 def patch(path: Path, pos: int, fmt: str, *values: int) -> None:
@@ -39,8 +39,11 @@ def patch(path: Path, pos: int, fmt: str, *values: int) -> None:
 
 def qemu_refuses(image: Path, tmp_path: Path) -> str:
     """Assert ``qemu-img convert`` cannot open ``image``; return its message."""
-    proc = subprocess.run(["qemu-img", "convert", "-O", "raw", str(image),
-                           str(tmp_path / "qemu.raw")], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(image), str(tmp_path / "qemu.raw")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     return proc.stderr
 
@@ -51,8 +54,10 @@ def test_refcount_table_ending_past_2_63_is_refused_like_qemu(tmp_path: Path) ->
     patch(path, HEADER_FIELDS["refcount_table_offset"][0], ">Q", 0xFFFFFFFFFFFF0000)
     assert "Reference count table offset invalid" in qemu_refuses(path, tmp_path)
     line = one_line_error(sparsefs("info", str(path)), str(path))
-    assert line == (f"sparsefs: {path}: refcount table at 0xffffffffffff0000 (64 KiB) ends past "
-                    "the largest file offset qemu accepts (2^63 - 1)")
+    assert line == (
+        f"sparsefs: {path}: refcount table at 0xffffffffffff0000 (64 KiB) ends past "
+        "the largest file offset qemu accepts (2^63 - 1)"
+    )
 
 
 def test_unaligned_snapshot_offset_without_snapshots_opens(tmp_path: Path) -> None:
@@ -77,8 +82,9 @@ def test_unaligned_snapshot_offset_without_snapshots_opens(tmp_path: Path) -> No
         assert image.snapshot_table_problem is not None
 
 
-def _check_kept_difference(image: Path, sibling: Path, guest_offset: int, length: int,
-                           tmp_path: Path) -> None:
+def _check_kept_difference(
+    image: Path, sibling: Path, guest_offset: int, length: int, tmp_path: Path
+) -> None:
     """sparsefs serves ``image`` exactly as QEMU serves ``sibling`` (the same image with the
     unused host offset made valid); QEMU answers EIO for ``[guest_offset, +length)`` of
     ``image`` and the same bytes as sparsefs for the ranges around it."""
@@ -90,14 +96,19 @@ def _check_kept_difference(image: Path, sibling: Path, guest_offset: int, length
             if 0 <= off < img.size:
                 assert qemu_dd_range(image, off, length, tmp_path) == img.read(off, length)
         # What sparsefs serves there is what the metadata defines, not a guess.
-        assert img.read(guest_offset, length) == expected[guest_offset:guest_offset + length]
+        assert img.read(guest_offset, length) == expected[guest_offset : guest_offset + length]
 
 
 def test_zero_cluster_with_unaligned_unused_offset_reads_as_zeros(tmp_path: Path) -> None:
     base = qemu_img_create(tmp_path / "base.qcow2", 2 * MiB, "cluster_size=4096")
     qemu_io(base, "write -q -P 0x33 0 1M")
-    path = qemu_img_create(tmp_path / "zero.qcow2", 2 * MiB, "cluster_size=4096",
-                           f"backing_file={base.name}", "backing_fmt=qcow2")
+    path = qemu_img_create(
+        tmp_path / "zero.qcow2",
+        2 * MiB,
+        "cluster_size=4096",
+        f"backing_file={base.name}",
+        "backing_fmt=qcow2",
+    )
     # Data, then zeros written over it: the clusters keep their host offsets (ZERO_ALLOC).
     qemu_io(path, "write -q -P 0x44 0 64k", "write -q -z 16k 16k")
     loc = locate(path)
@@ -113,12 +124,19 @@ def test_zero_cluster_with_unaligned_unused_offset_reads_as_zeros(tmp_path: Path
 def test_extended_l2_cluster_without_allocated_subcluster_reads_below(tmp_path: Path) -> None:
     base = qemu_img_create(tmp_path / "base.qcow2", 2 * MiB)
     qemu_io(base, "write -q -P 0x55 0 2M")
-    path = qemu_img_create(tmp_path / "extl2.qcow2", 2 * MiB, "extended_l2=on",
-                           "cluster_size=65536", f"backing_file={base.name}", "backing_fmt=qcow2")
+    path = qemu_img_create(
+        tmp_path / "extl2.qcow2",
+        2 * MiB,
+        "extended_l2=on",
+        "cluster_size=65536",
+        f"backing_file={base.name}",
+        "backing_fmt=qcow2",
+    )
     qemu_io(path, "write -q -P 0x66 0 64k", "write -q -P 0x77 128k 8k")
     loc = locate(path)
     entry = next(e for e in loc.l2_entries if e.guest_offset == 128 * KiB)
-    assert entry.bitmap and entry.value & OFFSET_MASK
+    assert entry.bitmap
+    assert entry.value & OFFSET_MASK
     # The sibling: the same cluster with no allocated subcluster and no host offset.
     sibling = tmp_path / "sibling.qcow2"
     sibling.write_bytes(path.read_bytes())
@@ -139,14 +157,18 @@ def test_l2_table_running_past_the_end_names_the_exact_range(tmp_path: Path) -> 
     patch(path, loc.l1_table_offset, ">Q", (1 << 63) | loc.l1_table_offset)
     with open_image(path) as image, pytest.raises(ImageReadError) as info:
         image.read(0, 4096)
-    assert str(info.value) == (f"{path}: L2 table at {loc.l1_table_offset:#x} (64 KiB) runs past "
-                               f"the end of the file ({loc.file_size:#x})")
+    assert str(info.value) == (
+        f"{path}: L2 table at {loc.l1_table_offset:#x} (64 KiB) runs past "
+        f"the end of the file ({loc.file_size:#x})"
+    )
     # Past the end altogether: "is past".
     patch(path, loc.l1_table_offset, ">Q", (1 << 63) | (loc.l1_table_offset + loc.cluster_size))
     with open_image(path) as image, pytest.raises(ImageReadError) as info:
         image.read(0, 4096)
-    assert str(info.value) == (f"{path}: L2 table at {loc.l1_table_offset + loc.cluster_size:#x} "
-                               f"(64 KiB) is past the end of the file ({loc.file_size:#x})")
+    assert str(info.value) == (
+        f"{path}: L2 table at {loc.l1_table_offset + loc.cluster_size:#x} "
+        f"(64 KiB) is past the end of the file ({loc.file_size:#x})"
+    )
 
 
 def test_active_l1_past_the_end_is_refused(tmp_path: Path) -> None:
@@ -162,5 +184,7 @@ def test_active_l1_past_the_end_is_refused(tmp_path: Path) -> None:
     assert qemu == bytes(len(intact)) != intact
     with pytest.raises(ImageFormatError) as info:
         open_image(path)
-    assert str(info.value) == (f"{path}: active L1 table at {end:#x} (8 bytes) is past the end "
-                               f"of the file ({loc.file_size:#x})")
+    assert str(info.value) == (
+        f"{path}: active L1 table at {end:#x} (8 bytes) is past the end "
+        f"of the file ({loc.file_size:#x})"
+    )

@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from support import KiB, MiB, check_stored, make_image, qemu_map
 
 from sparsefs.errors import ImageReadError, UnsupportedFeatureError
 from sparsefs.qcow2 import open_image
 from sparsefs.raw import RawFile
+from support import KiB, MiB, check_stored, make_image, qemu_map
 
 
 def test_holes_from_seek_data(tmp_path: Path) -> None:
@@ -34,7 +34,9 @@ def test_reads_past_the_opened_size_are_zeros(tmp_path: Path) -> None:
     with RawFile(p, size=4096) as raw:
         assert raw.read(900, 300) == b"a" * 100 + bytes(200)
         assert [(e.data, e.guest_offset, e.end) for e in raw.iter_extents()] == [
-            (True, 0, 1000), (False, 1000, 4096)]
+            (True, 0, 1000),
+            (False, 1000, 4096),
+        ]
 
 
 def test_a_file_that_shrinks_while_open_is_an_error(tmp_path: Path) -> None:
@@ -50,8 +52,17 @@ def test_a_file_that_shrinks_while_open_is_an_error(tmp_path: Path) -> None:
 def test_raw_backing_truncated_under_an_overlay_gives_eio(tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     base.write_bytes(os.urandom(4 * MiB))
-    top = make_image(tmp_path / "top.qcow2", 4 * MiB, seed=1, writes=2, zero_writes=0,
-                     discards=0, backing=str(base), backing_fmt="raw", max_len=64 * KiB)
+    top = make_image(
+        tmp_path / "top.qcow2",
+        4 * MiB,
+        seed=1,
+        writes=2,
+        zero_writes=0,
+        discards=0,
+        backing=str(base),
+        backing_fmt="raw",
+        max_len=64 * KiB,
+    )
     with open_image(top) as img:
         whole = img.read(0, img.size)
         os.truncate(base, MiB)

@@ -12,13 +12,13 @@ import struct
 from pathlib import Path
 
 import pytest
-from format_builders import FmtCache
-from support import check_map_agrees, one_line_error, qemu_raw, run, sparsefs
 
+from format_builders import FmtCache
 from sparsefs.cli.checksum import file_format
 from sparsefs.cli.common import image_stem
 from sparsefs.errors import UnsupportedFeatureError
 from sparsefs.formats import FORMAT_NAMES, spec_for
+from support import check_map_agrees, one_line_error, qemu_raw, run, sparsefs
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,22 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> FmtCache:
     return FmtCache(tmp_path_factory.mktemp("registry"))
 
 
-@pytest.mark.parametrize(("name", "stem"), [
-    ("disk.qcow2", "disk"), ("disk.VHD", "disk"), ("disk.vpc", "disk"), ("d.vdi", "d"),
-    ("d.vmdk", "d"), ("d.vhdx", "d"), ("lv.img", "lv"), ("copy.raw", "copy"),
-    ("noext", "noext"), (".vhd", ".vhd"), ("a.b.vdi", "a.b"),
-])
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("disk.qcow2", "disk"),
+        ("disk.VHD", "disk"),
+        ("disk.vpc", "disk"),
+        ("d.vdi", "d"),
+        ("d.vmdk", "d"),
+        ("d.vhdx", "d"),
+        ("lv.img", "lv"),
+        ("copy.raw", "copy"),
+        ("noext", "noext"),
+        (".vhd", ".vhd"),
+        ("a.b.vdi", "a.b"),
+    ],
+)
 def test_mount_names_strip_any_format_suffix(name: str, stem: str) -> None:
     assert image_stem(f"/x/{name}") == stem
 
@@ -55,8 +66,9 @@ def test_map_info_checksum_of_other_formats(built: FmtCache, kind: str) -> None:
         assert e["start"] == pos
         pos += e["length"]
     assert pos == img.expected.stat().st_size
-    check_map_agrees([(e["start"], e["start"] + e["length"]) for e in entries if e["data"]],
-                     img.qmap)
+    check_map_agrees(
+        [(e["start"], e["start"] + e["length"]) for e in entries if e["data"]], img.qmap
+    )
     info = sparsefs("info", str(img.image), check=True).stdout
     assert f"file format: {img.fmt}" in info
     digests = sparsefs("checksum", str(img.image), str(img.expected), check=True).stdout
@@ -68,8 +80,21 @@ def test_backing_fmt_is_honoured(built: FmtCache, tmp_path: Path) -> None:
     """A qcow2 overlay whose backing_fmt says raw reads a VHD file as raw, as qemu does."""
     vhd = built["vpc-dynamic"].image
     top = tmp_path / "top.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(vhd), "-F", "raw", str(top),
-         str(vhd.stat().st_size)])
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(vhd),
+            "-F",
+            "raw",
+            str(top),
+            str(vhd.stat().st_size),
+        ]
+    )
     want = qemu_raw(top, tmp_path / "want.raw")
     assert want.read_bytes()[:8] == b"conectix"  # the VHD's own bytes, not its guest disk
     assert sparsefs("verify", "-q", str(top), str(want)).returncode == 0
@@ -97,8 +122,11 @@ def test_differencing_parent_outside_backing_dir(built: FmtCache, tmp_path: Path
     child, _ = _differencing_copy(built, tmp_path)
     jail = tmp_path / "jail"
     jail.mkdir()
-    one_line_error(sparsefs("info", "--backing-dir", str(jail), str(child)), str(child),
-                   "outside --backing-dir")
+    one_line_error(
+        sparsefs("info", "--backing-dir", str(jail), str(child)),
+        str(child),
+        "outside --backing-dir",
+    )
     assert sparsefs("info", "--backing-dir", str(child.parent), str(child)).returncode == 0
 
 

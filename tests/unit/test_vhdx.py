@@ -18,11 +18,10 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-import conformance
 import pytest
-import vhdx_images as V
-from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, sparsefs
 
+import conformance
+import vhdx_images as V
 from sparsefs.errors import (
     ImageFormatError,
     ImageReadError,
@@ -35,6 +34,7 @@ from sparsefs.formats.vhdx import image as vhdx_image
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
 from sparsefs.qcow2 import OpenOptions
+from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, sparsefs
 
 OPTS = OpenOptions()
 
@@ -87,7 +87,7 @@ def assert_matches_raw(source: SparseSource, raw: Path, rng: random.Random) -> l
             while cut < ext.end:
                 n = min(rng.randrange(1, 300 * KiB), ext.end - cut)
                 got = source.read(cut, n)
-                assert got == want[cut - ext.guest_offset:cut - ext.guest_offset + n], (cut, n)
+                assert got == want[cut - ext.guest_offset : cut - ext.guest_offset + n], (cut, n)
                 cut += n
         holes = [(e.guest_offset, e.end) for e in extents if not e.data]
         for s, e in _raw_segments(raw):
@@ -110,16 +110,21 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, V.VhdxBuilt]:
     return {}
 
 
-def _build(name: str, tmp_path_factory: pytest.TempPathFactory,
-           cache: dict[str, V.VhdxBuilt]) -> V.VhdxBuilt:
+def _build(
+    name: str, tmp_path_factory: pytest.TempPathFactory, cache: dict[str, V.VhdxBuilt]
+) -> V.VhdxBuilt:
     if name not in cache:
         cache[name] = V.BUILDERS[name](tmp_path_factory.mktemp(name))
     return cache[name]
 
 
 @pytest.mark.parametrize("kind", sorted(V.BUILDERS))
-def test_matches_qemu(kind: str, built: dict[str, V.VhdxBuilt],
-                      tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+def test_matches_qemu(
+    kind: str,
+    built: dict[str, V.VhdxBuilt],
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
     """Each image reads as qemu reads it; written ranges are data, untouched blocks holes."""
     b = _build(kind, tmp_path_factory, built)
     raw = qemu_raw(b.qemu_image, tmp_path / "q.raw", fmt="vhdx")
@@ -147,8 +152,9 @@ def test_matches_qemu(kind: str, built: dict[str, V.VhdxBuilt],
 # -- BAT states qemu does not write ---------------------------------------------------------
 
 
-def _np_copy(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+def _np_copy(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[int]]:
     """A copy of the NOT_PRESENT image and the blocks qemu allocated in it."""
     b = _build("not_present", tmp_path_factory, built)
     img = tmp_path / "states.vhdx"
@@ -159,11 +165,22 @@ def _np_copy(tmp_path: Path, built: dict[str, V.VhdxBuilt],
     return img, full
 
 
-@pytest.mark.parametrize("state", [L.PAYLOAD_BLOCK_UNDEFINED, L.PAYLOAD_BLOCK_ZERO,
-                                   L.PAYLOAD_BLOCK_UNMAPPED, L.PAYLOAD_BLOCK_UNMAPPED_V095,
-                                   L.PAYLOAD_BLOCK_NOT_PRESENT])
-def test_zero_states_read_as_qemu(state: int, tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize(
+    "state",
+    [
+        L.PAYLOAD_BLOCK_UNDEFINED,
+        L.PAYLOAD_BLOCK_ZERO,
+        L.PAYLOAD_BLOCK_UNMAPPED,
+        L.PAYLOAD_BLOCK_UNMAPPED_V095,
+        L.PAYLOAD_BLOCK_NOT_PRESENT,
+    ],
+)
+def test_zero_states_read_as_qemu(
+    state: int,
+    tmp_path: Path,
+    built: dict[str, V.VhdxBuilt],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """A written block set to a zero-reading state reads zeros (qemu agrees) and is a hole."""
     img, full = _np_copy(tmp_path, built, tmp_path_factory)
     block = full[1]
@@ -178,16 +195,23 @@ def test_zero_states_read_as_qemu(state: int, tmp_path: Path, built: dict[str, V
         assert entries[0].present is (state != L.PAYLOAD_BLOCK_NOT_PRESENT)
 
 
-@pytest.mark.parametrize(("state", "offset", "why"), [
-    (4, 0, "reserved state 4"),
-    (L.PAYLOAD_BLOCK_PARTIALLY_PRESENT, None, "PARTIALLY_PRESENT in a disk without a parent"),
-    (L.PAYLOAD_BLOCK_FULLY_PRESENT, 0, "header section"),
-    (L.PAYLOAD_BLOCK_FULLY_PRESENT, 1 << 40, "past the end of the file"),
-    (L.PAYLOAD_BLOCK_FULLY_PRESENT, -1, "overlaps the BAT"),
-])
+@pytest.mark.parametrize(
+    ("state", "offset", "why"),
+    [
+        (4, 0, "reserved state 4"),
+        (L.PAYLOAD_BLOCK_PARTIALLY_PRESENT, None, "PARTIALLY_PRESENT in a disk without a parent"),
+        (L.PAYLOAD_BLOCK_FULLY_PRESENT, 0, "header section"),
+        (L.PAYLOAD_BLOCK_FULLY_PRESENT, 1 << 40, "past the end of the file"),
+        (L.PAYLOAD_BLOCK_FULLY_PRESENT, -1, "overlaps the BAT"),
+    ],
+)
 def test_bad_bat_entry_is_eio_for_that_block_only(
-    state: int, offset: int | None, why: str, tmp_path: Path,
-    built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory,
+    state: int,
+    offset: int | None,
+    why: str,
+    tmp_path: Path,
+    built: dict[str, V.VhdxBuilt],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """One broken BAT entry: ImageReadError for its block, every other byte as qemu reads it."""
     img, full = _np_copy(tmp_path, built, tmp_path_factory)
@@ -206,9 +230,9 @@ def test_bad_bat_entry_is_eio_for_that_block_only(
         assert str(img) in str(exc.value)
         assert "\n" not in str(exc.value)
         data = raw.read_bytes()
-        for blk in range(image.layer.nb_blocks):  # type: ignore[attr-defined]
+        for blk in range(image.layer.nb_blocks):  # type: ignore[attr-defined]  # a VhdxLayer here
             if blk != block:
-                assert image.read(blk * MiB, MiB) == data[blk * MiB:(blk + 1) * MiB], blk
+                assert image.read(blk * MiB, MiB) == data[blk * MiB : (blk + 1) * MiB], blk
         ext = [e for e in image.iter_extents(0) if e.guest_offset <= block * MiB < e.end]
         assert ext[0].data, "a broken block must not look like a hole"
 
@@ -216,8 +240,9 @@ def test_bad_bat_entry_is_eio_for_that_block_only(
 # -- refusals --------------------------------------------------------------------------------
 
 
-def _dyn_copy(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-              tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _dyn_copy(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     b = _build("dynamic", tmp_path_factory, built)
     img = tmp_path / "bad.vhdx"
     shutil.copy(b.image, img)
@@ -226,7 +251,7 @@ def _dyn_copy(tmp_path: Path, built: dict[str, V.VhdxBuilt],
 
 def _set_log_guid(buf: bytearray) -> None:
     off = V.active_header_offset(buf)
-    buf[off + 48:off + 64] = bytes(range(1, 17))
+    buf[off + 48 : off + 64] = bytes(range(1, 17))
     V.reseal(buf, off, L.HEADER_SIZE)
 
 
@@ -241,8 +266,9 @@ def _bad_region_crc(buf: bytearray) -> None:
 
 def _required_region(buf: bytearray) -> None:
     count = struct.unpack_from("<I", buf, L.REGION_TABLE_OFFSET + 8)[0]
-    struct.pack_into("<16sQII", buf, L.REGION_TABLE_OFFSET + 16 + 32 * count,
-                     bytes(range(16)), 0, 0, 1)
+    struct.pack_into(
+        "<16sQII", buf, L.REGION_TABLE_OFFSET + 16 + 32 * count, bytes(range(16)), 0, 0, 1
+    )
     struct.pack_into("<I", buf, L.REGION_TABLE_OFFSET + 8, count + 1)
     V.reseal(buf, L.REGION_TABLE_OFFSET, L.REGION_TABLE_SIZE)
 
@@ -255,6 +281,7 @@ def _item(guid: bytes, value: int, fmt: str = "<I") -> object:
     def change(buf: bytearray) -> None:
         _, off, _, _ = V.metadata_items(buf)[guid]
         struct.pack_into(fmt, buf, off, value)
+
     return change
 
 
@@ -265,7 +292,7 @@ def _item_outside(buf: bytearray) -> None:
 
 def _drop_page83(buf: bytearray) -> None:
     entry, _, _, _ = V.metadata_items(buf)[L.PAGE83_GUID]
-    buf[entry:entry + 16] = bytes(16)
+    buf[entry : entry + 16] = bytes(16)
     struct.pack_into("<I", buf, entry + 24, 0)  # an unknown item that is not required
 
 
@@ -274,7 +301,7 @@ def _bat_region_overlaps_metadata(buf: bytearray) -> None:
     meta = V.regions(buf)[L.METADATA_GUID][0]
     for i in range(count):
         at = L.REGION_TABLE_OFFSET + 16 + 32 * i
-        if bytes(buf[at:at + 16]) == L.BAT_GUID:
+        if bytes(buf[at : at + 16]) == L.BAT_GUID:
             struct.pack_into("<Q", buf, at + 16, meta)
     V.reseal(buf, L.REGION_TABLE_OFFSET, L.REGION_TABLE_SIZE)
 
@@ -284,29 +311,48 @@ REFUSALS = {
     "headers": (_bad_both_headers, ImageFormatError, "no valid VHDX header"),
     "region_crc": (_bad_region_crc, ImageFormatError, "region table has a bad CRC-32C"),
     "required_region": (_required_region, UnsupportedFeatureError, "unknown required VHDX region"),
-    "required_metadata": (_required_metadata, UnsupportedFeatureError,
-                          "unknown required VHDX metadata item"),
+    "required_metadata": (
+        _required_metadata,
+        UnsupportedFeatureError,
+        "unknown required VHDX metadata item",
+    ),
     "block_size": (_item(L.FILE_PARAMETERS_GUID, 3 * MiB), UnsupportedFeatureError, "block size"),
-    "sector_size": (_item(L.LOGICAL_SECTOR_SIZE_GUID, 1024), UnsupportedFeatureError,
-                    "logical sector size 1024"),
-    "huge": (_item(L.VIRTUAL_DISK_SIZE_GUID, 65 * 1024**4, "<Q"), UnsupportedFeatureError,
-             "64 TiB"),
-    "bat_short": (_item(L.VIRTUAL_DISK_SIZE_GUID, 2 * 1024**4, "<Q"), ImageFormatError,
-                  "BAT of 1048576 bytes is too short"),
+    "sector_size": (
+        _item(L.LOGICAL_SECTOR_SIZE_GUID, 1024),
+        UnsupportedFeatureError,
+        "logical sector size 1024",
+    ),
+    "huge": (
+        _item(L.VIRTUAL_DISK_SIZE_GUID, 65 * 1024**4, "<Q"),
+        UnsupportedFeatureError,
+        "64 TiB",
+    ),
+    "bat_short": (
+        _item(L.VIRTUAL_DISK_SIZE_GUID, 2 * 1024**4, "<Q"),
+        ImageFormatError,
+        "BAT of 1048576 bytes is too short",
+    ),
     "item_outside": (_item_outside, ImageFormatError, "outside the metadata region"),
     "missing_item": (_drop_page83, ImageFormatError, "lacks the page 83 data item"),
     "overlap": (_bat_region_overlaps_metadata, ImageFormatError, "overlaps the"),
-    "signature": (lambda buf: buf.__setitem__(slice(0, 8), b"vhdxfilX"), ImageFormatError,
-                  "not a VHDX image"),
+    "signature": (
+        lambda buf: buf.__setitem__(slice(0, 8), b"vhdxfilX"),
+        ImageFormatError,
+        "not a VHDX image",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_refusals_are_one_line(case: str, tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                               tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_refusals_are_one_line(
+    case: str,
+    tmp_path: Path,
+    built: dict[str, V.VhdxBuilt],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Each broken or unsupported structure is refused in one line naming the file."""
     change, error, needle = REFUSALS[case]
-    img = V.edit(_dyn_copy(tmp_path, built, tmp_path_factory), change)  # type: ignore[arg-type]
+    img = V.edit(_dyn_copy(tmp_path, built, tmp_path_factory), change)  # type: ignore[arg-type]  # the editor takes the raw header bytes
     with pytest.raises(error) as exc:
         open_image(img, OPTS)
     message = str(exc.value)
@@ -315,8 +361,9 @@ def test_refusals_are_one_line(case: str, tmp_path: Path, built: dict[str, V.Vhd
     assert "\n" not in message
 
 
-def test_qemu_also_refuses_a_log_read_only(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_qemu_also_refuses_a_log_read_only(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A set log GUID with no valid entries: qemu replays nothing; the refusal is ours alone.
 
     Documented here so the difference is deliberate: sparsefs refuses any set log GUID
@@ -327,8 +374,9 @@ def test_qemu_also_refuses_a_log_read_only(tmp_path: Path, built: dict[str, V.Vh
         open_image(img, OPTS)
 
 
-def test_one_bad_header_falls_back_like_qemu(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_one_bad_header_falls_back_like_qemu(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A corrupt active header: the other one is used, as qemu does."""
     img = _dyn_copy(tmp_path, built, tmp_path_factory)
     V.edit(img, lambda buf: buf.__setitem__(V.active_header_offset(buf) + 200, 0x55))
@@ -358,8 +406,10 @@ def test_bat_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with open_image(img, OPTS) as image:
         extents = list(image.iter_extents(0))
         assert [(e.guest_offset, e.length) for e in extents if e.data] == [
-            (0, MiB), (63 * 1024 * MiB, MiB)]
-        assert len(image.layer._bat_pages) <= 2  # type: ignore[attr-defined]
+            (0, MiB),
+            (63 * 1024 * MiB, MiB),
+        ]
+        assert len(image.layer._bat_pages) <= 2  # type: ignore[attr-defined]  # a VhdxLayer here
         assert image.read(63 * 1024 * MiB, 2) == b"\x08\x08"
 
 
@@ -376,8 +426,10 @@ def test_differencing_reads_child_over_parent(where: str, tmp_path: Path) -> Non
     locator = {
         "relative": {"relative_path": ".\\parent.vhdx"},
         "absolute_posix": {"absolute_win32_path": str(tmp_path / "parent.vhdx")},
-        "win32_drive": {"relative_path": "..\\elsewhere\\parent.vhdx",
-                        "absolute_win32_path": "C:\\VMs\\parent.vhdx"},
+        "win32_drive": {
+            "relative_path": "..\\elsewhere\\parent.vhdx",
+            "absolute_win32_path": "C:\\VMs\\parent.vhdx",
+        },
     }[where]
     parent, child, parent_raw, child_raw, writes = _family(tmp_path, locator=locator)
     blocks = {b for off, n in writes for b in range(off // MiB, (off + n - 1) // MiB + 1)}
@@ -392,7 +444,7 @@ def test_differencing_reads_child_over_parent(where: str, tmp_path: Path) -> Non
         for _ in range(40):
             off = rng.randrange(image.size)
             n = rng.randrange(1, 3 * MiB)
-            assert image.read(off, n) == want[off:off + n]
+            assert image.read(off, n) == want[off : off + n]
         # the parent is all data, so only the ZERO block is a hole
         holes = [(e.guest_offset, e.end) for e in image.iter_extents(0) if not e.data]
         assert holes == [(hidden * MiB, (hidden + 1) * MiB)]
@@ -410,22 +462,31 @@ def test_partially_present_uses_the_sector_bitmap(sector: int, tmp_path: Path) -
     full = [b for b in range(11) if V.get_bat(buf, b)[0] == L.PAYLOAD_BLOCK_FULLY_PRESENT]
     block = full[0]
     spb = MiB // sector
-    present = [(block * spb + 3, block * spb + 4), (block * spb + 9, block * spb + 100),
-               (block * spb + 130, block * spb + 131), (block * spb + spb - 1, block * spb + spb)]
+    present = [
+        (block * spb + 3, block * spb + 4),
+        (block * spb + 9, block * spb + 100),
+        (block * spb + 130, block * spb + 131),
+        (block * spb + spb - 1, block * spb + spb),
+    ]
     V.append_sector_bitmap(child, 0, MiB, present, sector)
-    V.edit(child, lambda b: V.set_bat(b, block, L.PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                                      V.get_bat(b, block)[1]))
+    V.edit(
+        child,
+        lambda b: V.set_bat(b, block, L.PAYLOAD_BLOCK_PARTIALLY_PRESENT, V.get_bat(b, block)[1]),
+    )
     blocks = {b for b in full if b != block}
     want = bytearray(_expected(parent_raw, child_raw, blocks))
     for first, end in present:
-        want[first * sector:end * sector] = child_raw[first * sector:end * sector]
+        want[first * sector : end * sector] = child_raw[first * sector : end * sector]
     with open_image(child, OPTS) as image:
         assert image.read(0, image.size) == bytes(want)
         for off in range(block * MiB, (block + 1) * MiB, 77 * 512 + 5):
-            assert image.read(off, 1999) == bytes(want[off:off + 1999])
+            assert image.read(off, 1999) == bytes(want[off : off + 1999])
         m = [e for e in image.iter_map() if block * MiB <= e.start < (block + 1) * MiB]
         assert [(e.start, e.depth) for e in m][:3] == [
-            (block * MiB, 1), (block * MiB + 3 * sector, 0), (block * MiB + 4 * sector, 1)]
+            (block * MiB, 1),
+            (block * MiB + 3 * sector, 0),
+            (block * MiB + 4 * sector, 1),
+        ]
     # without a present sector bitmap the block is EIO, the rest still reads
     ratio = V.chunk_ratio(MiB, sector)
     V.edit(child, lambda b: V.set_bat(b, ratio, L.SB_BLOCK_NOT_PRESENT))
@@ -433,7 +494,7 @@ def test_partially_present_uses_the_sector_bitmap(sector: int, tmp_path: Path) -
         with pytest.raises(ImageReadError, match="sector bitmap of chunk 0 is not present"):
             image.read(block * MiB, 512)
         other = next(b for b in range(10) if b != block)
-        assert image.read(other * MiB, MiB) == bytes(want[other * MiB:(other + 1) * MiB])
+        assert image.read(other * MiB, MiB) == bytes(want[other * MiB : (other + 1) * MiB])
 
 
 def test_parent_linkage_mismatch_and_missing_parent(tmp_path: Path) -> None:
@@ -466,7 +527,7 @@ def test_parent_outside_backing_dir_and_loops(tmp_path: Path) -> None:
     _, off, length, _ = V.metadata_items(buf)[L.PARENT_LOCATOR_GUID]
     item = V.build_parent_locator({"parent_linkage": guid, "relative_path": "loop.vhdx"})
     assert len(item) <= length + 200
-    buf[off:off + len(item)] = item
+    buf[off : off + len(item)] = item
     entry, _, _, _ = V.metadata_items(buf)[L.PARENT_LOCATOR_GUID]
     struct.pack_into("<I", buf, entry + 20, len(item))
     loop.write_bytes(bytes(buf))
@@ -483,11 +544,12 @@ def test_grandparent_chain(tmp_path: Path) -> None:
     blocks = {b for off, n in writes for b in range(off // MiB, (off + n - 1) // MiB + 1)}
     gap = next(b for b in range(10) if b not in blocks)
     # editing the parent's metadata and BAT leaves its header (DataWriteGuid) as it was
-    V.make_differencing(parent, {"parent_linkage": V.data_write_guid(grand),
-                                 "relative_path": "grand.vhdx"})
+    V.make_differencing(
+        parent, {"parent_linkage": V.data_write_guid(grand), "relative_path": "grand.vhdx"}
+    )
     V.edit(parent, lambda buf: V.set_bat(buf, gap, L.PAYLOAD_BLOCK_NOT_PRESENT))
     want = bytearray(_expected(parent_raw, child_raw, blocks))
-    want[gap * MiB:(gap + 1) * MiB] = grand_raw[gap * MiB:(gap + 1) * MiB]
+    want[gap * MiB : (gap + 1) * MiB] = grand_raw[gap * MiB : (gap + 1) * MiB]
     with open_image(child, OPTS) as image:
         assert image.read(0, image.size) == bytes(want)
         assert image.chain() == [(str(parent), "vhdx"), (str(grand), "vhdx")]
@@ -502,10 +564,9 @@ def test_not_vhdx_is_refused(tmp_path: Path) -> None:
         open_image(img, OPTS)
 
 
-
-
-def test_registry_detects_and_opens_vhdx(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_registry_detects_and_opens_vhdx(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The registry probes a VHDX file by its magic and opens it, under any name."""
     from sparsefs import formats
 
@@ -518,7 +579,7 @@ def test_registry_detects_and_opens_vhdx(tmp_path: Path, built: dict[str, V.Vhdx
     try:
         assert source.read(0, source.size) == raw.read_bytes()
     finally:
-        source.close()  # type: ignore[attr-defined]
+        source.close()  # type: ignore[attr-defined]  # every opened image has close()
 
 
 # -- fuzz: seeded mutants of qemu-made VHDX images (the contract of test_fuzz.py) ---------
@@ -540,13 +601,29 @@ class _VhdxMutator:
     def _value(self, width: int) -> int:
         r = self.rng
         limit = 1 << (8 * width)
-        values = [0, 1, 2, 3, 5, 6, 7, 512, 4096, MiB, 3 * MiB, 256 * MiB, self.size,
-                  self.size + MiB, limit - 1, r.randrange(limit)]
+        values = [
+            0,
+            1,
+            2,
+            3,
+            5,
+            6,
+            7,
+            512,
+            4096,
+            MiB,
+            3 * MiB,
+            256 * MiB,
+            self.size,
+            self.size + MiB,
+            limit - 1,
+            r.randrange(limit),
+        ]
         return r.choice(values) % limit
 
     def _put(self, buf: bytearray, at: int, width: int) -> str:
         value = self._value(width)
-        buf[at:at + width] = value.to_bytes(width, "little")
+        buf[at : at + width] = value.to_bytes(width, "little")
         return f"{width}-byte field at {at:#x} = {value:#x}"
 
     def next(self) -> tuple[str, Callable[[bytearray], None]]:
@@ -559,10 +636,11 @@ class _VhdxMutator:
             def change(buf: bytearray) -> None:
                 h = V.active_header_offset(buf)
                 if width == 16:
-                    buf[h + at:h + at + 16] = r.randbytes(16) if r.random() < 0.5 else bytes(16)
+                    buf[h + at : h + at + 16] = r.randbytes(16) if r.random() < 0.5 else bytes(16)
                 else:
                     self._put(buf, h + at, width)
                 V.reseal(buf, h, L.HEADER_SIZE)
+
             return f"header field +{at}", change
         if kind == 1:  # a region table entry field, resealed
             i = r.randrange(3)
@@ -571,23 +649,26 @@ class _VhdxMutator:
 
             def change(buf: bytearray) -> None:
                 if field_at[1] == 16:
-                    buf[at:at + 16] = r.randbytes(16)
+                    buf[at : at + 16] = r.randbytes(16)
                 else:
                     self._put(buf, at, field_at[1])
                 if i == 2:
                     struct.pack_into("<I", buf, L.REGION_TABLE_OFFSET + 8, r.randrange(4))
                 V.reseal(buf, L.REGION_TABLE_OFFSET, L.REGION_TABLE_SIZE)
+
             return f"region entry {i} +{field_at[0]}", change
         if kind == 2:  # a metadata table field
-            at = self.table + r.choice([10, *(32 + 32 * i + f for i in range(6) for f in
-                                              (0, 16, 20, 24))])
+            at = self.table + r.choice(
+                [10, *(32 + 32 * i + f for i in range(6) for f in (0, 16, 20, 24))]
+            )
             width = 2 if at == self.table + 10 else (16 if (at - self.table - 32) % 32 == 0 else 4)
 
             def change(buf: bytearray) -> None:
                 if width == 16:
-                    buf[at:at + 16] = r.randbytes(16)
+                    buf[at : at + 16] = r.randbytes(16)
                 else:
                     self._put(buf, at, width)
+
             return f"metadata table at {at:#x}", change
         if kind == 3:  # a metadata item's value
             off, length = r.choice(self.items)
@@ -596,6 +677,7 @@ class _VhdxMutator:
 
             def change(buf: bytearray) -> None:
                 self._put(buf, at, width)
+
             return f"metadata item byte {at:#x}", change
         if kind in (4, 5):  # BAT entries: state and offset
             index = r.randrange(16) if r.random() < 0.8 else r.randrange(8192)
@@ -605,12 +687,14 @@ class _VhdxMutator:
                 state = r.randrange(8)
                 offset = r.choice([0, 1, 2, 3, 4, 8, 1 << 30, r.randrange(1 << 44)]) * MiB
                 struct.pack_into("<Q", buf, at, (offset & ((1 << 64) - MiB)) | state)
+
             return f"BAT entry {index}", change
         if kind == 6:  # random bytes anywhere in the first 4 MiB
             at = r.randrange(min(self.size, 4 * MiB))
             n = r.randrange(1, 16)
             return f"{n} random bytes at {at:#x}", lambda buf: buf.__setitem__(
-                slice(at, at + n), r.randbytes(n)[:len(buf) - at])
+                slice(at, at + n), r.randbytes(n)[: len(buf) - at]
+            )
         cut = r.randrange(self.size)
         return f"truncate to {cut}", lambda buf: buf.__delitem__(slice(cut, None))
 
@@ -620,15 +704,20 @@ def fuzz_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("vhdx-fuzz")
     dyn = V.create(d / "dynamic.vhdx", 6 * MiB + 512, "block_size=1M")
     V.random_writes(dyn, random.Random(21), 6 * MiB, 6)
-    fixed = V.create(d / "fixed.vhdx", 3 * MiB, "subformat=fixed", "block_size=1M",
-                     "block_state_zero=off")
+    fixed = V.create(
+        d / "fixed.vhdx", 3 * MiB, "subformat=fixed", "block_size=1M", "block_state_zero=off"
+    )
     V.random_writes(fixed, random.Random(22), 3 * MiB, 3)
     _parent, child, *_ = _family(d)
     buf = child.read_bytes()
     full = [b for b in range(10) if V.get_bat(buf, b)[0] == L.PAYLOAD_BLOCK_FULLY_PRESENT]
     V.append_sector_bitmap(child, 0, MiB, [(full[0] * 2048 + 5, full[0] * 2048 + 900)])
-    V.edit(child, lambda b: V.set_bat(b, full[0], L.PAYLOAD_BLOCK_PARTIALLY_PRESENT,
-                                      V.get_bat(b, full[0])[1]))
+    V.edit(
+        child,
+        lambda b: V.set_bat(
+            b, full[0], L.PAYLOAD_BLOCK_PARTIALLY_PRESENT, V.get_bat(b, full[0])[1]
+        ),
+    )
     return {"dynamic": dyn, "fixed": fixed, "differencing": child}
 
 
@@ -700,8 +789,9 @@ def _fuzz_one(path: Path, rng: random.Random) -> bool:
     return True
 
 
-def test_cli_checksum_info_and_refusal(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_cli_checksum_info_and_refusal(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """checksum of a VHDX equals that of qemu's raw copy; info names it; refusals are one line."""
     b = _build("dynamic", tmp_path_factory, built)
     raw = qemu_raw(b.image, tmp_path / "q.raw", fmt="vhdx")
@@ -715,8 +805,9 @@ def test_cli_checksum_info_and_refusal(tmp_path: Path, built: dict[str, V.VhdxBu
     one_line_error(sparsefs("checksum", str(bad)), str(bad), "may need replay")
 
 
-def test_qcow2_over_vhdx_backing(tmp_path: Path, built: dict[str, V.VhdxBuilt],
-                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_qcow2_over_vhdx_backing(
+    tmp_path: Path, built: dict[str, V.VhdxBuilt], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A qcow2 overlay with backing_fmt=vhdx reads as qemu reads it, through the registry."""
     from sparsefs import formats
 
@@ -724,13 +815,26 @@ def test_qcow2_over_vhdx_backing(tmp_path: Path, built: dict[str, V.VhdxBuilt],
     base = tmp_path / "base.vhdx"
     shutil.copy(b.image, base)
     top = tmp_path / "top.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vhdx",
-         str(top), str(12 * MiB)])
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.name,
+            "-F",
+            "vhdx",
+            str(top),
+            str(12 * MiB),
+        ]
+    )
     qemu_io(top, f"write -q -P 200 {MiB + 512} 70000")
     raw = qemu_raw(top, tmp_path / "q.raw", fmt="qcow2")
     source = formats.open_source(top)
     try:
         assert source.read(0, source.size) == raw.read_bytes()
-        assert source.chain() == [(str(base), "vhdx")]  # type: ignore[attr-defined]
+        assert source.chain() == [(str(base), "vhdx")]  # type: ignore[attr-defined]  # a LayeredImage
     finally:
-        source.close()  # type: ignore[attr-defined]
+        source.close()  # type: ignore[attr-defined]  # every opened image has close()

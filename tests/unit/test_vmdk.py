@@ -14,17 +14,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from support import (
-    KiB,
-    MiB,
-    check_map_agrees,
-    qemu_img_create,
-    qemu_io,
-    qemu_map,
-    qemu_raw,
-    run,
-)
-from vmdk_images import BUILDERS, OFF_FLAGS, OFF_GD, OFF_GTES, SECTOR, build_all, monolithic_sparse
 
 from sparsefs.errors import (
     ImageFormatError,
@@ -38,6 +27,17 @@ from sparsefs.formats import detect, open_source
 from sparsefs.formats.vmdk import open_layer, probe
 from sparsefs.layered import LayeredImage
 from sparsefs.qcow2.image import OpenOptions
+from support import (
+    KiB,
+    MiB,
+    check_map_agrees,
+    qemu_img_create,
+    qemu_io,
+    qemu_map,
+    qemu_raw,
+    run,
+)
+from vmdk_images import BUILDERS, OFF_FLAGS, OFF_GD, OFF_GTES, SECTOR, build_all, monolithic_sparse
 
 CHUNK = 100_003  # odd read size
 
@@ -124,8 +124,9 @@ def check_against_qemu(image: Path, tmp: Path) -> None:
         assert pos == source.size
 
 
-def _holes_within(segments: list[tuple[int, int]], s: int, e: int,
-                  size: int) -> list[tuple[int, int]]:
+def _holes_within(
+    segments: list[tuple[int, int]], s: int, e: int, size: int
+) -> list[tuple[int, int]]:
     out, pos = [], s
     for ds, de in segments:
         if de <= pos or ds >= e:
@@ -194,15 +195,25 @@ def _patch(src: Path, dst: Path, offset: int, fmt: str, value: int) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(("what", "offset", "fmt", "value", "error", "needle"), [
-    ("version", 4, "<I", 4, UnsupportedFeatureError, "version 4"),
-    ("flags", OFF_FLAGS, "<I", 0x3 | 0x100, UnsupportedFeatureError, "flags 0x100"),
-    ("compression", 77, "<H", 2, UnsupportedFeatureError, "compression algorithm 2"),
-    ("gtes", OFF_GTES, "<I", 1024, ImageFormatError, "grain table size"),
-    ("gd", OFF_GD, "<Q", 1 << 40, ImageFormatError, "grain directory"),
-])
-def test_header_refusals(tmp_path: Path, what: str, offset: int, fmt: str, value: int,
-                         error: type[SparsefsError], needle: str) -> None:
+@pytest.mark.parametrize(
+    ("what", "offset", "fmt", "value", "error", "needle"),
+    [
+        ("version", 4, "<I", 4, UnsupportedFeatureError, "version 4"),
+        ("flags", OFF_FLAGS, "<I", 0x3 | 0x100, UnsupportedFeatureError, "flags 0x100"),
+        ("compression", 77, "<H", 2, UnsupportedFeatureError, "compression algorithm 2"),
+        ("gtes", OFF_GTES, "<I", 1024, ImageFormatError, "grain table size"),
+        ("gd", OFF_GD, "<Q", 1 << 40, ImageFormatError, "grain directory"),
+    ],
+)
+def test_header_refusals(
+    tmp_path: Path,
+    what: str,
+    offset: int,
+    fmt: str,
+    value: int,
+    error: type[SparsefsError],
+    needle: str,
+) -> None:
     """Unknown version, flags, compression; bad table geometry: one line naming the file."""
     good = monolithic_sparse(tmp_path)
     bad = _patch(good, tmp_path / f"bad-{what}.vmdk", offset, fmt, value)
@@ -212,27 +223,38 @@ def test_header_refusals(tmp_path: Path, what: str, offset: int, fmt: str, value
 
 
 def _descriptor(path: Path, create_type: str, lines: list[str], extra: str = "") -> Path:
-    path.write_text("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
-                    f'createType="{create_type}"\n{extra}\n'
-                    # A comment, not a blank line, before the extents: qemu 7.2 parses an
-                    # extent line that follows a blank line twice.
-                    "# Extent description\n" + "\n".join(lines) + "\n")
+    path.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        f'createType="{create_type}"\n{extra}\n'
+        # A comment, not a blank line, before the extents: qemu 7.2 parses an
+        # extent line that follows a blank line twice.
+        "# Extent description\n" + "\n".join(lines) + "\n"
+    )
     return path
 
 
-@pytest.mark.parametrize(("create_type", "line", "extra", "error", "needle"), [
-    ("monolithicFlat", 'RW 2048 FLAT "absent.flat" 0', "", MissingFileError, "absent.flat"),
-    ("seSparse", 'RW 2048 SESPARSE "x.vmdk"', "", UnsupportedFeatureError, "SE sparse"),
-    ("vmfsSparse", 'RW 2048 VMFSSPARSE "x.vmdk"', "", UnsupportedFeatureError, "VMFS sparse"),
-    ("monolithicFlat", 'RW 2048 VMFSRDM "x.vmdk"', "", UnsupportedFeatureError, "raw device"),
-    ("custom", 'RW 2048 FLAT "d.flat" 0', "", UnsupportedFeatureError, "custom"),
-    ("monolithicFlat", 'RW 2048 FLAT "d.flat"', "", ImageFormatError, "without offset"),
-    ("monolithicFlat", 'RW 2048 FLAT "d.flat" 0', 'encryption.keySafe = "vmware:key"',
-     UnsupportedFeatureError, "encrypted"),
-    ("monolithicFlat", "", "", ImageFormatError, "no extents"),
-])
-def test_descriptor_refusals(tmp_path: Path, create_type: str, line: str, extra: str,
-                             error: type[SparsefsError], needle: str) -> None:
+@pytest.mark.parametrize(
+    ("create_type", "line", "extra", "error", "needle"),
+    [
+        ("monolithicFlat", 'RW 2048 FLAT "absent.flat" 0', "", MissingFileError, "absent.flat"),
+        ("seSparse", 'RW 2048 SESPARSE "x.vmdk"', "", UnsupportedFeatureError, "SE sparse"),
+        ("vmfsSparse", 'RW 2048 VMFSSPARSE "x.vmdk"', "", UnsupportedFeatureError, "VMFS sparse"),
+        ("monolithicFlat", 'RW 2048 VMFSRDM "x.vmdk"', "", UnsupportedFeatureError, "raw device"),
+        ("custom", 'RW 2048 FLAT "d.flat" 0', "", UnsupportedFeatureError, "custom"),
+        ("monolithicFlat", 'RW 2048 FLAT "d.flat"', "", ImageFormatError, "without offset"),
+        (
+            "monolithicFlat",
+            'RW 2048 FLAT "d.flat" 0',
+            'encryption.keySafe = "vmware:key"',
+            UnsupportedFeatureError,
+            "encrypted",
+        ),
+        ("monolithicFlat", "", "", ImageFormatError, "no extents"),
+    ],
+)
+def test_descriptor_refusals(
+    tmp_path: Path, create_type: str, line: str, extra: str, error: type[SparsefsError], needle: str
+) -> None:
     """Missing extents, SE sparse, VMFS sparse, RDM, unknown types, encryption: one line."""
     (tmp_path / "d.flat").write_bytes(bytes(MiB))
     desc = _descriptor(tmp_path / "d.vmdk", create_type, [line] if line else [], extra)
@@ -254,8 +276,9 @@ def test_cowd_sparse_refused(tmp_path: Path) -> None:
 def test_parent_cid_mismatch_refused(tmp_path: Path) -> None:
     """A write to the parent after the delta was made changes its CID: refused like qemu's EIO."""
     base = qemu_img_create(tmp_path / "b.vmdk", MiB, fmt="vmdk")
-    top = qemu_img_create(tmp_path / "t.vmdk", MiB, "backing_file=b.vmdk", "backing_fmt=vmdk",
-                          fmt="vmdk")
+    top = qemu_img_create(
+        tmp_path / "t.vmdk", MiB, "backing_file=b.vmdk", "backing_fmt=vmdk", fmt="vmdk"
+    )
     with _open(top) as ok:
         assert ok.read(0, 4) == bytes(4)
     qemu_io(base, "write -P 1 0 4k", fmt="vmdk")
@@ -270,8 +293,9 @@ def test_parent_cid_mismatch_refused(tmp_path: Path) -> None:
 def test_missing_parent(tmp_path: Path) -> None:
     """A delta whose parent file is gone: one line naming it."""
     qemu_img_create(tmp_path / "b.vmdk", MiB, fmt="vmdk")
-    top = qemu_img_create(tmp_path / "t.vmdk", MiB, "backing_file=b.vmdk", "backing_fmt=vmdk",
-                          fmt="vmdk")
+    top = qemu_img_create(
+        tmp_path / "t.vmdk", MiB, "backing_file=b.vmdk", "backing_fmt=vmdk", fmt="vmdk"
+    )
     (tmp_path / "b.vmdk").unlink()
     with pytest.raises(MissingFileError) as info:
         open_source(top, fmt="vmdk")
@@ -287,10 +311,16 @@ def test_access_modes_and_zero_extent(tmp_path: Path) -> None:
     flat.write_bytes(os.urandom(256 * KiB))
     rw = _descriptor(tmp_path / "rw.vmdk", "monolithicFlat", ['RW 512 FLAT "p.flat" 0'])
     want = qemu_raw(rw, tmp_path / "rw.raw", fmt="vmdk").read_bytes()
-    desc = _descriptor(tmp_path / "modes.vmdk", "monolithicFlat", [
-        'RDONLY 512 FLAT "p.flat" 0', "RW 128 ZERO", 'NOACCESS 64 FLAT "p.flat" 0',
-        'RW 512 FLAT "p.flat" 0',
-    ])
+    desc = _descriptor(
+        tmp_path / "modes.vmdk",
+        "monolithicFlat",
+        [
+            'RDONLY 512 FLAT "p.flat" 0',
+            "RW 128 ZERO",
+            'NOACCESS 64 FLAT "p.flat" 0',
+            'RW 512 FLAT "p.flat" 0',
+        ],
+    )
     with _open(desc) as img:
         assert img.size == (512 + 128 + 64 + 512) * SECTOR
         assert img.read(0, 256 * KiB) == want
@@ -329,15 +359,16 @@ def test_bad_gte_is_eio_for_that_grain_only(tmp_path: Path) -> None:
         assert [(e.guest_offset, e.end) for e in img.iter_extents() if e.data] == [(0, 192 * KiB)]
 
 
-def test_corrupt_compressed_grain_is_eio_for_that_grain_only(images: dict[str, Path],
-                                                             tmp_path: Path) -> None:
+def test_corrupt_compressed_grain_is_eio_for_that_grain_only(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
     """A damaged deflate stream fails its grain; the other grains still read as qemu's."""
     src = images["streamOptimized"]
     want = qemu_raw(src, tmp_path / "s.raw", fmt="vmdk").read_bytes()
     buf = bytearray(src.read_bytes())
     first = struct.unpack_from("<I", buf, _first_gt(buf))[0]
     assert first
-    buf[first * SECTOR + 14:first * SECTOR + 30] = b"\xff" * 16
+    buf[first * SECTOR + 14 : first * SECTOR + 30] = b"\xff" * 16
     bad = tmp_path / "bad-stream.vmdk"
     bad.write_bytes(bytes(buf))
     with _open(bad) as img:
@@ -370,10 +401,10 @@ def test_grain_tables_loaded_on_demand_and_bounded(tmp_path: Path) -> None:
     layer = open_layer(p, OpenOptions(l2_cache_bytes=8 * KiB))
     try:
         ext = layer.extents[0]
-        assert ext.tables_cached == 0  # type: ignore[union-attr]
+        assert ext.tables_cached == 0  # type: ignore[union-attr]  # a sparse extent here
         runs = list(layer.runs(0, layer.size))
         assert sum(1 for r in runs if r[2] == 0) == 32
-        assert ext.tables_cached <= 4  # type: ignore[union-attr]
+        assert ext.tables_cached <= 4  # type: ignore[union-attr]  # a sparse extent here
     finally:
         layer.close()
 
@@ -393,8 +424,9 @@ def test_extent_outside_backing_dir_refused(tmp_path: Path) -> None:
     inside = tmp_path / "in"
     inside.mkdir()
     (tmp_path / "outside.flat").write_bytes(b"secret" * 1000)
-    desc = _descriptor(inside / "d.vmdk", "monolithicFlat",
-                       [f'RW 8 FLAT "{tmp_path / "outside.flat"}" 0'])
+    desc = _descriptor(
+        inside / "d.vmdk", "monolithicFlat", [f'RW 8 FLAT "{tmp_path / "outside.flat"}" 0']
+    )
     with _open(desc) as img:  # without confinement qemu's rule: any path
         assert img.read(0, 6) == b"secret"
     with pytest.raises(UnsupportedFeatureError) as info:
@@ -414,8 +446,7 @@ def test_many_extent_lines_share_one_file(tmp_path: Path) -> None:
     """3000 extent lines naming one flat file open it once (no descriptor per line)."""
     flat = tmp_path / "one.flat"
     flat.write_bytes(bytes(range(256)) * 2)
-    desc = _descriptor(tmp_path / "many.vmdk", "monolithicFlat",
-                       ['RW 1 FLAT "one.flat" 0'] * 3000)
+    desc = _descriptor(tmp_path / "many.vmdk", "monolithicFlat", ['RW 1 FLAT "one.flat" 0'] * 3000)
     with _open(desc) as img:
         assert img.size == 3000 * SECTOR
         assert img.read(2999 * SECTOR, SECTOR) == flat.read_bytes()[:SECTOR]
@@ -423,17 +454,30 @@ def test_many_extent_lines_share_one_file(tmp_path: Path) -> None:
         assert len(fds) < 100
 
 
-@pytest.mark.parametrize("prefix", [
-    "", "# Disk DescriptorFile\n", "# a\n# b\n", "   \n", "  \r\n# c\n", "\n", "x\n", " x\n",
-])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "",
+        "# Disk DescriptorFile\n",
+        "# a\n# b\n",
+        "   \n",
+        "  \r\n# c\n",
+        "\n",
+        "x\n",
+        " x\n",
+    ],
+)
 @pytest.mark.parametrize("version", ["version=1\n", "version=3\r\n", "version=4\n"])
 def test_text_probe_as_qemu(tmp_path: Path, prefix: str, version: str) -> None:
     """A text descriptor is VMDK to the registry exactly when qemu-img probes it as vmdk."""
     (tmp_path / "p.flat").write_bytes(bytes(64 * KiB))
     path = tmp_path / "probe.img"  # no .vmdk suffix: only the magic decides
-    path.write_text(prefix + version + 'CID=fffffffe\nparentCID=ffffffff\n'
-                    'createType="monolithicFlat"\n# Extent description\n'
-                    'RW 128 FLAT "p.flat" 0\n', newline="")
+    path.write_text(
+        prefix + version + "CID=fffffffe\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n# Extent description\n'
+        'RW 128 FLAT "p.flat" 0\n',
+        newline="",
+    )
     info = json.loads(run(["qemu-img", "info", "--output=json", str(path)]).stdout)
     assert detect(str(path)) == info["format"]
 

@@ -33,13 +33,13 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+
 import vmdk_images as V
 from conformance import exercise
-from support import MiB
-
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import open_source
 from sparsefs.layered import LayeredImage
+from support import MiB
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "400"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20261127"))
@@ -47,12 +47,34 @@ WATCHDOG_SECONDS = 30
 EXTRA_ADDRESS_SPACE = 1536 * MiB
 MAX_REPORTED = 10
 SECTOR = V.SECTOR
-INTERESTING = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x200, 0x1000, 0xFFFF, 0x7FFF_FFFF,
-               0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF, 1 << 40)
+INTERESTING = (
+    0,
+    1,
+    2,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0x200,
+    0x1000,
+    0xFFFF,
+    0x7FFF_FFFF,
+    0xFFFF_FFFF,
+    0xFFFF_FFFF_FFFF_FFFF,
+    1 << 40,
+)
 HEADER_FIELDS = {  # name: (offset, struct format)
-    "version": (4, "<I"), "flags": (8, "<I"), "capacity": (12, "<Q"), "grain": (20, "<Q"),
-    "desc_offset": (28, "<Q"), "desc_size": (36, "<Q"), "gtes": (44, "<I"), "rgd": (48, "<Q"),
-    "gd": (56, "<Q"), "overhead": (64, "<Q"), "algorithm": (77, "<H"),
+    "version": (4, "<I"),
+    "flags": (8, "<I"),
+    "capacity": (12, "<Q"),
+    "grain": (20, "<Q"),
+    "desc_offset": (28, "<Q"),
+    "desc_size": (36, "<Q"),
+    "gtes": (44, "<I"),
+    "rgd": (48, "<Q"),
+    "gd": (56, "<Q"),
+    "overhead": (64, "<Q"),
+    "algorithm": (77, "<H"),
 }
 
 
@@ -83,6 +105,7 @@ def _put(offset: int, fmt: str, value: int) -> Callable[[bytearray], None]:
     def apply(buf: bytearray) -> None:
         if offset + struct.calcsize(fmt) <= len(buf):
             struct.pack_into(fmt, buf, offset, value)
+
     return apply
 
 
@@ -104,14 +127,30 @@ class SparseMutator:
         self.gd_at = gd * SECTOR
         self.gd = struct.unpack_from(f"<{nb}I", raw, self.gd_at)
         self.gts = [(e * SECTOR, gtes) for e in self.gd if e]
-        self.grains = [struct.unpack_from("<I", raw, t + 4 * i)[0] * SECTOR
-                       for t, n in self.gts for i in range(n)
-                       if struct.unpack_from("<I", raw, t + 4 * i)[0] > 1]
+        self.grains = [
+            struct.unpack_from("<I", raw, t + 4 * i)[0] * SECTOR
+            for t, n in self.gts
+            for i in range(n)
+            if struct.unpack_from("<I", raw, t + 4 * i)[0] > 1
+        ]
 
     def next(self) -> Change:
         rng = self.rng
-        kind = rng.choice(("header", "header", "gd", "gt", "gt", "gt", "grain", "footer",
-                           "descriptor", "bytes", "truncate"))
+        kind = rng.choice(
+            (
+                "header",
+                "header",
+                "gd",
+                "gt",
+                "gt",
+                "gt",
+                "grain",
+                "footer",
+                "descriptor",
+                "bytes",
+                "truncate",
+            )
+        )
         if kind == "header":
             name = rng.choice(sorted(HEADER_FIELDS))
             off, fmt = HEADER_FIELDS[name]
@@ -158,8 +197,23 @@ class SparseMutator:
 class TextMutator:
     """Seeded changes to a text descriptor: a number, a word, a byte, a truncation."""
 
-    WORDS = ("RW", "RDONLY", "NOACCESS", "FLAT", "SPARSE", "ZERO", "VMFS", "SESPARSE",
-             "monolithicFlat", "twoGbMaxExtentSparse", "vmfsSparse", '"', "", "\n", "#")
+    WORDS = (
+        "RW",
+        "RDONLY",
+        "NOACCESS",
+        "FLAT",
+        "SPARSE",
+        "ZERO",
+        "VMFS",
+        "SESPARSE",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+        "vmfsSparse",
+        '"',
+        "",
+        "\n",
+        "#",
+    )
 
     def __init__(self, raw: bytes, rng: random.Random) -> None:
         self.raw = raw
@@ -172,8 +226,9 @@ class TextMutator:
         kind = rng.choice(("number", "number", "word", "byte", "truncate"))
         if kind == "number":
             s, e = rng.choice(self.numbers)
-            new = str(rng.choice((0, 1, 7, 2**31, 2**32, 2**63, 2**64 + 5,
-                                  rng.randrange(10**6)))).encode()
+            new = str(
+                rng.choice((0, 1, 7, 2**31, 2**32, 2**63, 2**64 + 5, rng.randrange(10**6)))
+            ).encode()
             return f"number@{s}={new.decode()}", _splice(s, e, new)
         if kind == "word":
             s, e = rng.choice(self.words)
@@ -190,6 +245,7 @@ class TextMutator:
 def _splice(s: int, e: int, new: bytes) -> Callable[[bytearray], None]:
     def apply(buf: bytearray) -> None:
         buf[s:e] = new
+
     return apply
 
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (tools/bench/bench.py: builders and helpers, by path)
+import bench
 
 SHM = Path("/dev/shm")
 TARGETS = {"W1": 1.0, "W2": 1.0, "FS": 1.0, "W3": 1.5}
@@ -57,7 +57,9 @@ def images(work: Path, names: list[str]) -> dict[str, Path]:
         elif name in ("P1", "P2"):
             out[name] = bench.build_image(bench.preallocated_spec(name), work)
         else:
-            out[name] = bench.build_image(specs[name], work)
+            spec = specs[name]
+            assert isinstance(spec, bench.ImageSpec), name
+            out[name] = bench.build_image(spec, work)
     return out
 
 
@@ -80,8 +82,18 @@ def run_one(contender: str, image: Path, dest: Path, ref_copy: Path | None) -> f
     elif contender == "convert":
         cmd = ["qemu-img", "convert", "-O", "raw", str(image), str(dest / "x.raw")]
     elif contender == "nbdcopy":
-        cmd = ["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(image), "]",
-               str(dest / "x.raw")]
+        cmd = [
+            "nbdcopy",
+            "--",
+            "[",
+            "qemu-nbd",
+            "-r",
+            "-f",
+            "qcow2",
+            str(image),
+            "]",
+            str(dest / "x.raw"),
+        ]
     elif contender == "checksum":
         cmd = [*sparsefs, "checksum", "-q", str(image)]
     elif contender == "verify":
@@ -138,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                                 raise SystemExit(f"bench: {contender} copy of {name} differs")
                     finally:
                         shutil.rmtree(dest, ignore_errors=True)
-                bench.log(f"  round {rnd + 1}: " + ", ".join(
-                    f"{c} {v[-1]:.3f}" for c, v in samples.items()))
+                bench.log(
+                    f"  round {rnd + 1}: "
+                    + ", ".join(f"{c} {v[-1]:.3f}" for c, v in samples.items())
+                )
             results[name] = samples
         finally:
             shutil.rmtree(ref_dir, ignore_errors=True)
@@ -150,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict[str, dict[str, list[float]]], rounds: int) -> None:
-    print(f"sparsefs backup benchmark: {rounds} rounds, medians (s), copies on /dev/shm, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'wl':4} {'contender':14} {'median':>8} {'min':>8} {'max':>8} {'/convert':>9} "
-          f"{'/nbdcopy':>9}  target")
+    print(
+        f"sparsefs backup benchmark: {rounds} rounds, medians (s), copies on /dev/shm, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'wl':4} {'contender':14} {'median':>8} {'min':>8} {'max':>8} {'/convert':>9} "
+        f"{'/nbdcopy':>9}  target"
+    )
     for name, samples in results.items():
         med = {c: statistics.median(v) for c, v in samples.items()}
         for c, v in samples.items():
@@ -163,8 +181,10 @@ def print_table(results: dict[str, dict[str, list[float]]], rounds: int) -> None
                 target = f"<={TARGETS[name]}x convert {'pass' if ok else 'MISS'}"
             if c == "backup+xxh128":
                 target = f"xxh128 costs +{med[c] - med['backup']:.3f} s"
-            print(f"{name:4} {c:14} {med[c]:8.3f} {min(v):8.3f} {max(v):8.3f} "
-                  f"{med[c] / med['convert']:9.2f} {med[c] / med['nbdcopy']:9.2f}  {target}")
+            print(
+                f"{name:4} {c:14} {med[c]:8.3f} {min(v):8.3f} {max(v):8.3f} "
+                f"{med[c] / med['convert']:9.2f} {med[c] / med['nbdcopy']:9.2f}  {target}"
+            )
 
 
 if __name__ == "__main__":

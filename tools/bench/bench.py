@@ -171,8 +171,19 @@ def build_image(spec: ImageSpec, work_dir: Path) -> Path:
     tmp.unlink(missing_ok=True)
     log(f"building {path.name} ({human(spec.data_bytes())} of data) ...")
     t0 = time.perf_counter()
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"preallocation={spec.preallocation}",
-         str(tmp), str(spec.virtual_size)])
+    run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"preallocation={spec.preallocation}",
+            str(tmp),
+            str(spec.virtual_size),
+        ]
+    )
     rng = random.Random(spec.seed ^ 0x5EED)
     lines = []
     for off, length in spec.extents():
@@ -356,7 +367,7 @@ def workloads(quick: bool) -> dict[str, Workload]:
 
 def preallocated_spec(name: str) -> ImageSpec:
     """The image of workload P1 or P2 (for tools/bench/backup_bench.py)."""
-    return workloads(False)[name].image  # type: ignore[return-value]
+    return workloads(False)[name].image  # type: ignore[return-value]  # P1/P2 are ImageSpecs
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -642,8 +653,16 @@ class Bench:
                 samples.add(
                     "copy_s",
                     timed(
-                        ["qemu-img", "convert", "-f", image_format(image), "-O", "raw", str(image),
-                         str(out)]
+                        [
+                            "qemu-img",
+                            "convert",
+                            "-f",
+                            image_format(image),
+                            "-O",
+                            "raw",
+                            str(image),
+                            str(out),
+                        ]
                     ),
                 )
                 self.check(wl.name, who, out, ref, rnd == 0)
@@ -651,9 +670,9 @@ class Bench:
             system, tool = who.split("+")
             mount: Callable[[], contextlib.AbstractContextManager[Mounted]]
             if system == "sparsefs":
-                mount = lambda: sparsefs_mount(image, self.mount_base, self.args.sparsefs_opt)  # noqa: E731
+                mount = lambda: sparsefs_mount(image, self.mount_base, self.args.sparsefs_opt)  # noqa: E731  # deferred, like its twin below
             else:
-                mount = lambda: qsd_mount(image, self.mount_base)  # noqa: E731
+                mount = lambda: qsd_mount(image, self.mount_base)  # noqa: E731  # deferred mount
             with mount() as m:
                 samples.add("mount_s", m.ready_s)
                 if wl.name == "W3":

@@ -58,8 +58,9 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: Sequence[str], *,
-        ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str], *, ok_codes: tuple[int, ...] = (0,)
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(cmd), capture_output=True, text=True, cwd=REPO)
     if proc.returncode not in ok_codes:
         raise SystemExit(f"bench: {' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
@@ -90,8 +91,12 @@ def build(work: Path, virtual_size: int, data_size: int, count: int) -> tuple[Pa
     pattern.write_bytes(random.Random(1).randbytes(longest))
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(virtual_size)])
     script = "".join(f"write -q -s {pattern} {off} {length}\n" for off, length in writes)
-    proc = subprocess.run(["qemu-io", "-f", "qcow2", str(image)], input=script + "quit\n",
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", str(image)],
+        input=script + "quit\n",
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0 or proc.stderr.strip():
         raise SystemExit(f"bench: qemu-io failed: {proc.stderr or proc.stdout}")
     pattern.unlink()
@@ -122,8 +127,10 @@ def block_size_table(copy: Path, sizes: Sequence[int], rounds: int) -> None:
                 t0 = time.perf_counter()
                 result = checksum.block_digest(raw, block_size=bs)
                 times.append(time.perf_counter() - t0)
-        print(f"  {bs // MiB:3d} MiB blocks: {fmt_s(statistics.median(times))}  "
-              f"({result.bytes_read / MiB:.0f} MiB read)")
+        print(
+            f"  {bs // MiB:3d} MiB blocks: {fmt_s(statistics.median(times))}  "
+            f"({result.bytes_read / MiB:.0f} MiB read)"
+        )
 
 
 def zero_test_table() -> None:
@@ -160,8 +167,11 @@ def main() -> int:
     parser.add_argument("--data-mib", type=int, default=600)
     parser.add_argument("--extents", type=int, default=300)
     parser.add_argument("--workdir", default="/dev/shm", help="parent of the work directory")
-    parser.add_argument("--block-sizes", action="store_true",
-                        help="also time the engine in-process for 1, 2, 4, 8 MiB blocks")
+    parser.add_argument(
+        "--block-sizes",
+        action="store_true",
+        help="also time the engine in-process for 1, 2, 4, 8 MiB blocks",
+    )
     parser.add_argument("--micro", action="store_true", help="also time zero tests")
     args = parser.parse_args()
 
@@ -172,22 +182,29 @@ def main() -> int:
     try:
         log(f"building in {work} ...")
         t0 = time.perf_counter()
-        image, copy, data = build(work, args.virtual_gib * GiB, args.data_mib * MiB,
-                                  args.extents)
-        log(f"built in {time.perf_counter() - t0:.1f} s: {args.virtual_gib} GiB virtual, "
+        image, copy, data = build(work, args.virtual_gib * GiB, args.data_mib * MiB, args.extents)
+        log(
+            f"built in {time.perf_counter() - t0:.1f} s: {args.virtual_gib} GiB virtual, "
             f"{data / MiB:.0f} MiB data in {args.extents} extents; copy stores "
-            f"{os.stat(copy).st_blocks * 512 / MiB:.0f} MiB")
+            f"{os.stat(copy).st_blocks * 512 / MiB:.0f} MiB"
+        )
 
         contenders: dict[str, tuple[list[str], tuple[int, ...]]] = {
             "sparsefs verify IMAGE COPY": (
-                [*SPARSEFS, "verify", "-q", str(image), str(copy)], (0,)),
+                [*SPARSEFS, "verify", "-q", str(image), str(copy)],
+                (0,),
+            ),
             "qemu-img compare IMAGE COPY": (
-                ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(copy)], (0,)),
+                ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(copy)],
+                (0,),
+            ),
             "sparsefs checksum COPY": ([*SPARSEFS, "checksum", "-q", str(copy)], (0,)),
             "xxh128sum COPY": (["xxh128sum", str(copy)], (0,)),
             "sparsefs checksum IMAGE": ([*SPARSEFS, "checksum", "-q", str(image)], (0,)),
             "sparsefs checksum --stream-xxh128 COPY": (
-                [*SPARSEFS, "checksum", "-q", "--stream-xxh128", str(copy)], (0,)),
+                [*SPARSEFS, "checksum", "-q", "--stream-xxh128", str(copy)],
+                (0,),
+            ),
         }
         times: dict[str, list[float]] = {name: [] for name in contenders}
         outputs: dict[str, str] = {}
@@ -207,23 +224,34 @@ def main() -> int:
         digest_image = outputs["sparsefs checksum IMAGE"].split()[0]
         stream = outputs["sparsefs checksum --stream-xxh128 COPY"].split()[0]
         xxh = outputs["xxh128sum COPY"].split()[0]
-        if digest_copy != digest_image or stream != xxh or digest_copy not in outputs[
-                "sparsefs verify IMAGE COPY"]:
+        if (
+            digest_copy != digest_image
+            or stream != xxh
+            or digest_copy not in outputs["sparsefs verify IMAGE COPY"]
+        ):
             raise SystemExit(f"bench: answers disagree: {outputs}")
 
         med = {name: statistics.median(t) for name, t in times.items()}
-        print(f"\nchecksum benchmark: {args.virtual_gib} GiB virtual, {data / MiB:.0f} MiB "
-              f"data in {args.extents} extents, files on {args.workdir}, "
-              f"{args.rounds} rounds, wall-clock medians (min..max)")
+        print(
+            f"\nchecksum benchmark: {args.virtual_gib} GiB virtual, {data / MiB:.0f} MiB "
+            f"data in {args.extents} extents, files on {args.workdir}, "
+            f"{args.rounds} rounds, wall-clock medians (min..max)"
+        )
         for name in contenders:
-            print(f"  {name:40s} {fmt_s(med[name])}   "
-                  f"({min(times[name]):.3f}..{max(times[name]):.3f})")
+            print(
+                f"  {name:40s} {fmt_s(med[name])}   "
+                f"({min(times[name]):.3f}..{max(times[name]):.3f})"
+            )
         verify_ratio = med["sparsefs verify IMAGE COPY"] / med["qemu-img compare IMAGE COPY"]
         sum_ratio = med["xxh128sum COPY"] / med["sparsefs checksum COPY"]
-        print(f"\n  verify / qemu-img compare       = {verify_ratio:5.2f}x the time "
-              f"(target <= 2x): {'met' if verify_ratio <= 2 else 'MISSED'}")
-        print(f"  xxh128sum / sparsefs checksum   = {sum_ratio:5.1f}x faster "
-              f"(target >= 5x): {'met' if sum_ratio >= 5 else 'MISSED'}")
+        print(
+            f"\n  verify / qemu-img compare       = {verify_ratio:5.2f}x the time "
+            f"(target <= 2x): {'met' if verify_ratio <= 2 else 'MISSED'}"
+        )
+        print(
+            f"  xxh128sum / sparsefs checksum   = {sum_ratio:5.1f}x faster "
+            f"(target >= 5x): {'met' if sum_ratio >= 5 else 'MISSED'}"
+        )
         print(f"  digest {digest_copy}; xxh128 {xxh}")
         if args.block_sizes:
             block_size_table(copy, (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB), args.rounds)

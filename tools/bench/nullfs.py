@@ -54,26 +54,37 @@ class NullFS(pyfuse3.Operations):
             attr.st_blksize = 1024 * 1024
         return attr
 
-    async def getattr(self, inode, ctx=None):  # type: ignore[no-untyped-def]
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
         if inode not in (pyfuse3.ROOT_INODE, INODE):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(inode)
 
-    async def lookup(self, parent_inode, name, ctx=None):  # type: ignore[no-untyped-def]
+    async def lookup(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext | None = None,
+    ) -> pyfuse3.EntryAttributes:
         if name != b"disk.raw":
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(INODE)
 
-    async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         if self.direct_io:
             return pyfuse3.FileInfo(fh=inode, direct_io=True)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         end = min(off + size, self.size)
-        return _ZEROS[: max(0, end - off)]
+        return _ZEROS[: max(0, end - off)]  # type: ignore[return-value]  # pyfuse3 takes any buffer
 
-    async def lseek(self, inode, fh, offset, whence):  # type: ignore[no-untyped-def]
+    async def lseek(
+        self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT, offset: int, whence: int
+    ) -> int:
         if offset >= self.size:
             raise pyfuse3.FUSEError(errno.ENXIO)
         i = bisect.bisect_right(self.ends, offset)

@@ -119,11 +119,11 @@ def count_requests(pid: int, cmd: list[str]) -> dict[str, int]:
 def measure(args: argparse.Namespace, image: Path, base: Path, shm: Path) -> None:
     mount: Any
     if args.null:
-        mount = lambda: null_mount(image, base, args.direct)  # noqa: E731
+        mount = lambda: null_mount(image, base, args.direct)  # noqa: E731  # deferred mount
     elif args.qsd:
-        mount = lambda: bench.qsd_mount(image, base)  # noqa: E731
+        mount = lambda: bench.qsd_mount(image, base)  # noqa: E731  # deferred mount
     else:
-        mount = lambda: bench.sparsefs_mount(image, base, args.sparsefs_opt)  # noqa: E731
+        mount = lambda: bench.sparsefs_mount(image, base, args.sparsefs_opt)  # noqa: E731  # deferred mount
     out = shm / "reqcost.out"
     cpus = []
     for _ in range(args.rounds):

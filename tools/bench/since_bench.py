@@ -41,10 +41,12 @@ SPARSEFS = [sys.executable, "-m", "sparsefs"]
 
 
 def sh(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]  # kw: subprocess.run's own
+        cmd, capture_output=True, text=True, **kw
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr}")
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 def measured(cmd: list[str], extra_pid: int | None = None, **kw: object) -> dict[str, float]:
@@ -53,15 +55,17 @@ def measured(cmd: list[str], extra_pid: int | None = None, **kw: object) -> dict
     before = os.times()
     extra0 = _cpu(extra_pid) if extra_pid else 0.0
     t0 = time.perf_counter()
-    proc = subprocess.run(["sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
-                          **kw)  # type: ignore[call-overload]
+    proc = subprocess.run(  # type: ignore[call-overload]  # kw: subprocess.run's own
+        ["sh", "-c", script, "sh", *cmd], capture_output=True, text=True, **kw
+    )
     wall = time.perf_counter() - t0
     after = os.times()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr}")
     io = dict(line.split(": ") for line in proc.stderr.splitlines()[-2:])
-    cpu = (after.children_user - before.children_user
-           + after.children_system - before.children_system)
+    cpu = (
+        after.children_user - before.children_user + after.children_system - before.children_system
+    )
     if extra_pid:
         cpu += _cpu(extra_pid) - extra0
     return {"wall": wall, "cpu": cpu, "read": int(io["rchar"]), "written": int(io["wchar"])}
@@ -136,9 +140,15 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
 
     def change(pattern: int) -> list[int]:
         changed = rng.sample(clusters, max(1, len(clusters) // 100))
-        sh(["qemu-io", "-f", "qcow2",
-            *[a for off in changed for a in ("-c", f"write -q -P {pattern} {off} {CLUSTER}")],
-            str(image)])
+        sh(
+            [
+                "qemu-io",
+                "-f",
+                "qcow2",
+                *[a for off in changed for a in ("-c", f"write -q -P {pattern} {off} {CLUSTER}")],
+                str(image),
+            ]
+        )
         return changed
 
     samples: dict[str, list[dict[str, float]]] = {}
@@ -148,50 +158,75 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
 
     # Night 1: the first --since after the full backup (its block digests are trusted).
     changed = change(0xEE)
-    add("backup --since (first night)", measured(
-        [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]))
+    add(
+        "backup --since (first night)",
+        measured([*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]),
+    )
     sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
     for night in range(args.nights):
         changed = change(0xD0 + night)
         order = ["since", "full", "rsync"]
-        for who in order[night % 3:] + order[: night % 3]:  # alternate who goes first
+        for who in order[night % 3 :] + order[: night % 3]:  # alternate who goes first
             if who == "since":
-                add("backup --since", measured(
-                    [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]))
+                add(
+                    "backup --since",
+                    measured(
+                        [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]
+                    ),
+                )
             elif who == "full":
                 shutil.rmtree(dest2, ignore_errors=True)
                 dest2.mkdir()
-                add("backup (full)", measured([*SPARSEFS, "backup", "-q", str(image),
-                                               str(dest2)]))
+                add("backup (full)", measured([*SPARSEFS, "backup", "-q", str(image), str(dest2)]))
             else:
                 sh([*SPARSEFS, "mount", str(image), str(mp)])
                 try:
                     time.sleep(0.2)
-                    add("rsync --inplace --no-whole-file", measured(
-                        # --ignore-times: image and copy can share an mtime second
-                        ["rsync", "--inplace", "--no-whole-file", "--ignore-times",
-                         str(mp / "w1.raw"), str(rdest)],
-                        extra_pid=daemon_pid(mp)))
+                    add(
+                        "rsync --inplace --no-whole-file",
+                        measured(
+                            # --ignore-times: image and copy can share an mtime second
+                            [
+                                "rsync",
+                                "--inplace",
+                                "--no-whole-file",
+                                "--ignore-times",
+                                str(mp / "w1.raw"),
+                                str(rdest),
+                            ],
+                            extra_pid=daemon_pid(mp),
+                        ),
+                    )
                 finally:
                     sh([*SPARSEFS, "umount", str(mp)])
         sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
         for copy in (dest / "w1.raw", rdest / "w1.raw"):
             sh(["cmp", str(copy), str(dest2 / "w1.raw")])
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-           for name, rs in samples.items()}
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        for name, rs in samples.items()
+    }
     full = med["backup (full)"]
-    print(f"image: {size >> 20} MiB virtual, {len(clusters) * CLUSTER >> 20} MiB data, "
-          f"{len(changed)} of {len(clusters)} clusters changed (1%) per night; "
-          f"medians of {args.nights} nights; copies on /dev/shm")
-    print(f"| {'contender':<32} | {'wall s':>7} | {'x full':>6} | {'CPU s':>6} | "
-          f"{'read MiB':>9} | {'written MiB':>11} |")
+    print(
+        f"image: {size >> 20} MiB virtual, {len(clusters) * CLUSTER >> 20} MiB data, "
+        f"{len(changed)} of {len(clusters)} clusters changed (1%) per night; "
+        f"medians of {args.nights} nights; copies on /dev/shm"
+    )
+    print(
+        f"| {'contender':<32} | {'wall s':>7} | {'x full':>6} | {'CPU s':>6} | "
+        f"{'read MiB':>9} | {'written MiB':>11} |"
+    )
     print(f"|{'-' * 34}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 11}|{'-' * 13}|")
     for name, r in med.items():
-        print(f"| {name:<32} | {r['wall']:7.3f} | {r['wall'] / full['wall']:6.2f} | "
-              f"{r['cpu']:6.2f} | {r['read'] / MiB:9.1f} | {r['written'] / MiB:11.1f} |")
+        print(
+            f"| {name:<32} | {r['wall']:7.3f} | {r['wall'] / full['wall']:6.2f} | "
+            f"{r['cpu']:6.2f} | {r['read'] / MiB:9.1f} | {r['written'] / MiB:11.1f} |"
+        )
     ratio = med["backup --since"]["wall"] / full["wall"]
-    print(f"target: backup --since <= 0.3x a full backup (wall): {ratio:.2f}x "
-          f"{'pass' if ratio <= 0.3 else 'MISS'}")
+    print(
+        f"target: backup --since <= 0.3x a full backup (wall): {ratio:.2f}x "
+        f"{'pass' if ratio <= 0.3 else 'MISS'}"
+    )
     return 0
 
 

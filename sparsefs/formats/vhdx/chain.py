@@ -43,8 +43,7 @@ def parent_candidates(entries: dict[str, str]) -> list[str]:
             out.append(posix)
         else:
             out.append(posix.rsplit("/", 1)[-1])
-    seen: set[str] = set()
-    return [c for c in out if c and not (c in seen or seen.add(c))]  # type: ignore[func-returns-value]
+    return [c for c in dict.fromkeys(out) if c]  # first occurrence of each, in order
 
 
 def read_data_write_guid(path: str) -> bytes | None:
@@ -59,8 +58,10 @@ def read_data_write_guid(path: str) -> bytes | None:
     if section[:8] != L.FILE_SIGNATURE:
         return None
     try:
-        header = L.active_header(section[L.HEADER1_OFFSET:L.HEADER1_OFFSET + L.HEADER_SIZE],
-                                 section[L.HEADER2_OFFSET:L.HEADER2_OFFSET + L.HEADER_SIZE])
+        header = L.active_header(
+            section[L.HEADER1_OFFSET : L.HEADER1_OFFSET + L.HEADER_SIZE],
+            section[L.HEADER2_OFFSET : L.HEADER2_OFFSET + L.HEADER_SIZE],
+        )
     except L.LayoutError:
         return None
     return header.data_write_guid
@@ -131,9 +132,15 @@ def open_image(
         if layer.has_parent and options.backing:
             parent = _find_parent(layer, options)
             # [MS-VHDX] 2.6.2.6.1: the parent of a VHDX differencing disk is a VHDX file.
-            # open_parent is typed with OpenOptions; it reads only LayerOptions' fields.
-            _, below = open_parent(layer.path, layer.raw.fd, parent, "vhdx",
-                                   options, chain, what="parent")  # type: ignore[arg-type]
+            _, below = open_parent(
+                layer.path,
+                layer.raw.fd,
+                parent,
+                "vhdx",
+                options,  # type: ignore[arg-type]  # open_parent reads only LayerOptions' fields
+                chain,
+                what="parent",
+            )
     except BaseException:
         layer.close()
         raise

@@ -114,10 +114,10 @@ class VhdxLayer:
             raise self._err("not a VHDX image (no vhdxfile signature)")
         try:
             header = L.active_header(
-                section[L.HEADER1_OFFSET:L.HEADER1_OFFSET + L.HEADER_SIZE],
-                section[L.HEADER2_OFFSET:L.HEADER2_OFFSET + L.HEADER_SIZE],
+                section[L.HEADER1_OFFSET : L.HEADER1_OFFSET + L.HEADER_SIZE],
+                section[L.HEADER2_OFFSET : L.HEADER2_OFFSET + L.HEADER_SIZE],
             )
-            regions = L.parse_region_table(section[L.REGION_TABLE_OFFSET:])
+            regions = L.parse_region_table(section[L.REGION_TABLE_OFFSET :])
         except L.LayoutError as exc:
             raise self._err(str(exc)) from None
         self.header = header
@@ -149,8 +149,9 @@ class VhdxLayer:
                     f"{self.path}: unknown required VHDX region {L.guid_text(region.guid)}"
                 )
             else:
-                self._add_region(region.file_offset, region.length,
-                                 f"region {L.guid_text(region.guid)}")
+                self._add_region(
+                    region.file_offset, region.length, f"region {L.guid_text(region.guid)}"
+                )
         if bat is None or metadata is None:
             missing = "BAT" if bat is None else "metadata region"
             raise self._err(f"region table lacks the {missing}")
@@ -187,8 +188,11 @@ class VhdxLayer:
 
         def item_bytes(guid: bytes) -> bytes:
             item = found[guid]
-            return self._read(region.file_offset + item.offset, item.length,
-                              f"metadata {L.METADATA_ITEM_NAMES[guid]}")
+            return self._read(
+                region.file_offset + item.offset,
+                item.length,
+                f"metadata {L.METADATA_ITEM_NAMES[guid]}",
+            )
 
         try:
             params = L.FileParameters.from_bytes(item_bytes(L.FILE_PARAMETERS_GUID))
@@ -208,11 +212,13 @@ class VhdxLayer:
                 f"{self.path}: VHDX block size {bs} is not a power of two from 1 MiB to 256 MiB"
             )
         if lss not in (512, 4096):
-            raise UnsupportedFeatureError(f"{self.path}: VHDX logical sector size {lss} "
-                                          "(only 512 and 4096 exist)")
+            raise UnsupportedFeatureError(
+                f"{self.path}: VHDX logical sector size {lss} (only 512 and 4096 exist)"
+            )
         if pss not in (512, 4096):
-            raise UnsupportedFeatureError(f"{self.path}: VHDX physical sector size {pss} "
-                                          "(only 512 and 4096 exist)")
+            raise UnsupportedFeatureError(
+                f"{self.path}: VHDX physical sector size {pss} (only 512 and 4096 exist)"
+            )
         if size % lss or size > L.MAX_VIRTUAL_DISK_SIZE:
             raise UnsupportedFeatureError(
                 f"{self.path}: VHDX virtual size {size} is not a multiple of the {lss}-byte "
@@ -241,9 +247,7 @@ class VhdxLayer:
         else:
             nb_entries = nb_blocks + max(0, nb_blocks - 1) // self.chunk_ratio
         if nb_entries * 8 > region.length:
-            raise self._err(
-                f"BAT of {region.length} bytes is too short for {nb_entries} entries"
-            )
+            raise self._err(f"BAT of {region.length} bytes is too short for {nb_entries} entries")
         self.nb_blocks = nb_blocks
         self.nb_bat_entries = nb_entries
         self.bat_offset = region.file_offset
@@ -281,12 +285,12 @@ class VhdxLayer:
         page_no, slot = divmod(index, BAT_PAGE_ENTRIES)
         page = self._bat_page(page_no)
         at = slot * 8
-        pattern = _REPEAT_PATTERNS.get(page[at:at + 8])
+        pattern = _REPEAT_PATTERNS.get(page[at : at + 8])
         if pattern is None:
             if len(_REPEAT_PATTERNS) >= 64:
                 _REPEAT_PATTERNS.clear()
-            pattern = re.compile(b"(?:" + re.escape(page[at:at + 8]) + b")*", re.DOTALL)
-            _REPEAT_PATTERNS[page[at:at + 8]] = pattern
+            pattern = re.compile(b"(?:" + re.escape(page[at : at + 8]) + b")*", re.DOTALL)
+            _REPEAT_PATTERNS[page[at : at + 8]] = pattern
         match = pattern.match(page, at, min(len(page), at + 8 * limit))
         assert match is not None  # "*" always matches
         return max(1, (match.end() - at) // 8)
@@ -356,9 +360,11 @@ class VhdxLayer:
             elif state == L.PAYLOAD_BLOCK_PARTIALLY_PRESENT and self.has_parent:
                 yield from self._partial_runs(block, offset, pos, stop)
             else:
-                why = ("is PARTIALLY_PRESENT in a disk without a parent"
-                       if state == L.PAYLOAD_BLOCK_PARTIALLY_PRESENT
-                       else f"has the reserved state {state}")
+                why = (
+                    "is PARTIALLY_PRESENT in a disk without a parent"
+                    if state == L.PAYLOAD_BLOCK_PARTIALLY_PRESENT
+                    else f"has the reserved state {state}"
+                )
                 yield pos, stop, ERROR, f"{self.path}: BAT entry of block {block} {why}"
             pos = stop
 
@@ -376,8 +382,10 @@ class VhdxLayer:
         sb_state = sb_entry & L.BAT_STATE_MASK
         sb_offset = sb_entry & L.BAT_FILE_OFFSET_MASK
         if problem is None and sb_state != L.SB_BLOCK_PRESENT:
-            problem = (f"sector bitmap of chunk {chunk} is not present (state {sb_state}) "
-                       f"for PARTIALLY_PRESENT block {block}")
+            problem = (
+                f"sector bitmap of chunk {chunk} is not present (state {sb_state}) "
+                f"for PARTIALLY_PRESENT block {block}"
+            )
         if problem is None:
             problem = self._stored_problem(
                 f"sector bitmap of chunk {chunk}", sb_offset, L.SECTOR_BITMAP_BLOCK_SIZE

@@ -165,7 +165,7 @@ def checksum_ok(block: bytes, checksum_offset: int = 4) -> bool:
     if len(block) < checksum_offset + 4:
         return False
     stored = int(struct.unpack_from("<I", block, checksum_offset)[0])
-    zeroed = block[:checksum_offset] + b"\0\0\0\0" + block[checksum_offset + 4:]
+    zeroed = block[:checksum_offset] + b"\0\0\0\0" + block[checksum_offset + 4 :]
     return crc32c(zeroed) == stored
 
 
@@ -306,8 +306,14 @@ def parse_metadata_table(table: bytes, region_length: int) -> list[MetadataItem]
         item_id, offset, length, bits = _METADATA_ENTRY.unpack_from(
             table, _METADATA_HEADER.size + i * _METADATA_ENTRY.size
         )
-        item = MetadataItem(item_id, offset, length, bool(bits & META_IS_USER),
-                            bool(bits & META_IS_VIRTUAL_DISK), bool(bits & META_IS_REQUIRED))
+        item = MetadataItem(
+            item_id,
+            offset,
+            length,
+            bool(bits & META_IS_USER),
+            bool(bits & META_IS_VIRTUAL_DISK),
+            bool(bits & META_IS_REQUIRED),
+        )
         name = METADATA_ITEM_NAMES.get(item_id, f"item {guid_text(item_id)}")
         if length > METADATA_ITEM_MAX_SIZE:
             raise LayoutError(f"metadata {name} is {length} bytes long (at most 1 MiB)")
@@ -336,8 +342,9 @@ class FileParameters:
         if len(buf) < 8:
             raise LayoutError("file parameters item is shorter than 8 bytes")
         block_size, bits = struct.unpack_from("<II", buf)
-        return cls(block_size, bool(bits & PARAMS_LEAVE_BLOCKS_ALLOCATED),
-                   bool(bits & PARAMS_HAS_PARENT))
+        return cls(
+            block_size, bool(bits & PARAMS_LEAVE_BLOCKS_ALLOCATED), bool(bits & PARAMS_HAS_PARENT)
+        )
 
 
 def parse_u32(buf: bytes, what: str) -> int:
@@ -384,7 +391,7 @@ def parse_parent_locator(buf: bytes) -> ParentLocator:
             if n == 0 or n % 2 or off == 0 or off + n > len(buf):
                 raise LayoutError(f"parent locator entry {i} has a bad offset or length")
             try:
-                fields.append(buf[off:off + n].decode("utf-16-le"))
+                fields.append(buf[off : off + n].decode("utf-16-le"))
             except UnicodeDecodeError:
                 raise LayoutError(f"parent locator entry {i} is not UTF-16") from None
         key, value = fields
@@ -392,4 +399,3 @@ def parse_parent_locator(buf: bytes) -> ParentLocator:
             raise LayoutError(f"parent locator key {key!r} appears twice")
         entries[key] = value
     return ParentLocator(locator_type, entries)
-

@@ -34,8 +34,9 @@ def open_image(path: str | os.PathLike[str], options: Any, chain: tuple[str, ...
     try:
         hint = layer.parent_hint
         if hint is not None and getattr(options, "backing", True):
-            parent_path, below = open_parent(layer.path, layer.fd, hint, "vmdk", options, chain,
-                                             what="parent file")
+            parent_path, below = open_parent(
+                layer.path, layer.fd, hint, "vmdk", options, chain, what="parent file"
+            )
             check_parent_cid(layer, parent_path)
     except BaseException:
         if below is not None:

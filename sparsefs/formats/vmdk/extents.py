@@ -83,8 +83,14 @@ class SparseExtent:
             least one grain is kept).
     """
 
-    def __init__(self, raw: RawFile, header: L.SparseHeader, gd: array[int],
-                 table_cache_items: int, grain_cache_bytes: int) -> None:
+    def __init__(
+        self,
+        raw: RawFile,
+        header: L.SparseHeader,
+        gd: array[int],
+        table_cache_items: int,
+        grain_cache_bytes: int,
+    ) -> None:
         self.raw = raw
         self.path = raw.path
         self.header = header
@@ -98,8 +104,9 @@ class SparseExtent:
         self._grains = _LRU(grain_cache_bytes // self.grain_size)
 
     @classmethod
-    def open(cls, raw: RawFile, table_cache_items: int = 64,
-             grain_cache_bytes: int = 1 << 20) -> SparseExtent:
+    def open(
+        cls, raw: RawFile, table_cache_items: int = 64, grain_cache_bytes: int = 1 << 20
+    ) -> SparseExtent:
         """Read and validate the header (or stream footer) and the grain directory.
 
         Raises:
@@ -117,8 +124,9 @@ class SparseExtent:
         try:
             header = L.SparseHeader.from_bytes(head)
             if header.capacity == 0 and header.descriptor_offset:
-                raise L.LayoutUnsupported("a sparse header that only points at a descriptor "
-                                          "is not supported")
+                raise L.LayoutUnsupported(
+                    "a sparse header that only points at a descriptor is not supported"
+                )
             if header.gd_offset == L.GD_AT_END:
                 end = -(-file_size // L.SECTOR_SIZE) * L.SECTOR_SIZE - 3 * L.SECTOR_SIZE
                 if end < L.SECTOR_SIZE:
@@ -131,31 +139,44 @@ class SparseExtent:
             raise format_error(path, str(exc)) from None
         file_sectors = -(-file_size // L.SECTOR_SIZE)
         if file_sectors < header.overhead:
-            raise format_error(path, f"file truncated: the header says metadata takes "
-                               f"{header.overhead * L.SECTOR_SIZE} bytes, the file has {file_size}")
+            raise format_error(
+                path,
+                f"file truncated: the header says metadata takes "
+                f"{header.overhead * L.SECTOR_SIZE} bytes, the file has {file_size}",
+            )
         nb = header.nb_gd_entries
         gd = array(_U32)
         if nb:
             gd_bytes = header.gd_offset * L.SECTOR_SIZE
             if header.gd_offset == 0 or gd_bytes + 4 * nb > file_size:
-                raise format_error(path, f"grain directory at sector {header.gd_offset} "
-                                   f"({nb} entries) lies outside the file")
+                raise format_error(
+                    path,
+                    f"grain directory at sector {header.gd_offset} "
+                    f"({nb} entries) lies outside the file",
+                )
             gd = _u32_array(raw.pread(gd_bytes, 4 * nb))
             gt_bytes = 4 * header.num_gtes_per_gt
             for i, gt_sector in enumerate(gd):
                 if gt_sector and gt_sector * L.SECTOR_SIZE + gt_bytes > file_size:
-                    raise format_error(path, f"grain table {i} at sector {gt_sector} "
-                                       "lies outside the file")
+                    raise format_error(
+                        path, f"grain table {i} at sector {gt_sector} lies outside the file"
+                    )
             # Two entries naming overlapping tables would alias guest ranges (and let a
             # small file describe an endless disk of data): no writer does that.
             starts = sorted(sector * L.SECTOR_SIZE for sector in gd if sector)
             for a, b in itertools.pairwise(starts):
                 if b < a + gt_bytes:
-                    raise format_error(path, f"grain tables at sectors {a // L.SECTOR_SIZE} "
-                                       f"and {b // L.SECTOR_SIZE} overlap")
+                    raise format_error(
+                        path,
+                        f"grain tables at sectors {a // L.SECTOR_SIZE} "
+                        f"and {b // L.SECTOR_SIZE} overlap",
+                    )
         if header.compressed and header.grain_sectors * L.SECTOR_SIZE > L.MAX_COMPRESSED_GRAIN:
-            raise unsupported(path, f"compressed grains of {header.grain_sectors} sectors "
-                              f"(sparsefs inflates grains up to {L.MAX_COMPRESSED_GRAIN} bytes)")
+            raise unsupported(
+                path,
+                f"compressed grains of {header.grain_sectors} sectors "
+                f"(sparsefs inflates grains up to {L.MAX_COMPRESSED_GRAIN} bytes)",
+            )
         return cls(raw, header, gd, table_cache_items, grain_cache_bytes)
 
     def _table(self, gd_index: int) -> array[int]:
@@ -181,8 +202,10 @@ class SparseExtent:
             return ZERO, None
         host = gte * L.SECTOR_SIZE
         if gte < h.overhead or host >= self.raw.file_size:
-            return ERROR, (f"{self.path}: grain table entry for extent byte {gs} points at "
-                           f"sector {gte}, outside the grain area")
+            return ERROR, (
+                f"{self.path}: grain table entry for extent byte {gs} points at "
+                f"sector {gte}, outside the grain area"
+            )
         if h.compressed:
             return OTHER, (self, gs, host)
         return DATA, (self.raw, host + pos - gs)
@@ -203,10 +226,16 @@ class SparseExtent:
             else:
                 items = self._table_runs(gd_index, gt_start, pos, stop)
             for s, e, kind, host in items:
-                if pending is not None and pending[2] == kind and pending[1] == s and (
+                if (
+                    pending is not None
+                    and pending[2] == kind
+                    and pending[1] == s
+                    and (
                         (kind in (BELOW, ZERO))
                         or (kind == DATA and pending[3][1] + (s - pending[0]) == host[1])
-                        or (kind == ERROR and pending[3] == host)):
+                        or (kind == ERROR and pending[3] == host)
+                    )
+                ):
                     pending[1] = e
                     continue
                 if pending is not None:
@@ -248,8 +277,10 @@ class SparseExtent:
             self._grains.put(host, data)
         lo, hi = start - grain_start, end - grain_start
         if hi > len(data):
-            raise ImageReadError(f"{self.path}: compressed grain at {host:#x} holds "
-                                 f"{len(data)} bytes, the read needs {hi}")
+            raise ImageReadError(
+                f"{self.path}: compressed grain at {host:#x} holds "
+                f"{len(data)} bytes, the read needs {hi}"
+            )
         return data[lo:hi]
 
     def _inflate(self, grain_start: int, host: int) -> bytes:
@@ -257,8 +288,10 @@ class SparseExtent:
         if self.header.has_marker:
             _lba, size = L.parse_grain_marker(self.raw.pread(host, L.GRAIN_MARKER_SIZE))
             if size == 0 or size > 2 * grain - L.GRAIN_MARKER_SIZE:
-                raise ImageReadError(f"{self.path}: grain marker at {host:#x} gives an invalid "
-                                     f"compressed size {size}")
+                raise ImageReadError(
+                    f"{self.path}: grain marker at {host:#x} gives an invalid "
+                    f"compressed size {size}"
+                )
             payload = self.raw.pread(host + L.GRAIN_MARKER_SIZE, size)
         else:
             payload = self.raw.pread(host, grain)
@@ -266,11 +299,15 @@ class SparseExtent:
         try:
             out = inflater.decompress(payload, grain)
         except zlib.error as exc:
-            raise ImageReadError(f"{self.path}: compressed grain at {host:#x} (extent byte "
-                                 f"{grain_start}) is corrupt: {exc}") from None
+            raise ImageReadError(
+                f"{self.path}: compressed grain at {host:#x} (extent byte "
+                f"{grain_start}) is corrupt: {exc}"
+            ) from None
         if not inflater.eof:
-            raise ImageReadError(f"{self.path}: compressed grain at {host:#x} (extent byte "
-                                 f"{grain_start}) is truncated or inflates past the grain size")
+            raise ImageReadError(
+                f"{self.path}: compressed grain at {host:#x} (extent byte "
+                f"{grain_start}) is truncated or inflates past the grain size"
+            )
         return out
 
 

@@ -62,8 +62,11 @@ def read_descriptor(raw: RawFile) -> tuple[bool, L.Descriptor]:
         text = L.decode_text(raw.pread(0, min(raw.file_size, L.MAX_DESCRIPTOR_BYTES)))
     try:
         # Extent lines of an embedded descriptor are not used (qemu ignores them).
-        desc = L.parse_descriptor(text) if not sparse else L.Descriptor(
-            L.parse_descriptor(_fields_only(text)).fields, ())
+        desc = (
+            L.parse_descriptor(text)
+            if not sparse
+            else L.Descriptor(L.parse_descriptor(_fields_only(text)).fields, ())
+        )
     except L.LayoutUnsupported as exc:
         raise unsupported(raw.path, str(exc)) from None
     except L.LayoutError as exc:
@@ -94,8 +97,14 @@ class VmdkLayer:
 
     format_name = "vmdk"
 
-    def __init__(self, path: str, create_type: str, desc: L.Descriptor,
-                 extents: list[Extent], files: list[RawFile]) -> None:
+    def __init__(
+        self,
+        path: str,
+        create_type: str,
+        desc: L.Descriptor,
+        extents: list[Extent],
+        files: list[RawFile],
+    ) -> None:
         self.path = path
         self.create_type = create_type
         self.descriptor = desc
@@ -165,9 +174,14 @@ class VmdkLayer:
             item: dict[str, Any] = {"start": base, "length": ext.size}
             if isinstance(ext, SparseExtent):
                 h = ext.header
-                item.update(type="SPARSE", filename=ext.path, version=h.version,
-                            grain_size=ext.grain_size, compressed=h.compressed,
-                            zeroed_grain=h.has_zero_grain)
+                item.update(
+                    type="SPARSE",
+                    filename=ext.path,
+                    version=h.version,
+                    grain_size=ext.grain_size,
+                    compressed=h.compressed,
+                    zeroed_grain=h.has_zero_grain,
+                )
             elif isinstance(ext, FlatExtent):
                 item.update(type="FLAT", filename=ext.path, offset=ext.offset)
             else:
@@ -178,8 +192,9 @@ class VmdkLayer:
 
 def _cache_items(options: Any, extent_count: int) -> tuple[int, int]:
     gt_bytes = int(getattr(options, "l2_cache_bytes", GT_CACHE_BYTES) or GT_CACHE_BYTES)
-    grain_bytes = int(getattr(options, "compressed_cache_bytes", GRAIN_CACHE_BYTES)
-                      or GRAIN_CACHE_BYTES)
+    grain_bytes = int(
+        getattr(options, "compressed_cache_bytes", GRAIN_CACHE_BYTES) or GRAIN_CACHE_BYTES
+    )
     per = max(1, extent_count)
     return max(2, gt_bytes // (2048 * per)), grain_bytes // per
 
@@ -214,8 +229,9 @@ def _open_layer(path: str, top: RawFile, files: list[RawFile], options: Any) -> 
     tables, grains = _cache_items(options, max(1, len(desc.extents)))
     if sparse:
         ext = SparseExtent.open(top, tables, grains)
-        create_type = "streamOptimized" if ext.header.compressed else (
-            desc.create_type or "monolithicSparse")
+        create_type = (
+            "streamOptimized" if ext.header.compressed else (desc.create_type or "monolithicSparse")
+        )
         return VmdkLayer(path, create_type, desc, [ext], files)
     create_type = desc.create_type or ""
     if not create_type:
@@ -227,22 +243,33 @@ def _open_layer(path: str, top: RawFile, files: list[RawFile], options: Any) -> 
     if not desc.extents:
         raise format_error(path, "the descriptor lists no extents")
     if len(desc.extents) > MAX_EXTENTS:
-        raise unsupported(path, f"{len(desc.extents)} extents (sparsefs reads at most "
-                          f"{MAX_EXTENTS})")
+        raise unsupported(
+            path, f"{len(desc.extents)} extents (sparsefs reads at most {MAX_EXTENTS})"
+        )
     extents: list[Extent] = []
     opened = {os.path.realpath(path): top}
     for n, line in enumerate(desc.extents):
-        extents.append(_open_extent(path, n, line, files, opened, tables, grains,
-                                    getattr(options, "backing_dir", None)))
+        extents.append(
+            _open_extent(
+                path, n, line, files, opened, tables, grains, getattr(options, "backing_dir", None)
+            )
+        )
     layer = VmdkLayer(path, create_type, desc, extents, files)
     if layer.size > L.MAX_DISK_BYTES:
         raise format_error(path, f"the extents add up to {layer.size} bytes, too large a disk")
     return layer
 
 
-def _open_extent(path: str, n: int, line: L.ExtentLine, files: list[RawFile],
-                 opened: dict[str, RawFile], tables: int, grains: int,
-                 backing_dir: str | None) -> Extent:
+def _open_extent(
+    path: str,
+    n: int,
+    line: L.ExtentLine,
+    files: list[RawFile],
+    opened: dict[str, RawFile],
+    tables: int,
+    grains: int,
+    backing_dir: str | None,
+) -> Extent:
     size = line.sectors * L.SECTOR_SIZE
     if line.access == "NOACCESS":
         return ConstExtent(size, ERROR, f"{path}: extent {n} is NOACCESS")
@@ -281,12 +308,16 @@ def check_parent_cid(layer: VmdkLayer, parent_path: str) -> None:
     try:
         parent_cid = read_cid(parent_path)
     except SparsefsError as exc:
-        raise format_error(layer.path, f"parent {parent_path} is not a readable VMDK "
-                           f"({exc})") from None
+        raise format_error(
+            layer.path, f"parent {parent_path} is not a readable VMDK ({exc})"
+        ) from None
     want = layer.descriptor.parent_cid
     if want is None or parent_cid != want:
         got = "none" if parent_cid is None else f"{parent_cid:08x}"
         exp = "none" if want is None else f"{want:08x}"
-        raise format_error(layer.path, f"parentCID {exp} does not match the CID {got} of "
-                           f"parent {parent_path} (the parent changed after this delta "
-                           "was made)")
+        raise format_error(
+            layer.path,
+            f"parentCID {exp} does not match the CID {got} of "
+            f"parent {parent_path} (the parent changed after this delta "
+            "was made)",
+        )

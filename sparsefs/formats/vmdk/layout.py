@@ -101,12 +101,27 @@ class SparseHeader:
         """
         if len(buf) < _HEADER.size:
             raise LayoutError("file too short for a VMDK sparse extent header")
-        (magic, version, flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd,
-         overhead, _unclean, _nl, algo) = _HEADER.unpack_from(buf)
+        (
+            magic,
+            version,
+            flags,
+            capacity,
+            grain,
+            desc_off,
+            desc_size,
+            gtes,
+            rgd,
+            gd,
+            overhead,
+            _unclean,
+            _nl,
+            algo,
+        ) = _HEADER.unpack_from(buf)
         if magic != VMDK4_MAGIC:
             raise LayoutError("no VMDK4 magic (KDMV)")
-        return cls(version, flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd,
-                   overhead, algo)
+        return cls(
+            version, flags, capacity, grain, desc_off, desc_size, gtes, rgd, gd, overhead, algo
+        )
 
     @property
     def compressed(self) -> bool:
@@ -148,9 +163,7 @@ class SparseHeader:
         if unknown:
             raise LayoutUnsupported(f"unknown VMDK header flags {unknown:#x}")
         if self.compress_algorithm not in (COMPRESSION_NONE, COMPRESSION_DEFLATE):
-            raise LayoutUnsupported(
-                f"unknown VMDK compression algorithm {self.compress_algorithm}"
-            )
+            raise LayoutUnsupported(f"unknown VMDK compression algorithm {self.compress_algorithm}")
         if not 1 <= self.num_gtes_per_gt <= MAX_GTES_PER_GT:
             raise LayoutError(f"grain table size {self.num_gtes_per_gt} entries is invalid")
         if not 1 <= self.grain_sectors <= MAX_GRAIN_SECTORS:
@@ -173,10 +186,16 @@ def parse_footer(buf: bytes) -> SparseHeader:
         raise LayoutError("file too short for a streamOptimized footer")
     _val, fsize, ftype = _MARKER.unpack_from(buf, 0)
     eos_val, eos_size, eos_type = _MARKER.unpack_from(buf, 2 * SECTOR_SIZE)
-    if (buf[SECTOR_SIZE:SECTOR_SIZE + 4] != VMDK4_MAGIC or fsize != 0 or ftype != MARKER_FOOTER
-            or eos_val != 0 or eos_size != 0 or eos_type != MARKER_EOS):
+    if (
+        buf[SECTOR_SIZE : SECTOR_SIZE + 4] != VMDK4_MAGIC
+        or fsize != 0
+        or ftype != MARKER_FOOTER
+        or eos_val != 0
+        or eos_size != 0
+        or eos_type != MARKER_EOS
+    ):
         raise LayoutError("invalid streamOptimized footer")
-    footer = SparseHeader.from_bytes(buf[SECTOR_SIZE:2 * SECTOR_SIZE])
+    footer = SparseHeader.from_bytes(buf[SECTOR_SIZE : 2 * SECTOR_SIZE])
     if footer.gd_offset == GD_AT_END:
         raise LayoutError("streamOptimized footer does not give the grain directory offset")
     return footer
@@ -195,10 +214,22 @@ def build_marker(value: int, size: int, kind: int) -> bytes:
 
 def pack_header(h: SparseHeader) -> bytes:
     """The 512-byte header sector of ``h`` (newline check chars as qemu writes them)."""
-    return _HEADER.pack(VMDK4_MAGIC, h.version, h.flags, h.capacity, h.grain_sectors,
-                        h.descriptor_offset, h.descriptor_sectors, h.num_gtes_per_gt,
-                        h.rgd_offset, h.gd_offset, h.overhead, 0, b"\n \r\n",
-                        h.compress_algorithm).ljust(SECTOR_SIZE, b"\0")
+    return _HEADER.pack(
+        VMDK4_MAGIC,
+        h.version,
+        h.flags,
+        h.capacity,
+        h.grain_sectors,
+        h.descriptor_offset,
+        h.descriptor_sectors,
+        h.num_gtes_per_gt,
+        h.rgd_offset,
+        h.gd_offset,
+        h.overhead,
+        0,
+        b"\n \r\n",
+        h.compress_algorithm,
+    ).ljust(SECTOR_SIZE, b"\0")
 
 
 # -- the text descriptor ------------------------------------------------------------------
@@ -342,8 +373,7 @@ def _extent_line(m: re.Match[str], line: str) -> ExtentLine:
         raise LayoutError(f"invalid extent line (FLAT without offset): {line[:120]}")
     if kind != "FLAT" and offset_s is not None:
         raise LayoutError(f"invalid extent line (offset on a {kind} extent): {line[:120]}")
-    return ExtentLine(access, sectors, "FLAT" if kind == "VMFS" else kind, name,
-                      int(offset_s or 0))
+    return ExtentLine(access, sectors, "FLAT" if kind == "VMFS" else kind, name, int(offset_s or 0))
 
 
 def probe_descriptor(head: bytes) -> bool:
@@ -351,7 +381,7 @@ def probe_descriptor(head: bytes) -> bool:
     pos = 0
     n = len(head)
     while pos < n:
-        c = head[pos:pos + 1]
+        c = head[pos : pos + 1]
         if c == b"#":
             nl = head.find(b"\n", pos)
             if nl < 0:
@@ -359,17 +389,20 @@ def probe_descriptor(head: bytes) -> bool:
             pos = nl + 1
             continue
         if c == b" ":
-            while pos < n and head[pos:pos + 1] == b" ":
+            while pos < n and head[pos : pos + 1] == b" ":
                 pos += 1
-            if head[pos:pos + 1] == b"\r":
+            if head[pos : pos + 1] == b"\r":
                 pos += 1
-            if head[pos:pos + 1] != b"\n":
+            if head[pos : pos + 1] != b"\n":
                 return False
             pos += 1
             continue
-        rest = head[pos:pos + 11]
-        return any(rest.startswith(f"version={v}{eol}".encode())
-                   for v in (1, 2, 3) for eol in ("\n", "\r\n"))
+        rest = head[pos : pos + 11]
+        return any(
+            rest.startswith(f"version={v}{eol}".encode())
+            for v in (1, 2, 3)
+            for eol in ("\n", "\r\n")
+        )
     return False
 
 
