@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         image = imgs[name]
         bench.log(f"{name}: {image.name}")
+        bench.drop_caches()  # the same memory state for every workload
         subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)  # warm
         ref_dir = Path(tempfile.mkdtemp(prefix="ref-", dir=SHM))
         try:
