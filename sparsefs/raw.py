@@ -88,9 +88,19 @@ class RawFile:
         Raises:
             ImageReadError: on an I/O error, or when the file shrank.
         """
-        buf = bytearray(length)
-        self.pread_into(memoryview(buf), host_offset)
-        return bytes(buf)
+        try:
+            buf = os.pread(self._fd, length, host_offset)
+        except OSError as exc:
+            raise ImageReadError(
+                f"{self.path}: read of {length} bytes at {host_offset:#x} failed: {exc.strerror}"
+            ) from exc
+        if len(buf) == length:  # the common case: one read, no copy
+            return buf
+        whole = bytearray(length)
+        whole[: len(buf)] = buf
+        with memoryview(whole) as view:
+            self.pread_into(view[len(buf) :], host_offset + len(buf))
+        return bytes(whole)
 
     def pread_into(self, view: memoryview, host_offset: int) -> None:
         """Fill ``view`` with the file's bytes at ``host_offset``, by the rule of :meth:`pread`.

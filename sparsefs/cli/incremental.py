@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -37,6 +35,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -53,6 +52,9 @@ from sparsefs.extents import Extent
 from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
 from sparsefs.qcow2.bitmaps import dirty_ranges, find_bitmap
 from sparsefs.raw import RawFile
+
+if TYPE_CHECKING:
+    import ctypes
 
 SPARSEFS_SUMS = "SPARSEFS-SUMS"
 XXH128_SUMS = "XXH128SUMS"
@@ -235,11 +237,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_libc: ctypes.CDLL | None = None
+_libc: ctypes.CDLL | None = None  # loaded at the first punch (ctypes costs start-up time)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate ``[offset, offset + length)`` of ``fd`` (reads zeros); False if unsupported."""
+    import ctypes
+    import ctypes.util
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

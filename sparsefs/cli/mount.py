@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
 import shutil
 import signal
@@ -383,7 +382,9 @@ def _daemon_logging(log_file: str | None) -> None:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s sparsefs[%(process)d]: %(message)s"))
     elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        from logging.handlers import SysLogHandler  # only the daemon logs to syslog
+
+        handler = SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("sparsefs[%(process)d]: %(message)s"))
     else:
         handler = logging.NullHandler()
