@@ -10,6 +10,7 @@ caches the tables; nothing else interprets an L2 entry.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
@@ -272,6 +273,8 @@ class ClusterMap:
         """
         cb = self.cluster_bits
         nb_entries = len(buf) // 8
+        if self._decode_l2_contiguous(buf, runs):
+            return
         indices: list[int] = []  # of the non-zero entries, ascending
         values: list[int] = []  # their entries
         for first in _nonzero_blocks(buf, 8):
@@ -296,6 +299,37 @@ class ClusterMap:
             lo = hi
         if done < nb_entries:
             runs.add(done << cb, nb_entries << cb, RUN_UNALLOCATED, None)
+
+    def _decode_l2_contiguous(self, buf: bytes, runs: _TableRuns) -> bool:
+        """Decode a table whose every entry maps the next cluster (a preallocated image).
+
+        True (and one run added) when all entries step by exactly one cluster
+        from the first, with equal flags, and the first and last decode to
+        data (or to preallocated zeros): checked at C speed, an array compare
+        against the expected entries.  False (nothing added) otherwise.
+        """
+        cs = self.cluster_size
+        nb_entries = len(buf) // 8
+        first = int.from_bytes(buf[:8], "big")
+        last = int.from_bytes(buf[-8:], "big")
+        if (
+            nb_entries < 2
+            or not first & L.L2E_OFFSET_MASK
+            or last - first != (nb_entries - 1) * cs
+            or (first ^ last) & ~L.L2E_OFFSET_MASK
+        ):
+            return False
+        # The table as one big-endian integer must equal first*R + cs*S, with R
+        # and S the digit patterns (1, 1, ..., 1) and (0, 1, ..., n-1) in base
+        # 2**64: every entry is first + i*cs < 2**64, so no digit carries.
+        repunit, ramp = _contiguous_patterns(nb_entries)
+        if int.from_bytes(buf, "big") != first * repunit + cs * ramp:
+            return False
+        kind, host = self._probe_l2_segment(0, first, last, nb_entries, cs)
+        if kind not in (RUN_DATA, RUN_ZERO):
+            return False
+        runs.add(0, nb_entries << self.cluster_bits, kind, host)
+        return True
 
     def _decode_l2_stretch(self, first_index: int, entries: list[int], runs: _TableRuns) -> None:
         """Decode consecutive non-zero L2 entries, starting at ``first_index``.
@@ -475,6 +509,15 @@ class ClusterMap:
 _ZERO_BLOCK = bytes(_L2_BLOCK_ENTRIES * 8)
 _ZERO_CHUNK = bytes(_L2_BLOCK_ENTRIES * 64)
 _unpack_block = struct.Struct(f">{_L2_BLOCK_ENTRIES}Q").unpack_from
+
+
+@functools.lru_cache(maxsize=4)
+def _contiguous_patterns(nb_entries: int) -> tuple[int, int]:
+    """(R, S) for :meth:`ClusterMap._decode_l2_contiguous`: sums of 2**(64*k) and of
+    i * 2**(64*k), k = nb_entries - 1 - i, over i in [0, nb_entries)."""
+    repunit = int.from_bytes(b"\0\0\0\0\0\0\0\1" * nb_entries, "big")
+    ramp = int.from_bytes(b"".join(i.to_bytes(8, "big") for i in range(nb_entries)), "big")
+    return repunit, ramp
 
 
 def _nonzero_blocks(buf: bytes, entry_size: int) -> Iterator[int]:
