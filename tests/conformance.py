@@ -237,7 +237,8 @@ class Hang(BaseException):
     """The watchdog fired: a mutant took far too long."""
 
 
-def _alarm(signum: int, frame: FrameType | None) -> None:
+def alarm(signum: int, frame: FrameType | None) -> None:
+    """SIGALRM handler of the fuzz watchdogs."""
     raise Hang
 
 
@@ -281,7 +282,7 @@ def fuzz_loop(
     """Mutate each base in turn ``iterations`` times; return what misbehaved."""
     kinds = sorted(bases)
     failures: list[str] = []
-    old_handler = signal.signal(signal.SIGALRM, _alarm)
+    old_handler = signal.signal(signal.SIGALRM, alarm)
     try:
         for i in range(iterations):
             kind = kinds[i % len(kinds)]

@@ -27,35 +27,24 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
 
-from conformance import READ_BUDGET, exercise
+from conformance import READ_BUDGET, Hang, alarm, capped_address_space, exercise
 from hostile_images import Located, Mutator, build_bases, locate
 from sparsefs.errors import SparsefsError
 from sparsefs.qcow2 import open_image
 from sparsefs.qcow2.image import OpenOptions
-from support import KiB, MiB
+from support import KiB
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "1000"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))
 WATCHDOG_SECONDS = 30  # per mutant; only a hang gets anywhere near it
-EXTRA_ADDRESS_SPACE = 1536 * MiB  # on top of what the test process already maps
 MAX_REPORTED = 10
-
-
-class Hang(BaseException):
-    """The watchdog fired: a mutant took far too long."""
-
-
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise Hang
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +56,8 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Loc
 @pytest.fixture
 def capped_memory() -> Iterator[None]:
     """Cap the address space for the duration of the test (MemoryError instead of OOM)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/status") as f:
-        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    limit = vm_size + EXTRA_ADDRESS_SPACE
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
+    with capped_address_space():
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # -- the fuzz loop ------------------------------------------------------------------------
@@ -109,7 +89,7 @@ def test_fuzz_mutants(bases: dict[str, tuple[Path, Located]]) -> None:
     """Every seeded mutant is refused cleanly or served consistently."""
     kinds = sorted(bases)
     failures: list[str] = []
-    old_handler = signal.signal(signal.SIGALRM, _alarm)
+    old_handler = signal.signal(signal.SIGALRM, alarm)
     try:
         for i in range(ITERATIONS):
             kind = kinds[i % len(kinds)]

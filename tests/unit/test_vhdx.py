@@ -731,7 +731,7 @@ def test_fuzz_vhdx_mutants(fuzz_bases: dict[str, Path]) -> None:
     originals = {k: p.read_bytes() for k, p in fuzz_bases.items()}
     failures: list[str] = []
     outcomes = {True: 0, False: 0}
-    old_handler = signal.signal(signal.SIGALRM, conformance._alarm)
+    old_handler = signal.signal(signal.SIGALRM, conformance.alarm)
     cap = conformance.capped_address_space()
     cap.__enter__()
     try:

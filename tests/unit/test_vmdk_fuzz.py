@@ -30,12 +30,11 @@ import signal
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
 
 import vmdk_images as V
-from conformance import exercise
+from conformance import Hang, alarm, capped_address_space, exercise
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import open_source
 from sparsefs.layered import LayeredImage
@@ -44,7 +43,6 @@ from support import MiB
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "400"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20261127"))
 WATCHDOG_SECONDS = 30
-EXTRA_ADDRESS_SPACE = 1536 * MiB
 MAX_REPORTED = 10
 SECTOR = V.SECTOR
 INTERESTING = (
@@ -76,14 +74,6 @@ HEADER_FIELDS = {  # name: (offset, struct format)
     "overhead": (64, "<Q"),
     "algorithm": (77, "<H"),
 }
-
-
-class Hang(BaseException):
-    """The watchdog fired (a BaseException, so nothing under test swallows it)."""
-
-
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise Hang
 
 
 Change = tuple[str, Callable[[bytearray], None]]
@@ -273,19 +263,9 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def capped_memory() -> Iterator[None]:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/status") as f:
-        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    limit = vm_size + EXTRA_ADDRESS_SPACE
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
+    """Cap the address space for the duration of the test (MemoryError instead of OOM)."""
+    with capped_address_space():
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def fuzz_one(path: Path, rng: random.Random) -> None:
@@ -314,7 +294,7 @@ def test_vmdk_fuzz_mutants(bases: dict[str, Path]) -> None:
     kinds = sorted(bases)
     originals = {k: p.read_bytes() for k, p in bases.items()}
     failures: list[str] = []
-    old_handler = signal.signal(signal.SIGALRM, _alarm)
+    old_handler = signal.signal(signal.SIGALRM, alarm)
     try:
         for i in range(ITERATIONS):
             kind = kinds[i % len(kinds)]
