@@ -21,13 +21,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sparsefs.errors import ImageReadError
+from sparsefs import locking
+from sparsefs.errors import ImageFormatError, ImageReadError, UnsupportedFeatureError
 from sparsefs.extents import Extent, SparseSource, coalesce
 from sparsefs.hostmap import HOLE, WRITTEN
 from sparsefs.parents import check_regular_file as check_regular_file
 from sparsefs.parents import file_identity as file_identity
 from sparsefs.parents import path_has_protocol as path_has_protocol
 from sparsefs.parents import resolve_name as resolve_name
+from sparsefs.raw import RawFile
 
 # Kinds of runs (spec-neutral; the numbers match qcow2's RUN_* constants).
 DATA = 0  # stored in this layer; host = (RawFile, host_offset of the run's start)
@@ -535,3 +537,35 @@ def clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]
             yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
             break
         yield ext
+
+
+class ImageFileLayer:
+    """The opening every one-file layer shares (vpc, vdi): the file, qemu's lock, checks.
+
+    Opens ``path`` read-only, takes qemu's read-side image lock unless
+    ``force_share``, runs the subclass's ``_open()`` (parse and validate), and
+    then makes every later read strict: the metadata maps only host bytes inside
+    the file (checked at open, or an ERROR run), so a short read means the file
+    shrank.  Closes the file if anything fails.
+    """
+
+    def __init__(self, path: str, options: LayerOptions) -> None:
+        self.path = path
+        self.raw = RawFile(path)
+        try:
+            if not options.force_share:
+                locking.lock_file(self.raw.fd, path, locking.ROLE_IMAGE)
+            self._open()
+            self.raw.strict_end = True
+        except BaseException:
+            self.raw.close()
+            raise
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _err(self, problem: str) -> ImageFormatError:
+        return ImageFormatError(f"{self.path}: {problem}")
+
+    def _refuse(self, problem: str) -> UnsupportedFeatureError:
+        return UnsupportedFeatureError(f"{self.path}: {problem}")

@@ -23,18 +23,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sparsefs import locking
-from sparsefs.errors import ImageFormatError, UnsupportedFeatureError
 from sparsefs.layered import (
     BELOW,
     DATA,
     ERROR,
     ZERO,
+    ImageFileLayer,
     LayeredImage,
     LayerOptions,
     check_regular_file,
 )
-from sparsefs.raw import RawFile
 
 SECTOR_SIZE = 512
 VDI_SIGNATURE = 0xBEDA107F
@@ -84,30 +82,10 @@ class Header:
         )
 
 
-class VdiLayer:
+class VdiLayer(ImageFileLayer):
     """One VDI file as a layer (see :mod:`sparsefs.layered`)."""
 
     format_name = "vdi"
-
-    def __init__(self, path: str, options: LayerOptions) -> None:
-        self.path = path
-        self.raw = RawFile(path)
-        try:
-            if not options.force_share:
-                locking.lock_file(self.raw.fd, path, locking.ROLE_IMAGE)
-            self._open()
-            # Every host byte the metadata maps lies inside the file (checked at
-            # open, or an ERROR run): a short read now means the file shrank.
-            self.raw.strict_end = True
-        except BaseException:
-            self.raw.close()
-            raise
-
-    def _err(self, problem: str) -> ImageFormatError:
-        return ImageFormatError(f"{self.path}: {problem}")
-
-    def _refuse(self, problem: str) -> UnsupportedFeatureError:
-        return UnsupportedFeatureError(f"{self.path}: {problem}")
 
     def _open(self) -> None:
         file_size = self.raw.file_size

@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sparsefs import locking
 from sparsefs.errors import ImageFormatError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import SparseSource
 from sparsefs.formats import open_parent
@@ -48,12 +47,11 @@ from sparsefs.layered import (
     DATA,
     ERROR,
     ZERO,
+    ImageFileLayer,
     LayeredImage,
-    LayerOptions,
     check_regular_file,
     resolve_name,
 )
-from sparsefs.raw import RawFile
 
 SECTOR_SIZE = 512
 FOOTER_SIZE = 512
@@ -132,27 +130,10 @@ def guest_size(footer: Footer) -> int:
     return sectors * SECTOR_SIZE
 
 
-class VpcLayer:
+class VpcLayer(ImageFileLayer):
     """One VHD file as a layer (see :mod:`sparsefs.layered`)."""
 
     format_name = "vpc"
-
-    def __init__(self, path: str, options: LayerOptions) -> None:
-        self.path = path
-        self.raw = RawFile(path)
-        try:
-            if not options.force_share:
-                locking.lock_file(self.raw.fd, path, locking.ROLE_IMAGE)
-            self._open()
-            # Every host byte the metadata maps lies inside the file (checked at
-            # open, or an ERROR run): a short read now means the file shrank.
-            self.raw.strict_end = True
-        except BaseException:
-            self.raw.close()
-            raise
-
-    def _err(self, problem: str) -> ImageFormatError:
-        return ImageFormatError(f"{self.path}: {problem}")
 
     def _open(self) -> None:
         file_size = self.raw.file_size
