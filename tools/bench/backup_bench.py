@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             order = list(samples)
             for rnd in range(args.rounds):
                 for contender in order if rnd % 2 == 0 else reversed(order):
+                    bench.compact_memory()  # the same memory state for every contender
                     dest = Path(tempfile.mkdtemp(prefix="out-", dir=SHM))
                     try:
                         samples[contender].append(run_one(contender, image, dest, ref))
