@@ -45,6 +45,7 @@ from sparsefs.cli.common import (
     add_open_options,
     fail_message,
     open_options,
+    pwrite_all,
 )
 from sparsefs.cli.mount import open_mount_set
 from sparsefs.errors import SparsefsError
@@ -152,13 +153,6 @@ def filesystem_type(path: str) -> str | None:
     return None
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
 def copy_read_hash_write(
     source: SparseSource, dst: int, advance: Callable[[int], None]
 ) -> DigestResult:
@@ -173,7 +167,7 @@ def copy_read_hash_write(
     """
 
     def sink(offset: int, piece: bytes | bytearray | memoryview) -> None:
-        _pwrite_all(dst, piece, offset)
+        pwrite_all(dst, piece, offset)
 
     def on_run(run: BlockRun) -> None:
         if run.bytes_read:
@@ -220,7 +214,7 @@ def copy_kernel(source: SparseSource, dst: int, advance: Callable[[int], None]) 
                 if len(data) != end - pos:
                     raise _CopyFailed(f"short read at byte {pos}")
                 if data.count(0) != len(data):
-                    _pwrite_all(dst, data, pos)
+                    pwrite_all(dst, data, pos)
                 advance(end - pos)
 
 
@@ -279,8 +273,8 @@ def _backup_full(args: argparse.Namespace) -> int:
     results: list[Result] = []
     manifest_seconds = 0.0
     try:
-        files = list(mset.files.items())
-        total = sum(2 * data_size(source) for _, source in files)
+        files = [(name, source, data_size(source)) for name, source in mset.files.items()]
+        total = sum(2 * data for _, _, data in files)
         run = _Run(
             dest,
             args.reflink,
@@ -289,8 +283,8 @@ def _backup_full(args: argparse.Namespace) -> int:
             False if args.quiet else None,
             FdProgress(args.progress_fd, total) if args.progress_fd is not None else None,
         )
-        for name, source in files:
-            results.append(_backup_one(name, source, run))
+        for name, source, data in files:
+            results.append(_backup_one(name, source, data, run))
         results += [Result(name, ok=False, error=problem) for name, problem in mset.damaged]
         t0 = time.monotonic()
         sums = {r.name: r.digest for r in results if r.ok and r.digest}
@@ -396,11 +390,11 @@ def _source_file(source: SparseSource) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def _backup_one(name: str, source: SparseSource, run: _Run) -> Result:
+def _backup_one(name: str, source: SparseSource, data: int, run: _Run) -> Result:
+    """Copy, verify and rename one file; ``data`` is its stored bytes (``data_size``)."""
     final = os.path.join(run.dest, name)
     partial = os.path.join(run.dest, f".{name}.partial-{os.getpid()}")
     result = Result(name, ok=False, size=source.size)
-    data = data_size(source)
     bar = Progress(2 * data, label=name, enabled=run.bar_enabled)
     lock = threading.Lock()
 

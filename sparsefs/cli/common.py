@@ -110,3 +110,11 @@ def image_stem(image_path: str) -> str:
 def usable_in_file_name(name: str) -> bool:
     """True when ``name`` can stand in a file name as it is."""
     return bool(name) and name not in (".", "..") and _SAFE_NAME.match(name) is not None
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of ``fd`` (pwrite may write less at once)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)

@@ -33,7 +33,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,10 +42,10 @@ from sparsefs.checksum import (
     BLOCK_SIZE,
     DIGEST_PREFIX,
     HEADER_MAGIC,
-    iter_block_digests,
+    block_digest,
 )
 from sparsefs.cli.checksum import format_line, parse_manifest_line
-from sparsefs.cli.common import EXIT_OK, raw_name
+from sparsefs.cli.common import EXIT_OK, pwrite_all, raw_name
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import Extent
 from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
@@ -189,18 +188,10 @@ def store_blocks(
 def _hash_copy(copy_path: str, size: int) -> list[bytes]:
     """Block digests of the copy, read from the file (holes cost nothing)."""
     digests: list[bytes] = []
-    with (
-        RawFile(copy_path) as raw,
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="sparsefs-hash") as executor,
-    ):
+    with RawFile(copy_path) as raw:
         if raw.size != size:
             raise NotAVerifiedCopyError(f"{copy_path}: size changed while reading")
-        runs = iter_block_digests(raw, executor)
-        try:
-            for run in runs:
-                digests.extend([run.digest] * run.count)
-        finally:
-            runs.close()
+        block_digest(raw, on_run=lambda run: digests.extend([run.digest] * run.count))
     return digests
 
 
@@ -294,10 +285,7 @@ def _copy_range(image: Qcow2Image, fd: int, start: int, end: int) -> int:
             if buf == _ZERO_CHUNK[:n]:
                 written += _write_zeros(fd, pos, n)
             else:
-                view = memoryview(buf)
-                done = 0
-                while done < n:
-                    done += os.pwrite(fd, view[done:], pos + done)
+                pwrite_all(fd, buf, pos)
                 written += n
             pos += n
     return written

@@ -423,15 +423,7 @@ class ClusterMap:
         for index, entry in enumerate(entries, first_index):
             start = index << cb
             if entry & L.QCOW_OFLAG_COMPRESSED:
-                if external:
-                    runs.add(
-                        start,
-                        start + cs,
-                        RUN_ERROR,
-                        f"{self.path}: compressed cluster in an image with an external data file",
-                    )
-                else:
-                    runs.add(start, start + cs, RUN_COMPRESSED, L.compressed_descriptor(cb, entry))
+                self._add_compressed(runs, start, entry)
                 continue
             if entry & L.QCOW_OFLAG_ZERO:
                 if v3:
@@ -454,6 +446,21 @@ class ClusterMap:
             else:
                 runs.add(start, start + cs, RUN_DATA, host)
 
+    def _add_compressed(self, runs: _TableRuns, start: int, entry: int) -> None:
+        """Add the run of a compressed-cluster entry (standard or extended L2)."""
+        cs = self.cluster_size
+        if self.external_data:
+            runs.add(
+                start,
+                start + cs,
+                RUN_ERROR,
+                f"{self.path}: compressed cluster in an image with an external data file",
+            )
+        else:
+            runs.add(
+                start, start + cs, RUN_COMPRESSED, L.compressed_descriptor(self.cluster_bits, entry)
+            )
+
     def _decode_extended_l2(self, buf: bytes, runs: _TableRuns) -> None:
         cb = self.cluster_bits
         cs = self.cluster_size
@@ -462,15 +469,7 @@ class ClusterMap:
         for index, entry, bitmap in _extended_entries(buf, runs, cb):
             start = index << cb
             if entry & L.QCOW_OFLAG_COMPRESSED:
-                if external:
-                    runs.add(
-                        start,
-                        start + cs,
-                        RUN_ERROR,
-                        f"{self.path}: compressed cluster in an image with an external data file",
-                    )
-                else:
-                    runs.add(start, start + cs, RUN_COMPRESSED, L.compressed_descriptor(cb, entry))
+                self._add_compressed(runs, start, entry)
                 continue
             alloc = bitmap & L.SUBCLUSTER_ALLOC_MASK
             zero = bitmap >> 32

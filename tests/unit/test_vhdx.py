@@ -34,31 +34,12 @@ from sparsefs.formats.vhdx import image as vhdx_image
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
 from sparsefs.qcow2 import OpenOptions
-from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, sparsefs
+from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, seek_walk, sparsefs
 
 OPTS = OpenOptions()
 
 
 # -- comparing a source with qemu's sparse raw copy ---------------------------------------
-
-
-def _raw_segments(path: Path) -> list[tuple[int, int]]:
-    fd = os.open(path, os.O_RDONLY)
-    out = []
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, hole))
-            pos = hole
-    finally:
-        os.close(fd)
-    return out
 
 
 def assert_matches_raw(source: SparseSource, raw: Path, rng: random.Random) -> list[Extent]:
@@ -90,7 +71,7 @@ def assert_matches_raw(source: SparseSource, raw: Path, rng: random.Random) -> l
                 assert got == want[cut - ext.guest_offset : cut - ext.guest_offset + n], (cut, n)
                 cut += n
         holes = [(e.guest_offset, e.end) for e in extents if not e.data]
-        for s, e in _raw_segments(raw):
+        for s, e in seek_walk(raw):
             for hs, he in holes:
                 lo, hi = max(s, hs), min(e, he)
                 if lo < hi:

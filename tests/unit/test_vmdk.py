@@ -36,6 +36,7 @@ from support import (
     qemu_map,
     qemu_raw,
     run,
+    seek_walk,
 )
 from vmdk_images import BUILDERS, OFF_FLAGS, OFF_GD, OFF_GTES, SECTOR, build_all, monolithic_sparse
 
@@ -65,26 +66,6 @@ def _data_segments(source: SparseSource) -> list[tuple[int, int]]:
     return out
 
 
-def _raw_segments(path: Path) -> list[tuple[int, int]]:
-    """SEEK_DATA/SEEK_HOLE segments of qemu's raw copy (it writes zeros as holes)."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, hole))
-            pos = hole
-    finally:
-        os.close(fd)
-    return out
-
-
 def check_against_qemu(image: Path, tmp: Path) -> None:
     """Bytes, extents, SEEK walk and map of ``image`` agree with qemu's answers."""
     raw_path = qemu_raw(image, tmp / (image.name + ".raw"), fmt="vmdk")
@@ -100,7 +81,7 @@ def check_against_qemu(image: Path, tmp: Path) -> None:
                 assert source.read(pos, n) == raw.read(n), f"{image.name}: bytes differ at {pos}"
                 pos += n
         # What qemu stores outside our data segments is zeros, and so is our read of it.
-        for s, e in _raw_segments(raw_path):
+        for s, e in seek_walk(raw_path):
             for hs, he in _holes_within(segments, s, e, source.size):
                 raw.seek(hs)
                 want = raw.read(he - hs)
