@@ -330,16 +330,7 @@ class SparseFS(pyfuse3.Operations):
             data: bytes | bytearray | memoryview | None = (
                 read_nowait(off, length) if read_nowait is not None else None
             )
-            if (
-                data is None
-                and read_nowait is None
-                and index is None
-                and length <= ZERO_BUFFER_SIZE
-            ):
-                first = next(source.iter_extents(off), None)
-                if first is not None and not first.data and first.end >= end:
-                    data = _ZEROS[:length]
-            if data is None:
+            if data is None:  # (holes were answered from the index above)
                 data = await trio.to_thread.run_sync(
                     source.read, off, length, limiter=self._limiter
                 )
