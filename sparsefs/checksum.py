@@ -67,6 +67,11 @@ READ_PIECE_SIZE = 1024 * 1024
 DEFAULT_WORKERS = 2
 DEFAULT_IN_FLIGHT = 4
 
+# A batch of data blocks (one task for a worker) closes at this much data, or
+# at this many plans.
+BATCH_DATA_BYTES = 1024 * 1024
+BATCH_PLANS = 64
+
 # Digests of zero runs are fed to the folding hash in pieces of this many blocks.
 _FOLD_BATCH = 65536
 
@@ -324,6 +329,64 @@ def _digest_block(
 # -- sparsefs1 -----------------------------------------------------------------------
 
 
+def _digest_batch(
+    source: SparseSource,
+    plans: list[Plan],
+    size: int,
+    block_size: int,
+    sink: DataSink | None,
+) -> list[BlockRun]:
+    """The runs of consecutive plans, in order (in a worker thread)."""
+    runs: list[BlockRun] = []
+    for index, count, ranges in plans:
+        if ranges is None:
+            runs.extend(_zero_runs(index, count, size, block_size))
+        else:
+            start = index * block_size
+            length = min(block_size, size - start)
+            runs.append(_digest_block(source, index, start, length, ranges, block_size, sink))
+    return runs
+
+
+def _zero_runs(index: int, count: int, size: int, block_size: int) -> Iterator[BlockRun]:
+    """``count`` zero blocks from ``index``: one run, two if it ends with the short last block."""
+    full_blocks = size // block_size
+    stop = index + count
+    if index < full_blocks:
+        n = min(stop, full_blocks) - index
+        yield BlockRun(index, n, zero_block_digest(block_size))
+    if stop > full_blocks:  # ends with the short last block
+        yield BlockRun(full_blocks, 1, zero_block_digest(size - full_blocks * block_size))
+
+
+def _batches(source: SparseSource, block_size: int) -> Iterator[tuple[list[Plan], bool]]:
+    """The plans, grouped: (plans, has data).
+
+    A batch of data blocks closes once it holds BATCH_DATA_BYTES of data (a
+    full block alone makes one), so that blocks with little data (a
+    fragmented disk: 64 KiB in each MiB) cost one task per batch, not one per
+    block.  Zero runs before any data pass alone, without a task; zero runs
+    between data blocks of a batch ride along.
+    """
+    batch: list[Plan] = []
+    data = 0
+    for plan in _plan_blocks(source, block_size):
+        ranges = plan[2]
+        if ranges is None:
+            if batch:
+                batch.append(plan)
+            else:
+                yield [plan], False
+            continue
+        batch.append(plan)
+        data += sum(hi - lo for lo, hi in ranges)
+        if data >= BATCH_DATA_BYTES or len(batch) >= BATCH_PLANS:
+            yield batch, True
+            batch, data = [], 0
+    if batch:
+        yield batch, True
+
+
 def iter_block_digests(
     source: SparseSource,
     executor: ThreadPoolExecutor,
@@ -334,57 +397,44 @@ def iter_block_digests(
 ) -> Generator[BlockRun, None, None]:
     """Yield the block digests of ``source`` in block order, as runs.
 
-    Zero runs never touch storage; each data block is read and hashed by
-    ``executor``, with at most ``in_flight`` blocks submitted ahead.  Runs
-    never mix full blocks with the short last block.
+    Zero runs never touch storage; data blocks are read and hashed by
+    ``executor`` in batches, with at most ``in_flight`` batches submitted
+    ahead.  Runs never mix full blocks with the short last block.
 
     Raises:
         ImageReadError: a data block cannot be read.
     """
     size = source.size
-    full_blocks = size // block_size
-    pending: deque[tuple[int, Future[BlockRun] | None, int]] = deque()
-    # (index, future of a data block's digest | None for a zero run, count)
-
-    def zero_runs(index: int, count: int) -> Iterator[BlockRun]:
-        stop = index + count
-        if index < full_blocks:
-            n = min(stop, full_blocks) - index
-            yield BlockRun(index, n, zero_block_digest(block_size))
-        if stop > full_blocks:  # ends with the short last block
-            yield BlockRun(full_blocks, 1, zero_block_digest(size - full_blocks * block_size))
+    pending: deque[Future[list[BlockRun]] | list[Plan]] = deque()
+    # a batch being worked on, or zero runs (plans) waiting for their turn
 
     def drain_one() -> Iterator[BlockRun]:
-        index, fut, count = pending.popleft()
-        if fut is None:
-            yield from zero_runs(index, count)
+        item = pending.popleft()
+        if isinstance(item, list):
+            for index, count, _ in item:
+                yield from _zero_runs(index, count, size, block_size)
         else:
-            yield fut.result()
+            yield from item.result()
 
     try:
-        data_pending = 0
-        for index, count, ranges in _plan_blocks(source, block_size):
-            if ranges is None:
-                pending.append((index, None, count))
-                if pending[0][1] is None:
-                    yield from drain_one()
-                continue
-            start = index * block_size
-            length = min(block_size, size - start)
-            fut = executor.submit(
-                _digest_block, source, index, start, length, ranges, block_size, sink
-            )
-            pending.append((index, fut, 1))
-            data_pending += 1
-            while data_pending >= in_flight or (pending and pending[0][1] is None):
-                if pending[0][1] is not None:
-                    data_pending -= 1
+        busy = 0  # batches submitted and not drained
+        for plans, has_data in _batches(source, block_size):
+            if not has_data:
+                pending.append(plans)
+            else:
+                pending.append(
+                    executor.submit(_digest_batch, source, plans, size, block_size, sink)
+                )
+                busy += 1
+            while pending and (busy >= in_flight or isinstance(pending[0], list)):
+                if not isinstance(pending[0], list):
+                    busy -= 1
                 yield from drain_one()
         while pending:
             yield from drain_one()
     finally:
-        for _, queued, _ in pending:
-            if queued is not None:
+        for queued in pending:
+            if not isinstance(queued, list):
                 queued.cancel()
 
 

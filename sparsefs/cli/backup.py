@@ -3,23 +3,21 @@
 No FUSE mount is involved.  For each image (and, with ``--snapshots``, each
 internal snapshot), ``DEST_DIR/NAME.raw`` is written under a temporary name
 (``.NAME.raw.partial-PID``) from the one extent walk of the image: holes stay
-holes, and only stored data is read.  Two copy paths:
+holes, and only stored data is read (:mod:`sparsefs.cli.copier`):
 
-- kernel copy: ``copy_file_range`` from the image (or data / backing) file for
-  plain data, the reader for the rest (compressed clusters ...); the image's
-  digest is computed at the same time by a second thread.  Used when the
-  destination is on the same filesystem as the image file and, unless
-  ``--reflink=auto``, that filesystem cannot share extents.
-- read-hash-write: every data block is read once, hashed for the image's
-  digest and written (all-zero blocks left as holes), by two worker threads.
-  Used everywhere else, and whenever the kernel refuses ``copy_file_range``.
+- kernel copy (``copy_file_range`` from the image, data or backing file) when
+  the destination is on the same filesystem as the image file and, unless
+  ``--reflink=auto``, that filesystem cannot share extents;
+- read-hash-write everywhere else, and whenever the kernel refuses
+  ``copy_file_range``.
 
-Then the copy is synced, its cached pages dropped (``POSIX_FADV_DONTNEED``),
-and its sparsefs1 digest computed by reading it back through its own holes
-map: what the storage holds, never the bytes that were written.  Only equal
-digests rename it into place and update ``SPARSEFS-SUMS`` (and ``XXH128SUMS``
-with ``--xxh128sums``: that must hash every zero of the virtual size, so it is
-opt-in), atomically, keeping other files' lines.
+The image's digest is computed while copying.  The copy is settled on the
+storage range by range (synced, cached pages dropped), and a second thread
+digests it behind the copy by reading it back through its own holes: what the
+storage holds, never the bytes that were written.  Only equal digests rename
+it into place (after an fsync) and update ``SPARSEFS-SUMS`` (and
+``XXH128SUMS`` with ``--xxh128sums``: that must hash every zero of the virtual
+size, so it is opt-in), atomically, keeping other files' lines.
 
 Exit status: 0 when every file was copied and verified, 1 otherwise.
 """
@@ -28,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sparsefs.checksum import BlockRun, DigestResult, block_digest, compare, stream_xxh128
+from sparsefs.checksum import compare, stream_xxh128
 from sparsefs.cli import incremental
 from sparsefs.cli.common import (
     EXIT_FAILURE,
@@ -45,8 +41,8 @@ from sparsefs.cli.common import (
     add_open_options,
     fail_message,
     open_options,
-    pwrite_all,
 )
+from sparsefs.cli.copier import CopyFailed, copy_and_verify
 from sparsefs.cli.mount import open_mount_set
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
@@ -55,17 +51,8 @@ from sparsefs.raw import RawFile
 
 SPARSEFS_SUMS = "SPARSEFS-SUMS"
 XXH128_SUMS = "XXH128SUMS"
-# Bytes per copy_file_range call (the kernel may do fewer).
-KERNEL_COPY_CHUNK = 64 * 1024 * 1024
-# copy_file_range errnos that mean "not here": fall back to read-hash-write.
-_KERNEL_COPY_REFUSED = (
-    errno.EXDEV,
-    errno.EINVAL,
-    errno.ENOSYS,
-    errno.EOPNOTSUPP,
-    errno.EBADF,
-    errno.EPERM,
-)
+# Filesystems whose storage is memory: nothing to overlap verification with.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # Filesystems where copy_file_range may share extents (reflink / block cloning /
 # server-side clone) instead of writing a second copy of the bytes.
 REFLINK_FILESYSTEMS = frozenset(
@@ -101,14 +88,6 @@ class Result:
             "phase-seconds": {k: round(v, 3) for k, v in self.phases.items()},
             "error": self.error,
         }
-
-
-class _CopyFailed(SparsefsError):
-    pass
-
-
-class _KernelCopyRefused(Exception):
-    """copy_file_range is not possible here; use read-hash-write."""
 
 
 class FdProgress:
@@ -153,71 +132,6 @@ def filesystem_type(path: str) -> str | None:
     return None
 
 
-def copy_read_hash_write(
-    source: SparseSource, dst: int, advance: Callable[[int], None]
-) -> DigestResult:
-    """Copy the data of ``source`` into ``dst`` (already sized) and return the image digest.
-
-    Each data block is read once, hashed and written; all-zero blocks are
-    not written (holes).
-
-    Raises:
-        ImageReadError: a data range of the image cannot be read.
-        OSError: writing failed.
-    """
-
-    def sink(offset: int, piece: bytes | bytearray | memoryview) -> None:
-        pwrite_all(dst, piece, offset)
-
-    def on_run(run: BlockRun) -> None:
-        if run.bytes_read:
-            advance(run.bytes_read)
-
-    return block_digest(source, sink=sink, on_run=on_run)
-
-
-def copy_kernel(source: SparseSource, dst: int, advance: Callable[[int], None]) -> None:
-    """Copy the data of ``source`` into ``dst`` with copy_file_range where it can.
-
-    Pieces the source cannot hand over as file bytes come from ``read()``.
-
-    Raises:
-        _KernelCopyRefused: the kernel refused copy_file_range (nothing to undo
-            but the partial file).
-        ImageReadError: a data range of the image cannot be read.
-        OSError: reading or writing failed.
-    """
-    host_ranges = getattr(source, "iter_host_ranges", None)
-    if host_ranges is None:
-        raise _KernelCopyRefused("the source has no host ranges")
-    for ext in source.iter_extents(0):
-        if not ext.data:
-            continue
-        for start, end, raw, host in host_ranges(ext.guest_offset, ext.end):
-            pos = start
-            if raw is not None:
-                while pos < end:
-                    try:
-                        n = os.copy_file_range(
-                            raw.fd, dst, min(KERNEL_COPY_CHUNK, end - pos), host + pos - start, pos
-                        )
-                    except OSError as exc:
-                        if exc.errno in _KERNEL_COPY_REFUSED:
-                            raise _KernelCopyRefused(exc.strerror) from exc
-                        raise
-                    if n == 0:  # the host file ends early: the reader knows what follows
-                        break
-                    pos += n
-                    advance(n)
-            if pos < end:
-                data = source.read(pos, end - pos)
-                if len(data) != end - pos:
-                    raise _CopyFailed(f"short read at byte {pos}")
-                if data.count(0) != len(data):
-                    pwrite_all(dst, data, pos)
-                advance(end - pos)
-
-
 def _kernel_copy_allowed(source_file: str | None, dest_dir: str, reflink: str) -> bool:
     """Whether to try copy_file_range: same filesystem, and no extent sharing unless asked."""
     if source_file is None:
@@ -242,6 +156,7 @@ class _Run:
     quiet: bool
     bar_enabled: bool | None  # None: draw when stderr is a terminal
     fd_progress: FdProgress | None
+    overlap: bool  # verify behind the copy (copier.copy_and_verify)
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -282,6 +197,7 @@ def _backup_full(args: argparse.Namespace) -> int:
             args.quiet or args.json,
             False if args.quiet else None,
             FdProgress(args.progress_fd, total) if args.progress_fd is not None else None,
+            filesystem_type(dest) not in MEMORY_FILESYSTEMS,
         )
         for name, source, data in files:
             results.append(_backup_one(name, source, data, run))
@@ -324,64 +240,6 @@ def _backup_full(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def copy_image(
-    source: SparseSource, partial: str, *, kernel: bool, advance: Callable[[int], None]
-) -> tuple[DigestResult, str]:
-    """Write ``source`` to the new file ``partial``; return (image digest, copy method).
-
-    The file is synced and its cached pages dropped before it is closed, so
-    what is read back next comes from the storage.
-
-    Raises:
-        ImageReadError, OSError: reading the image or writing the copy failed.
-    """
-    dst = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(dst, source.size)
-        digest: DigestResult | None = None
-        method = "read-hash-write"
-        if kernel:
-            # The image digest, by a second thread while the kernel copies.
-            box: dict[str, DigestResult | BaseException] = {}
-
-            def hash_image() -> None:
-                try:
-                    box["digest"] = block_digest(source)
-                except BaseException as exc:  # re-raised below
-                    box["error"] = exc
-
-            hasher = threading.Thread(target=hash_image, name="sparsefs-image-digest")
-            hasher.start()
-            copied = [0]
-
-            def counted(n: int) -> None:
-                copied[0] += n
-                advance(n)
-
-            try:
-                copy_kernel(source, dst, counted)
-                method = "copy_file_range"
-            except _KernelCopyRefused:
-                os.ftruncate(dst, 0)  # start again, the other way
-                os.ftruncate(dst, source.size)
-                advance(-copied[0])
-            finally:
-                hasher.join()
-            if "error" in box:
-                raise box["error"]  # type: ignore[misc]  # the box holds the exception the thread raised
-            if method == "copy_file_range":
-                result = box["digest"]
-                assert isinstance(result, DigestResult)
-                digest = result
-        if digest is None:
-            digest = copy_read_hash_write(source, dst, advance)
-        os.fsync(dst)
-        os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(dst)
-    return digest, method
-
-
 def _source_file(source: SparseSource) -> str | None:
     """The host file a source reads most of its data from (for the kernel-copy decision)."""
     qfile = getattr(source, "qfile", None)
@@ -412,55 +270,46 @@ def _backup_one(name: str, source: SparseSource, data: int, run: _Run) -> Result
             os.unlink(incremental.blocks_path(run.dest, name))
         kernel = _kernel_copy_allowed(_source_file(source), run.dest, run.reflink)
         with bar:
-            bar.label = f"{name} copy"
-            image_digest, result.method = copy_image(
-                source, partial, kernel=kernel, advance=advance
+            bar.label = f"{name} copy+verify"
+            outcome = copy_and_verify(
+                source, partial, kernel=kernel, overlap=run.overlap, advance=advance
             )
-            t1 = time.monotonic()
-            result.phases["copy"] = t1 - t0
-            bar.label = f"{name} verify"
-            with RawFile(partial) as copy:
-                # The copy as the storage holds it, through its own holes.
-                block_digests: list[bytes] = []
-
-                def on_copy_run(r: BlockRun) -> None:
-                    block_digests.extend([r.digest] * r.count)
-                    if r.bytes_read:
-                        advance(r.bytes_read)
-
-                copy_digest = block_digest(copy, on_run=on_copy_run)
-                if copy.size != source.size or copy_digest.digest != image_digest.digest:
+            result.method = outcome.method
+            result.phases.update(outcome.phases)
+            if outcome.copy.digest != outcome.image.digest:
+                with RawFile(partial) as copy:
                     difference, _ = compare(source, copy)
-                    where = (
-                        f"at byte {difference.offset}"
-                        if difference and difference.offset is not None
-                        else "in length"
-                    )
-                    raise _CopyFailed(
-                        f"verification failed: the copy differs from the image "
-                        f"{where}; no file written"
-                    )
+                where = (
+                    f"at byte {difference.offset}"
+                    if difference and difference.offset is not None
+                    else "in length"
+                )
+                raise CopyFailed(
+                    f"verification failed: the copy differs from the image {where}; no file written"
+                )
+            if run.xxh128sums:
                 t2 = time.monotonic()
-                result.phases["verify"] = t2 - t1
-                if run.xxh128sums:
-                    with Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar:
-                        result.xxh128 = stream_xxh128(
-                            copy, progress=xbar.update if xbar.enabled else None
-                        ).digest
-                    result.phases["xxh128"] = time.monotonic() - t2
+                with (
+                    RawFile(partial) as copy,
+                    Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar,
+                ):
+                    result.xxh128 = stream_xxh128(
+                        copy, progress=xbar.update if xbar.enabled else None
+                    ).digest
+                result.phases["xxh128"] = time.monotonic() - t2
         os.replace(partial, final)
         # The verified copy's block digests, for the next 'backup --since'.
         incremental.store_blocks(
             incremental.blocks_path(run.dest, name),
             os.stat(final),
-            copy_digest.digest,
-            block_digests,
+            outcome.copy.digest,
+            outcome.block_digests,
             _source_file(source),
         )
         result.ok = True
-        result.digest = image_digest.digest
+        result.digest = outcome.image.digest
         result.data_bytes = os.stat(final).st_blocks * 512
-    except _CopyFailed as exc:
+    except CopyFailed as exc:
         result.error = f"{final}: {exc}"
     except (SparsefsError, OSError) as exc:
         if isinstance(exc, OSError) and not exc.filename:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsefs.cli import backup as backup_mod
-from sparsefs.cli import main
+from sparsefs.cli import copier, main
 from sparsefs.qcow2 import open_image
 from support import (
     MiB,
@@ -158,26 +157,26 @@ def test_failed_verification_leaves_no_final_file(
     """A copy that comes out wrong is caught by verification, deleted, and not renamed."""
     dest = tmp_path / "backup"
     dest.mkdir()
-    real_copy = backup_mod.copy_image
+    real_settle = copier.settle
     with open_image(images[0]) as web:
-        data_start = next(e.guest_offset for e in web.iter_extents() if e.data)
+        target = next(e.guest_offset for e in web.iter_extents() if e.data) + 5000
+    flipped = []
 
-    def corrupting_copy(source: object, partial: str, **kwargs: object) -> object:
-        result = real_copy(source, partial, **kwargs)  # type: ignore[arg-type]  # forwarded as copy_image received them
-        if "web" in partial:  # one flipped byte, as bad RAM or a bad disk would do
-            with open(partial, "r+b") as f:
-                f.seek(data_start + 5000)
-                byte = f.read(1)
-                f.seek(data_start + 5000)
-                f.write(bytes([byte[0] ^ 0xFF]))
-        return result
+    def settle_then_rot(fd: int, start: int, end: int) -> None:
+        """After a range is on the storage, one byte of it changes there (bad disk, bad RAM)."""
+        real_settle(fd, start, end)
+        if "web" in os.readlink(f"/proc/self/fd/{fd}") and start <= target < end:
+            byte = os.pread(fd, 1, target)
+            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), target)
+            flipped.append(target)
 
-    monkeypatch.setattr(backup_mod, "copy_image", corrupting_copy)
+    monkeypatch.setattr(copier, "settle", settle_then_rot)
     status = main(["backup", *map(str, images), str(dest)])
     err = capsys.readouterr().err
+    assert flipped == [target]
     assert status == 1
     assert "web.raw" in err
-    assert "verification failed" in err
+    assert f"verification failed: the copy differs from the image at byte {target}" in err
     names = sorted(p.name for p in dest.iterdir())
     assert "web.raw" not in names
     assert not any("partial" in n for n in names)

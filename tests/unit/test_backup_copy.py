@@ -4,8 +4,12 @@ both copy paths, the reflink policy, progress for wrappers, per-phase times."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +19,9 @@ from format_images import BUILDERS as QCOW2_KINDS
 from format_images import ImageCache, qemu_convert
 from prealloc_images import BUILDERS as PREALLOC_KINDS
 from sparsefs.cli import backup as backup_mod
-from sparsefs.cli import main
-from support import MiB, files_equal, make_image, oracle_data_bytes, qemu_raw
+from sparsefs.cli import copier, main
+from sparsefs.raw import RawFile
+from support import MiB, files_equal, make_image, oracle_data_bytes, qemu_raw, seek_walk
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +202,75 @@ def test_progress_fd_must_be_open(image: Path, tmp_path: Path) -> None:
     proc = sparsefs("backup", "--progress=97", str(image), str(tmp_path))
     one_line_error(proc, "--progress=97", "not an open file descriptor")
     assert not list(tmp_path.glob("*.raw"))
+
+
+@pytest.mark.parametrize("where", ["same-fs", "shm"])
+def test_verification_follows_the_copy_range_by_range(
+    where: str,
+    image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The copy is settled (synced, cache dropped) range by range, and the verifier reads
+    only what is already settled: behind the copy on a disk, after it on tmpfs."""
+    settled: list[tuple[int, int]] = []
+    real_settle = copier.settle
+
+    def recording_settle(fd: int, start: int, end: int) -> None:
+        real_settle(fd, start, end)
+        settled.append((start, end))
+
+    read_ends: list[tuple[int, int]] = []  # (end of a verifier read, settled end then)
+    real_ranges = copier.SettledCopy.iter_host_ranges
+
+    def checked_ranges(
+        self: copier.SettledCopy, start: int, end: int
+    ) -> Iterator[tuple[int, int, RawFile | None, int]]:
+        for item in real_ranges(self, start, end):
+            read_ends.append((item[1], max((e for _, e in settled), default=0)))
+            yield item
+
+    monkeypatch.setattr(copier, "SETTLE_BYTES", MiB)
+    monkeypatch.setattr(copier, "settle", recording_settle)
+    monkeypatch.setattr(copier.SettledCopy, "iter_host_ranges", checked_ranges)
+    if where == "shm":
+        dest = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="sparsefs-test-"))
+    else:
+        dest = tmp_path / "dest"
+        dest.mkdir()
+    try:
+        out = _backup(capsys, str(image), str(dest))
+        _method(out)
+        assert files_equal(dest / "vm.raw", qemu_raw(image, tmp_path / "ref.raw"))
+        segments = seek_walk(dest / "vm.raw")
+    finally:
+        if where == "shm":
+            shutil.rmtree(dest)
+    nonempty = [r for r in settled if r[1] > r[0]]
+    assert nonempty[-1][1] == 96 * MiB  # the last one runs to the end
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(nonempty))
+    # Every byte the copy holds was settled before the verifier could read it.
+    assert segments
+    for start, end in segments:
+        assert any(lo <= start and end <= hi for lo, hi in _merged(nonempty)), (start, end)
+    assert read_ends
+    assert all(end <= settled_end for end, settled_end in read_ends)
+    if where == "shm":
+        # Memory: nothing to overlap; the data is settled once and verified after.
+        assert len(nonempty) == 1
+        assert all(settled_end == 96 * MiB for _, settled_end in read_ends)
+    else:
+        assert len(nonempty) > 4  # ~30 MiB of data in 1 MiB settles
+        # The verifier ran alongside the copy: it read before the last settle.
+        assert read_ends[0][1] < 96 * MiB
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
