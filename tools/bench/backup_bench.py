@@ -20,6 +20,9 @@ Contenders:
     backup+xxh128  the same with ``--xxh128sums`` (the extra cost of XXH128SUMS)
     convert        ``qemu-img convert -O raw IMAGE DEST/x.raw``
     nbdcopy        ``nbdcopy -- [ qemu-nbd -r -f qcow2 IMAGE ] DEST/x.raw``
+    convert+compare  convert, then ``qemu-img compare IMAGE DEST/x.raw``: what QEMU's
+                   tools take to give a copy checked against its image (the check
+                   reads the copy through the page cache, a weaker check than backup's)
     checksum       ``sparsefs checksum IMAGE`` (P1/P2: reads only the data)
     verify         ``sparsefs verify IMAGE COPY`` against the backup's copy (P1/P2)
 
@@ -64,7 +67,7 @@ def images(work: Path, names: list[str]) -> dict[str, Path]:
 
 
 def contenders(workload: str) -> list[str]:
-    base = ["backup", "convert", "nbdcopy"]
+    base = ["backup", "convert", "nbdcopy", "convert+compare"]
     if workload in ("W1", "W3"):
         base.append("backup+xxh128")
     if workload in ("P1", "P2"):
@@ -81,6 +84,16 @@ def run_one(contender: str, image: Path, dest: Path, ref_copy: Path | None) -> f
         cmd = [*sparsefs, "backup", "-q", "--xxh128sums", str(image), str(dest)]
     elif contender == "convert":
         cmd = ["qemu-img", "convert", "-O", "raw", str(image), str(dest / "x.raw")]
+    elif contender == "convert+compare":
+        out = str(dest / "x.raw")
+        cmd = [
+            "sh",
+            "-c",
+            'qemu-img convert -O raw "$1" "$2" && qemu-img compare -q -f qcow2 -F raw "$1" "$2"',
+            "convert+compare",
+            str(image),
+            out,
+        ]
     elif contender == "nbdcopy":
         cmd = [
             "nbdcopy",
@@ -112,7 +125,7 @@ def run_one(contender: str, image: Path, dest: Path, ref_copy: Path | None) -> f
 def output_of(contender: str, dest: Path, image: Path) -> Path | None:
     if contender.startswith("backup"):
         return dest / (image.name.removesuffix(".qcow2") + ".raw")
-    if contender in ("convert", "nbdcopy"):
+    if contender in ("convert", "nbdcopy", "convert+compare"):
         return dest / "x.raw"
     return None
 
