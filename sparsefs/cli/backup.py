@@ -40,6 +40,7 @@ from sparsefs.cli.common import (
     EXIT_OK,
     add_open_options,
     fail_message,
+    mount_table,
     open_options,
 )
 from sparsefs.cli.copier import CopyFailed, copy_and_verify
@@ -119,17 +120,13 @@ class FdProgress:
 
 
 def filesystem_type(path: str) -> str | None:
-    """The filesystem type of the mount holding ``path`` (from /proc/self/mountinfo)."""
+    """The filesystem type of the mount holding ``path``, or None."""
     try:
         dev = os.stat(path).st_dev
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if fields[2] == f"{os.major(dev)}:{os.minor(dev)}" and " - " in line:
-                    return line.split(" - ", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return None
-    return None
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    return next((e.fstype for e in mount_table() if e.device == device), None)
 
 
 def _kernel_copy_allowed(source_file: str | None, dest_dir: str, reflink: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from typing import NamedTuple
 
 from sparsefs.formats import strip_suffix
 from sparsefs.qcow2 import OpenOptions
@@ -118,3 +119,42 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+class MountEntry(NamedTuple):
+    """One mount of this process: ``major:minor``, mount point, filesystem type."""
+
+    device: str
+    mountpoint: str
+    fstype: str
+
+
+def unescape_mount_path(path: str) -> str:
+    """A path as the kernel's mount tables write it (octal escapes), decoded."""
+    return (
+        path.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def mount_table() -> list[MountEntry]:
+    """This process's mounts from /proc/self/mountinfo, in mount order; [] where unreadable.
+
+    Read from the file, never by stat of a mount point: a FUSE daemon must
+    never stat its own mount (the request would wait for the daemon itself).
+    """
+    entries = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields, sep, rest = line.partition(" - ")
+                head = fields.split()
+                if sep and len(head) > 4 and rest.split():
+                    entries.append(
+                        MountEntry(head[2], unescape_mount_path(head[4]), rest.split()[0])
+                    )
+    except OSError:
+        return []
+    return entries

@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -26,6 +26,7 @@ from sparsefs.cli.common import (
     add_open_options,
     fail_message,
     image_stem,
+    mount_table,
     open_options,
     raw_name,
     usable_in_file_name,
@@ -261,21 +262,9 @@ AUTO_READAHEAD_KIB = 1024
 
 
 def mount_device(mountpoint: str) -> str | None:
-    """``major:minor`` of the last mount at ``mountpoint`` (a real path), or None.
-
-    Read from /proc/self/mountinfo: the daemon must never stat its own mount
-    (the request would wait for the daemon itself).
-    """
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                    found = fields[2]
-    except OSError:
-        return None
-    return found
+    """``major:minor`` of the last mount at ``mountpoint`` (a real path), or None."""
+    found = [e.device for e in mount_table() if e.mountpoint == mountpoint]
+    return found[-1] if found else None
 
 
 def set_readahead(mountpoint: str, kib: int) -> None:
@@ -520,28 +509,7 @@ def unmount(mountpoint: str) -> None:
 
 def _is_fuse_mount(mountpoint: str) -> bool:
     target = os.path.realpath(mountpoint)
-    for line in _mount_lines():
-        fields = line.split()
-        if len(fields) >= 3 and _unescape(fields[1]) == target and fields[2].startswith("fuse"):
-            return True
-    return False
-
-
-def _mount_lines() -> Iterator[str]:
-    try:
-        with open("/proc/self/mounts") as f:
-            yield from f
-    except OSError:
-        return
-
-
-def _unescape(path: str) -> str:
-    return (
-        path.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
+    return any(e.mountpoint == target and e.fstype.startswith("fuse") for e in mount_table())
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

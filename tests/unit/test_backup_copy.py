@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from format_images import ImageCache, qemu_convert
 from prealloc_images import BUILDERS as PREALLOC_KINDS
 from sparsefs.cli import backup as backup_mod
 from sparsefs.cli import copier, main
+from sparsefs.cli.common import mount_table
 from sparsefs.raw import RawFile
 from support import MiB, files_equal, make_image, oracle_data_bytes, qemu_raw, seek_walk
 
@@ -274,3 +276,17 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((lo, hi))
     return out
+
+
+def test_mount_table_decodes_mount_points(tmp_path: Path) -> None:
+    """A mount point with a space (written as \\040 in mountinfo) is found, with its type."""
+    where = tmp_path / "a dir with spaces"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(where)], check=True)
+    try:
+        entries = [e for e in mount_table() if e.mountpoint == str(where)]
+        assert [e.fstype for e in entries] == ["tmpfs"]
+        assert backup_mod.filesystem_type(str(where)) == "tmpfs"
+        assert backup_mod.filesystem_type(str(tmp_path)) != "tmpfs"
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
