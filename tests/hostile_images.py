@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support import KiB, MiB, make_image, qemu_img_create, qemu_io, run
+from support import KiB, MiB, make_image, qemu_compress, qemu_img_create, qemu_io, run
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
@@ -204,22 +204,8 @@ def build_bases(directory: Path) -> dict[str, Path]:
         d / "v2.qcow2", 2 * MiB, seed=2, options=["compat=0.10"], writes=12, zero_writes=0
     )
     src = make_image(d / "compress-src.qcow2", 2 * MiB, seed=3, writes=16, max_len=128 * KiB)
-    for kind, ctype in (("zlib", "zlib"), ("zstd", "zstd")):
-        target = d / f"{kind}.qcow2"
-        run(
-            [
-                "qemu-img",
-                "convert",
-                "-c",
-                "-O",
-                "qcow2",
-                "-o",
-                f"compression_type={ctype}",
-                str(src),
-                str(target),
-            ]
-        )
-        out[kind] = target
+    for kind in ("zlib", "zstd"):
+        out[kind] = qemu_compress(src, d / f"{kind}.qcow2", kind)
     out["snapshots"] = build_snapshots(d)
     out["extl2"] = make_image(
         d / "extl2.qcow2",

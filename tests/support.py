@@ -165,6 +165,24 @@ def make_encrypted_image(path: Path | str, method: str = "luks", size: int = MiB
 # -- the oracle ---------------------------------------------------------------------
 
 
+def qemu_compress(src: Path | str, dst: Path | str, compression: str = "zlib") -> Path:
+    """``qemu-img convert -c``: ``src`` (qcow2) as a compressed qcow2 ``dst``."""
+    run(
+        [
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            f"compression_type={compression}",
+            str(src),
+            str(dst),
+        ]
+    )
+    return Path(dst)
+
+
 def qemu_raw(
     image: Path | str, out: Path | str, *, snapshot: str | None = None, fmt: str | None = None
 ) -> Path:

@@ -21,6 +21,7 @@ from support import (
     MiB,
     make_image,
     oracle_data_bytes,
+    qemu_compress,
     qemu_io,
     qemu_raw,
     run,
@@ -56,22 +57,8 @@ def build_images(d: Path) -> list[Path]:
     rnd = d / "random.bin"
     rnd.write_bytes(random.Random(3).randbytes(2 * MiB))
     qemu_io(plain, f"write -q -s {rnd} {3 * MiB + 512} {2 * MiB}")
-    compressed = d / "zlib.qcow2"
-    run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(compressed)])
-    zstd = d / "zstd.qcow2"
-    run(
-        [
-            "qemu-img",
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "compression_type=zstd",
-            str(plain),
-            str(zstd),
-        ]
-    )
+    compressed = qemu_compress(plain, d / "zlib.qcow2")
+    zstd = qemu_compress(plain, d / "zstd.qcow2", "zstd")
     base = make_image(d / "base.qcow2", 12 * MiB, seed=22, writes=12, max_len=1 * MiB)
     top = make_image(
         d / "overlay.qcow2",

@@ -28,8 +28,8 @@ from support import (
     files_equal,
     make_image,
     mounted,
+    qemu_compress,
     qemu_raw,
-    run,
 )
 
 READERS = 8
@@ -57,20 +57,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, by
         max_len=256 * KiB,
     )
     src = make_image(d / "src.qcow2", 24 * MiB, seed=53, writes=40, max_len=512 * KiB)
-    out["zstd"] = d / "zstd.qcow2"
-    run(
-        [
-            "qemu-img",
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "compression_type=zstd",
-            str(src),
-            str(out["zstd"]),
-        ]
-    )
+    out["zstd"] = qemu_compress(src, d / "zstd.qcow2", "zstd")
     return {k: (p, qemu_raw(p, d / f"{k}.raw").read_bytes()) for k, p in out.items()}
 
 

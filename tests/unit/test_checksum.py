@@ -35,6 +35,7 @@ from support import (
     make_image,
     num,
     oracle_data_bytes,
+    qemu_compress,
     qemu_img_create,
     qemu_io,
     qemu_map,
@@ -121,28 +122,12 @@ def _plain(d: Path) -> Path:
 
 def _compressed(d: Path) -> Path:
     src = _plain(d)
-    out = d / "compressed.qcow2"
-    run(["qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(out)])
-    return out
+    return qemu_compress(src, d / "compressed.qcow2")
 
 
 def _compressed_zstd(d: Path) -> Path:
     src = _plain(d)
-    out = d / "zstd.qcow2"
-    run(
-        [
-            "qemu-img",
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            "compression_type=zstd",
-            str(src),
-            str(out),
-        ]
-    )
-    return out
+    return qemu_compress(src, d / "zstd.qcow2", "zstd")
 
 
 def _backing_chain(d: Path) -> Path:

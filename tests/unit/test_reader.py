@@ -27,11 +27,11 @@ from support import (
     host_files_of,
     make_image,
     num,
+    qemu_compress,
     qemu_img_create,
     qemu_io,
     qemu_map,
     qemu_raw,
-    run,
     sparsefs,
 )
 
@@ -217,8 +217,7 @@ def test_read_nowait_serves_compressed_clusters_from_the_cache_only(
 ) -> None:
     plain = qemu_img_create(tmp_path / "plain.qcow2", 4 * MiB)
     qemu_io(plain, "write -P 0x33 64k 128k")
-    path = tmp_path / "packed.qcow2"
-    run(["qemu-img", "convert", "-c", "-O", "qcow2", str(plain), str(path)])
+    path = qemu_compress(plain, tmp_path / "packed.qcow2")
     expected = qemu_raw(path, tmp_path / "ref.raw").read_bytes()[64 * KiB : 192 * KiB]
     with open_image(path) as img:
         list(img.iter_extents(0))  # the L2 table is decoded and cached
