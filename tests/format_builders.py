@@ -289,9 +289,7 @@ def build_raw_sparse(d: Path) -> FmtImage:
 
 def _qcow2_over(d: Path, base: FmtImage, seed: int) -> FmtImage:
     top = d / "top.qcow2"
-    run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.image.name, "-F", base.fmt, str(top)]
-    )
+    qemu_img_create(top, None, backing=base.image.name, backing_fmt=base.fmt)
     scribble(top, "qcow2", seed, writes=6)
     return oracle(top, "qcow2")
 

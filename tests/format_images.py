@@ -378,40 +378,12 @@ def build_relative_backing(d: Path) -> Built:
     (d / "vm").mkdir()
     base = qemu_img_create(d / "base" / "base.qcow2", size)
     qemu_io(base, "write -q -P 0x11 0 4M")
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../../base/base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-            str(size),
-        ],
-        cwd=d / "layers" / "mid",
+    mid = qemu_img_create(
+        "mid.qcow2", size, backing="../../base/base.qcow2", cwd=d / "layers" / "mid"
     )
-    qemu_io(d / "layers" / "mid" / "mid.qcow2", "write -q -P 0x22 1M 1M")
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../layers/mid/mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            str(size),
-        ],
-        cwd=d / "vm",
-    )
-    qemu_io(d / "vm" / "top.qcow2", "write -q -P 0x33 1536k 1M", "write -q -z 3M 64k")
+    qemu_io(mid, "write -q -P 0x22 1M 1M")
+    top = qemu_img_create("top.qcow2", size, backing="../layers/mid/mid.qcow2", cwd=d / "vm")
+    qemu_io(top, "write -q -P 0x33 1536k 1M", "write -q -z 3M 64k")
     return Built(d / "vm" / "top.qcow2", overlay=True)
 
 
@@ -515,20 +487,7 @@ def build_extended_l2_overlay(d: Path) -> Built:
 def build_data_file(d: Path) -> Built:
     """External data file named relative (qemu reads such names from its cwd)."""
     size = 4 * MiB
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=disk.data",
-            "disk.qcow2",
-            str(size),
-        ],
-        cwd=d,
-    )
+    qemu_img_create("disk.qcow2", size, "data_file=disk.data", cwd=d)
     scribble(d / "disk.qcow2", random.Random(90), size, writes=10, cwd=d)
     return Built(d / "disk.qcow2", cwd=d)
 

@@ -55,13 +55,34 @@ def sparsefs(*args: str, check: bool = False, **kwargs: object) -> subprocess.Co
 # -- building images ---------------------------------------------------------------
 
 
-def qemu_img_create(path: Path | str, size: int, *options: str, fmt: str = "qcow2") -> Path:
-    """``qemu-img create -f FMT [-o opt]... PATH SIZE``."""
+def qemu_img_create(
+    path: Path | str,
+    size: int | str | None,
+    *options: str,
+    fmt: str = "qcow2",
+    backing: Path | str | None = None,
+    backing_fmt: str | None = "qcow2",
+    cwd: Path | None = None,
+) -> Path:
+    """``qemu-img create -f FMT [-b BACKING [-F BACKING_FMT]] [-o opt]... PATH [SIZE]``.
+
+    ``backing`` is passed as given (a relative name stays relative, as qemu
+    stores it); ``backing_fmt`` None leaves the backing format to probing;
+    ``size`` None takes the backing file's.  Runs in ``cwd`` when given, and
+    returns the image's path (joined to ``cwd`` when relative).
+    """
     cmd = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing is not None:
+        cmd += ["-b", str(backing)]
+        if backing_fmt is not None:
+            cmd += ["-F", backing_fmt]
     for opt in options:
         cmd += ["-o", opt]
-    run([*cmd, str(path), str(size)])
-    return Path(path)
+    cmd.append(str(path))
+    if size is not None:
+        cmd.append(str(size))
+    run(cmd, cwd=cwd)
+    return Path(path) if cwd is None else cwd / path
 
 
 def qemu_io(
@@ -112,15 +133,7 @@ def make_image(
     write would need a file, so the patterns vary by write to catch misplaced
     clusters.  Zero writes and discards exercise the zero flag and unallocation.
     """
-    opts = list(options)
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if backing is not None:
-        cmd += ["-b", backing]
-        if backing_fmt is not None:
-            cmd += ["-F", backing_fmt]
-    for opt in opts:
-        cmd += ["-o", opt]
-    run([*cmd, str(path), str(size)])
+    qemu_img_create(path, size, *options, backing=backing, backing_fmt=backing_fmt)
     rng = random.Random(seed)
     commands = []
     for offset, length in random_writes(rng, size, writes, max_len=max_len):

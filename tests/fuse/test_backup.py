@@ -20,6 +20,7 @@ from support import (
     files_equal,
     make_image,
     oracle_data_bytes,
+    qemu_img_create,
     qemu_raw,
     run,
     sparsefs,
@@ -102,7 +103,7 @@ def test_second_run_updates_manifests_in_place(images: list[Path], tmp_path: Pat
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     # Enough data that the copy outlasts the bar's first redraw interval (0.1 s).
     image = tmp_path / "big.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4G"])
+    qemu_img_create(image, "4G")
     run(
         [
             "qemu-io",

@@ -22,6 +22,7 @@ from support import (
     host_files_of,
     make_image,
     qemu_data_bytes,
+    qemu_img_create,
     qemu_map,
     qemu_raw,
     seek_walk,
@@ -94,7 +95,7 @@ def test_private_map_reads_the_bytes(image: Path, reference: Path, mount: Mount)
 def test_mostly_data_file_goes_through_the_page_cache(tmp_path: Path, mount: Mount) -> None:
     """A file at least half data is not direct_io: a shared map works and the bytes are qemu's."""
     dense = tmp_path / "dense.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(dense), "32M"], check=True)
+    qemu_img_create(dense, 32 * MiB)
     subprocess.run(
         [
             "qemu-io",

@@ -81,10 +81,7 @@ def written_image(
 
     Also writes before the bitmap exists (must not show as dirty).
     """
-    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}"]
-    if backing is not None:
-        cmd += ["-b", str(backing), "-F", "qcow2"]
-    run([*cmd, str(path), str(size)])
+    qemu_img_create(path, size, f"cluster_size={cluster}", backing=backing)
     rng = random.Random(seed)
     qemu_io(path, f"write -q -P 7 0 {min(size, 256 * KiB)}")
     run(["qemu-img", "bitmap", "--add", "-g", str(granularity), str(path), "b"])

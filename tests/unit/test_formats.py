@@ -429,20 +429,7 @@ def cwd_relative_data_file(tmp_path: Path) -> tuple[Path, Path]:
     it runs in ``dir`` (it reads relative data file names from its cwd).
     """
     (tmp_path / "sub").mkdir()
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=sub/disk.data",
-            "sub/disk.qcow2",
-            "1M",
-        ],
-        cwd=tmp_path,
-    )
+    qemu_img_create("sub/disk.qcow2", "1M", "data_file=sub/disk.data", cwd=tmp_path)
     run(
         ["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x3c 4096 70000", "sub/disk.qcow2"],
         cwd=tmp_path,

@@ -29,6 +29,7 @@ from support import (
     files_equal,
     make_image,
     one_line_error,
+    qemu_img_create,
     qemu_io,
     qemu_raw,
     run,
@@ -136,7 +137,7 @@ def test_since_writes_only_dirty_and_equals_image(
 def test_since_chain_top_has_the_bitmap(tmp_path: Path) -> None:
     base = make_image(tmp_path / "base.qcow2", SIZE, seed=72, writes=20, max_len=MiB)
     top = tmp_path / "vm.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)])
+    qemu_img_create(top, None, backing=base)
     qemu_io(top, "write -q -P 0x55 2M 1M")
     dest = tmp_path / "backup"
     copy = full_copy(top, dest)

@@ -18,7 +18,7 @@ from sparsefs.cli.checksum import file_format
 from sparsefs.cli.common import image_stem
 from sparsefs.errors import UnsupportedFeatureError
 from sparsefs.formats import FORMAT_NAMES, spec_for
-from support import check_map_agrees, one_line_error, qemu_raw, run, sparsefs
+from support import check_map_agrees, one_line_error, qemu_img_create, qemu_raw, sparsefs
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +80,7 @@ def test_backing_fmt_is_honoured(built: FmtCache, tmp_path: Path) -> None:
     """A qcow2 overlay whose backing_fmt says raw reads a VHD file as raw, as qemu does."""
     vhd = built["vpc-dynamic"].image
     top = tmp_path / "top.qcow2"
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            str(vhd),
-            "-F",
-            "raw",
-            str(top),
-            str(vhd.stat().st_size),
-        ]
-    )
+    qemu_img_create(top, vhd.stat().st_size, backing=vhd, backing_fmt="raw")
     want = qemu_raw(top, tmp_path / "want.raw")
     assert want.read_bytes()[:8] == b"conectix"  # the VHD's own bytes, not its guest disk
     assert sparsefs("verify", "-q", str(top), str(want)).returncode == 0

@@ -34,7 +34,16 @@ from sparsefs.formats.vhdx import image as vhdx_image
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
 from sparsefs.qcow2 import OpenOptions
-from support import KiB, MiB, one_line_error, qemu_io, qemu_raw, run, seek_walk, sparsefs
+from support import (
+    KiB,
+    MiB,
+    one_line_error,
+    qemu_img_create,
+    qemu_io,
+    qemu_raw,
+    seek_walk,
+    sparsefs,
+)
 
 OPTS = OpenOptions()
 
@@ -540,7 +549,7 @@ def test_grandparent_chain(tmp_path: Path) -> None:
 def test_not_vhdx_is_refused(tmp_path: Path) -> None:
     """A qcow2 file opened as VHDX is refused in one line."""
     img = tmp_path / "x.qcow2"
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"])
+    qemu_img_create(img, MiB)
     with pytest.raises(ImageFormatError, match="not a VHDX image"):
         open_image(img, OPTS)
 
@@ -796,21 +805,7 @@ def test_qcow2_over_vhdx_backing(
     base = tmp_path / "base.vhdx"
     shutil.copy(b.image, base)
     top = tmp_path / "top.qcow2"
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.name,
-            "-F",
-            "vhdx",
-            str(top),
-            str(12 * MiB),
-        ]
-    )
+    qemu_img_create(top, 12 * MiB, backing=base.name, backing_fmt="vhdx")
     qemu_io(top, f"write -q -P 200 {MiB + 512} 70000")
     raw = qemu_raw(top, tmp_path / "q.raw", fmt="qcow2")
     source = formats.open_source(top)
