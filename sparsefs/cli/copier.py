@@ -25,9 +25,7 @@ Imports flow one way: this module knows sources only as
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import os
 import threading
 import time
@@ -35,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sparsefs.checksum import BLOCK_SIZE, BlockRun, DigestResult, block_digest
-from sparsefs.cli.common import pwrite_all
+from sparsefs.cli.common import libc_call, pwrite_all
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import Extent, SparseSource
 from sparsefs.raw import RawFile
@@ -75,27 +73,21 @@ class _Aborted(Exception):
 _SYNC_FILE_RANGE_FLAGS = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
-@functools.cache
-def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (os has none), looked up once; None where libc lacks it."""
-    func = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if func is None:
-        return None
-    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    func.restype = ctypes.c_int
-    return func  # type: ignore[no-any-return]  # a ctypes function with the types set above
-
-
 def _sync_range(fd: int, start: int, length: int) -> None:
     """Write ``[start, start + length)`` of ``fd`` to the storage and wait for it."""
-    sync_file_range = _libc_sync_file_range()
-    if sync_file_range is not None:
-        if sync_file_range(fd, start, length, _SYNC_FILE_RANGE_FLAGS) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err))
-    os.fdatasync(fd)
+    err = libc_call(
+        "sync_file_range",
+        ("int", "off64", "off64", "uint"),
+        fd,
+        start,
+        length,
+        _SYNC_FILE_RANGE_FLAGS,
+    )
+    if err == 0:
+        return
+    if err not in (errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP):
+        raise OSError(err, os.strerror(err))
+    os.fdatasync(fd)  # where the kernel or libc has no sync_file_range
 
 
 def settle(fd: int, start: int, end: int) -> None:
@@ -171,7 +163,6 @@ class _Settler:
         """The copy is complete: settle the rest, fsync, release the verifier to the end."""
         settle(self._fd, self._settled, self._size)
         os.fsync(self._fd)  # data and metadata, before the file may be renamed
-        self._settled = self._size
         self._watermark.advance(self._size)
 
 

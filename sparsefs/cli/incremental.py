@@ -34,7 +34,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -45,15 +44,12 @@ from sparsefs.checksum import (
     block_digest,
 )
 from sparsefs.cli.checksum import format_line, parse_manifest_line
-from sparsefs.cli.common import EXIT_OK, pwrite_all, raw_name
+from sparsefs.cli.common import EXIT_OK, libc_call, pwrite_all, raw_name
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import Extent
 from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
 from sparsefs.qcow2.bitmaps import dirty_ranges, find_bitmap
 from sparsefs.raw import RawFile
-
-if TYPE_CHECKING:
-    import ctypes
 
 SPARSEFS_SUMS = "SPARSEFS-SUMS"
 XXH128_SUMS = "XXH128SUMS"
@@ -228,22 +224,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_libc: ctypes.CDLL | None = None  # loaded at the first punch (ctypes costs start-up time)
-
-
 def _punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate ``[offset, offset + length)`` of ``fd`` (reads zeros); False if unsupported."""
-    import ctypes
-    import ctypes.util
-
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    fallocate = _libc.fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+    err = libc_call(
+        "fallocate",
+        ("int", "int", "off64", "off64"),
+        fd,
+        _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+        offset,
+        length,
+    )
+    if err == 0:
         return True
-    err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
