@@ -12,15 +12,16 @@ fall entirely in a hole are answered from a shared zero buffer, found by the
 index; reads of data in memory (page cache, caches) on the event loop; the
 rest in worker threads (``os.pread`` and decompression release the GIL).
 
-A file that is mostly holes is opened with ``direct_io``: the kernel then
-sends each read(2) as one request of the reader's size (up to 1 MiB) and
-copies the reply straight into the reader's buffer, with no page cache and no
-readahead.  So a full-stream reader (cat, rsync) gets its holes with one copy
-per byte, and a seeking copier (cp) never has the kernel read ahead past a
-data extent into the hole behind it.  A file that is at least half data is
-served through the page cache (``keep_cache``), whose readahead (the mount's)
-turns a copier's small reads of data into large requests.  ``page_cache``
-forces one or the other for all files.
+Files are opened with ``direct_io`` (no page cache, no kernel readahead):
+the kernel sends each read(2) as one request of the reader's size (up to 1
+MiB) and copies the reply straight into the reader's buffer.  A full-stream
+reader (cat, rsync) gets its holes with one copy per byte and no page cache
+churn, and a seeking copier (cp) never has the kernel read ahead past a data
+extent into the hole behind it.  What readahead would give a sequential
+reader, the daemon does itself: after answering a read of data it reads the
+next range of the same size from memory while the reader is busy (see
+:meth:`SparseFS._want_ahead`).  ``page_cache`` serves every file through the
+page cache instead (``keep_cache``: kernel readahead, and shared maps work).
 
 Errors: a :class:`~sparsefs.errors.SparsefsError` from a source becomes EIO
 for that request (logged once per message); the mount keeps serving.
@@ -77,6 +78,8 @@ class FileNode:
     _blocks: int | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     index: DataIndex | None = field(default=None, repr=False)
+    # (offset, bytes) read ahead for a sequential reader of a direct_io file.
+    ahead: tuple[int, bytes | bytearray | memoryview] | None = field(default=None, repr=False)
 
     def blocks_nowait(self) -> int | None:
         """``st_blocks`` when already known, else None."""
@@ -121,10 +124,8 @@ class SparseFS(pyfuse3.Operations):
         max_threads: reads served at once in worker threads.
         after_init: called on the event loop once FUSE_INIT is answered
             (the mount then has its kernel parameters, e.g. its readahead).
-        page_cache: True serves every file through the page cache
-            (``keep_cache``), False none (``direct_io``: no page cache, no
-            readahead); None (default) the files that are at least half
-            data (known after :meth:`precompute`; before, none).
+        page_cache: serve every file through the page cache (``keep_cache``)
+            instead of with ``direct_io`` (the default).
     """
 
     def __init__(
@@ -136,7 +137,7 @@ class SparseFS(pyfuse3.Operations):
         mtime_ns: dict[str, int] | None = None,
         max_threads: int = 8,
         after_init: Callable[[], None] | None = None,
-        page_cache: bool | None = None,
+        page_cache: bool = False,
     ) -> None:
         super().__init__()
         self._page_cache = page_cache
@@ -156,6 +157,10 @@ class SparseFS(pyfuse3.Operations):
         self._mtime_ns = max(mtimes.values(), default=now)
         self._limiter = trio.CapacityLimiter(max_threads)
         self._logged: set[str] = set()
+        # Read-ahead for direct_io files: wanted ranges by inode, and the task reading them.
+        self._ahead_wanted: dict[int, tuple[int, int]] = {}
+        self._ahead_lot: trio.lowlevel.ParkingLot | None = None
+        self.ahead_hits = 0  # reads answered from bytes read ahead
         self.bytes_served = 0  # bytes returned by read, data and zeros
         self.data_bytes = 0  # stored data of all files, by precompute
         self.data_extents = 0  # their data extents, by precompute
@@ -195,14 +200,6 @@ class SparseFS(pyfuse3.Operations):
     def inodes(self) -> list[int]:
         """The inodes of the files."""
         return list(self._nodes)
-
-    def mean_data_extent(self) -> int | None:
-        """Mean length in bytes of the data extents of all files (after :meth:`precompute`).
-
-        None when there is no data.  What a copier reads between two
-        SEEK_DATA/SEEK_HOLE pairs; the readahead of the mount is sized by it.
-        """
-        return self.data_bytes // self.data_extents if self.data_extents else None
 
     # -- attributes -----------------------------------------------------------------
 
@@ -300,17 +297,15 @@ class SparseFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         # The fh is the inode: files are immutable, no per-open state is needed.
-        if not self.uses_page_cache(inode):
+        if not self._page_cache:
             return pyfuse3.FileInfo(fh=inode, direct_io=True)
         # keep_cache: the content never changes while mounted.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    def uses_page_cache(self, inode: int) -> bool:
-        """True when the file is served through the page cache, False for ``direct_io``."""
-        if self._page_cache is not None:
-            return self._page_cache
-        index = self._node(inode).index
-        return index is not None and index.data_bytes * 2 >= index.size > 0
+    @property
+    def page_cache(self) -> bool:
+        """True when the files are served through the page cache, False for ``direct_io``."""
+        return self._page_cache
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._node(fh)
@@ -323,6 +318,13 @@ class SparseFS(pyfuse3.Operations):
         if index is not None and length <= ZERO_BUFFER_SIZE and index.is_hole(off, end):
             self.bytes_served += length
             return _ZEROS[:length]  # type: ignore[return-value]  # any buffer does for pyfuse3
+        ahead = node.ahead
+        if ahead is not None and ahead[0] == off and len(ahead[1]) == length:
+            node.ahead = None
+            self.ahead_hits += 1
+            self._want_ahead(node, end, length)
+            self.bytes_served += length
+            return ahead[1]  # type: ignore[return-value]  # any buffer does for pyfuse3
         try:
             # From memory on the event loop when the source can (page cache,
             # caches, holes): a thread hop costs more than the copy.  Else a thread.
@@ -341,7 +343,50 @@ class SparseFS(pyfuse3.Operations):
             self._log_once(exc, unexpected=True)
             raise pyfuse3.FUSEError(errno.EIO) from None
         self.bytes_served += len(data)
+        self._want_ahead(node, end, length)
         return data  # type: ignore[return-value]  # any buffer does for pyfuse3
+
+    # -- read-ahead for direct_io files ---------------------------------------------
+    #
+    # A direct_io file has no kernel readahead: a reader that reads sequentially
+    # (cp between two seeks, cat, rsync) waits for each request's bytes to be
+    # read from the image.  So after answering a read of data, the next range of
+    # the same size is read from memory (the image's page cache) while the
+    # reader is busy with what it got, and the next request for it is answered
+    # without a read.  Only what read_nowait gives: no I/O on the event loop.
+    # The sources are immutable, so bytes read ahead never go stale.
+
+    def _want_ahead(self, node: FileNode, start: int, length: int) -> None:
+        """Read ``[start, start + length)`` of ``node`` ahead, when it holds data."""
+        index = node.index
+        end = min(start + length, node.source.size)
+        if index is None or start >= end or index.is_hole(start, end):
+            return  # past the end, or a hole: answered from the zero buffer anyway
+        if self._page_cache:
+            return  # the kernel reads ahead itself
+        self._ahead_wanted[node.inode] = (start, length)
+        lot = self._ahead_lot
+        if lot is None:
+            lot = self._ahead_lot = trio.lowlevel.ParkingLot()
+            trio.lowlevel.spawn_system_task(self._read_ahead_task, name="sparsefs-read-ahead")
+        lot.unpark_all()
+
+    async def _read_ahead_task(self) -> None:
+        """Read the wanted ranges ahead, on the event loop, when it has nothing else to do."""
+        lot = self._ahead_lot
+        assert lot is not None
+        wanted = self._ahead_wanted
+        while True:
+            while wanted:
+                inode, (start, length) = wanted.popitem()
+                node = self._nodes[inode]
+                read_nowait: _ReadNowait | None = getattr(node.source, "read_nowait", None)
+                try:
+                    data = None if read_nowait is None else read_nowait(start, length)
+                except Exception:  # read_nowait never raises; this task must not die
+                    data = None
+                node.ahead = None if data is None else (start, data)
+            await lot.park()
 
     async def lseek(
         self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT, offset: int, whence: int
@@ -372,7 +417,7 @@ class SparseFS(pyfuse3.Operations):
         return result
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        return None
+        self._node(fh).ahead = None  # what a closed reader would have read next
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()

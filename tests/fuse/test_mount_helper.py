@@ -107,7 +107,7 @@ def test_fstab_line(image: Path, tmp_path: Path) -> None:
     mp = tmp_path / "mnt"
     mp.mkdir()
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"{image} {mp} fuse.sparsefs ro,noauto,nofail,_netdev 0 0\n")
+    fstab.write_text(f"{image} {mp} fuse.sparsefs ro,noauto,nofail,_netdev,busy_poll=0 0 0\n")
     try:
         subprocess.run(["mount", "--fstab", str(fstab), str(mp)], check=True)
         _check_mounted_file(mp, image, tmp_path)

@@ -5,9 +5,11 @@ Bytes come from ``qemu-img convert -O raw``, holes from ``qemu-img map``.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,10 +94,10 @@ def test_private_map_reads_the_bytes(image: Path, reference: Path, mount: Mount)
         os.close(fd)
 
 
-def test_mostly_data_file_goes_through_the_page_cache(tmp_path: Path, mount: Mount) -> None:
-    """A file at least half data is not direct_io: a shared map works and the bytes are qemu's."""
-    dense = tmp_path / "dense.qcow2"
-    qemu_img_create(dense, 32 * MiB)
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 32 MiB image, three quarters data."""
+    path = qemu_img_create(tmp_path_factory.mktemp("dense") / "dense.qcow2", 32 * MiB)
     subprocess.run(
         [
             "qemu-io",
@@ -105,17 +107,68 @@ def test_mostly_data_file_goes_through_the_page_cache(tmp_path: Path, mount: Mou
             "write -q -P 0x5a 0 24M",
             "-c",
             "write -q -P 0x17 4M 1M",
-            str(dense),
+            str(path),
         ],
         check=True,
         capture_output=True,
     )
+    return path
+
+
+def test_shared_maps_need_the_page_cache(tmp_path: Path, dense: Path, mount: Mount) -> None:
+    """Even a mostly-data file is direct_io by default: a shared map fails with ENODEV,
+    as documented; with --readahead it works and the bytes are qemu's."""
     want = qemu_raw(dense, tmp_path / "dense.ref.raw").read_bytes()
-    raw = mount(dense) / "dense.raw"
-    assert raw.read_bytes() == want
-    fd = os.open(raw, os.O_RDONLY)
+    for options, shared_ok in (((), False), (("--readahead", "256"), True)):
+        raw = mount(dense, options=options) / "dense.raw"
+        assert raw.read_bytes() == want
+        fd = os.open(raw, os.O_RDONLY)
+        try:
+            if not shared_ok:
+                with pytest.raises(OSError) as exc:
+                    mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                assert exc.value.errno == errno.ENODEV
+                continue
+            with mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+                assert m[:] == want
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("poll", ["0", "100", "5000"])
+def test_busy_poll_window_serves_the_same_bytes(
+    image: Path, reference: Path, mount: Mount, tmp_path: Path, poll: str
+) -> None:
+    """cp and cat through mounts with polling off, the default window and a large one."""
+    raw = mount(image, options=("--busy-poll", poll)) / "disk.raw"
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
+    assert files_equal(copy, reference)
+    out = subprocess.run(["cat", str(raw)], capture_output=True, check=True).stdout
+    assert out == reference.read_bytes()
+
+
+def _daemon_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_mount_does_not_poll(image: Path, mount: Mount) -> None:
+    """After a burst of reads, a daemon with a large polling window goes to sleep:
+    over one idle second it uses (almost) no CPU."""
+    mp = mount(image, options=("--busy-poll", "50000"))  # 50 ms
+    pid = daemon_pid(mp)
+    assert pid is not None
+    fd = os.open(mp / "disk.raw", os.O_RDONLY)
     try:
-        with mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
-            assert m[:] == want
+        for _ in range(3):  # bursts with idle gaps: the window shrinks after each
+            for off in range(0, 8 * MiB, 128 * KiB):
+                os.pread(fd, 128 * KiB, off)
+            time.sleep(0.2)
+        before = _daemon_cpu_s(pid)
+        time.sleep(1.0)
+        idle = _daemon_cpu_s(pid) - before
     finally:
         os.close(fd)
+    assert idle < 0.1, f"the daemon used {idle:.2f} s of CPU while idle for 1 s"

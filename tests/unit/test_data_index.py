@@ -187,24 +187,17 @@ async def _handlers_agree(image: Path) -> None:
                 assert got == bytes(length)
 
 
-def test_direct_io_for_mostly_holes_page_cache_for_mostly_data(tmp_path: Path) -> None:
-    """Auto mode: direct_io unless the file is at least half data; page_cache forces either."""
+def test_direct_io_by_default_page_cache_on_request(tmp_path: Path) -> None:
+    """Every file is opened with direct_io, dense or sparse; page_cache=True: none is."""
     dense = qemu_img_create(tmp_path / "dense.qcow2", 4 * MiB)
     qemu_io(dense, "write -q -P 7 0 3M")  # three quarters data
     sparse = qemu_img_create(tmp_path / "sparse.qcow2", 4 * MiB)
     qemu_io(sparse, "write -q -P 7 1M 1M")  # one quarter data
     with open_image(str(dense), OpenOptions()) as d, open_image(str(sparse), OpenOptions()) as s:
         files: dict[str, SparseSource] = {"dense.raw": d, "sparse.raw": s}
-        for page_cache, before, after in (
-            (None, (False, False), (True, False)),
-            (True, (True, True), (True, True)),
-            (False, (False, False), (False, False)),
-        ):
+        for page_cache in (False, True):
             ops = SparseFS(files, page_cache=page_cache)
-            inodes = sorted(ops.inodes())  # dense.raw, sparse.raw (sorted by name)
-            assert tuple(ops.uses_page_cache(i) for i in inodes) == before
             ops.precompute()
-            assert tuple(ops.uses_page_cache(i) for i in inodes) == after
-            for inode, cached in zip(inodes, after, strict=True):
+            for inode in ops.inodes():
                 info = trio.run(ops.open, inode, os.O_RDONLY, None)  # type: ignore[arg-type]  # open() ignores ctx
-                assert info.direct_io == (not cached)
+                assert info.direct_io == (not page_cache)

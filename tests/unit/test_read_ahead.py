@@ -1,0 +1,112 @@
+"""The daemon's read-ahead for direct_io files: sequential readers get their next
+range read ahead, and every read still returns qemu's bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from sparsefs.extents import SparseSource
+from sparsefs.fusefs import SparseFS
+from sparsefs.qcow2 import OpenOptions, open_image
+from support import KiB, MiB, qemu_img_create, qemu_io, qemu_raw
+
+CHUNK = 128 * KiB  # what cp reads at a time
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data at [1M, 2M) and [3M+64K, 4M), holes around them (64 KiB clusters)."""
+    path = qemu_img_create(tmp_path_factory.mktemp("ahead") / "disk.qcow2", 8 * MiB)
+    qemu_io(path, "write -q -P 0x11 1M 512k", "write -q -P 0x22 1536k 512k")
+    qemu_io(path, "write -q -P 0x33 3136k 896k")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(image: Path) -> bytes:
+    return qemu_raw(image, image.with_suffix(".raw")).read_bytes()
+
+
+def _reads(
+    image: Path, offsets: list[tuple[int, int]], *, page_cache: bool = False
+) -> tuple[list[bytes], int]:
+    """The bytes of each read (offset, size) in turn, and the reads answered from read-ahead.
+
+    Between two reads every other task runs (the read-ahead task among them),
+    as the event loop does while the reader is busy with what it got.
+    """
+    with open_image(str(image), OpenOptions()) as src:
+        files: dict[str, SparseSource] = {"disk.raw": src}
+        ops = SparseFS(files, page_cache=page_cache)
+        ops.precompute()
+        (inode,) = ops.inodes()
+
+        async def run() -> list[bytes]:
+            got = []
+            for off, size in offsets:
+                got.append(bytes(await ops.read(inode, off, size)))
+                await trio.testing.wait_all_tasks_blocked()
+            return got
+
+        return trio.run(run), ops.ahead_hits
+
+
+def _chunks(start: int, end: int, size: int = CHUNK) -> list[tuple[int, int]]:
+    return [(off, size) for off in range(start, end, size)]
+
+
+def test_sequential_reads_of_data_come_from_read_ahead(image: Path, reference: bytes) -> None:
+    """cp's 128 KiB reads through [1M, 2M): all but the first were read ahead, bytes exact."""
+    offsets = _chunks(1 * MiB, 2 * MiB)
+    got, hits = _reads(image, offsets)
+    assert got == [reference[o : o + n] for o, n in offsets]
+    assert hits == len(offsets) - 1
+
+
+def test_a_whole_stream_is_exact_and_holes_are_not_read_ahead(
+    image: Path, reference: bytes
+) -> None:
+    """cat's 1 MiB reads of the whole file: every MiB of data is followed by a hole."""
+    offsets = _chunks(0, 8 * MiB, MiB)
+    got, hits = _reads(image, offsets)
+    assert got == [reference[o : o + n] for o, n in offsets]
+    assert hits == 0  # a hole is answered from the zero buffer, never read ahead
+
+
+def test_read_ahead_across_a_data_edge(image: Path, reference: bytes) -> None:
+    """Reads that straddle the start and the end of a data extent, in sequence."""
+    offsets = _chunks(3 * MiB - CHUNK, 4 * MiB + 2 * CHUNK)
+    got, hits = _reads(image, offsets)
+    assert got == [reference[o : o + n] for o, n in offsets]
+    # Read ahead: every chunk that holds data and follows a chunk that did.
+    with_data = [o for o, n in offsets if any(reference[o : o + n])]
+    assert hits == len(with_data) - 1
+
+
+def test_a_reader_that_jumps_or_changes_size_gets_exact_bytes(
+    image: Path, reference: bytes
+) -> None:
+    """What was read ahead is only used for the very range it holds."""
+    offsets = [
+        (1 * MiB, CHUNK),  # reads [1M+128K, +128K) ahead
+        (1 * MiB + CHUNK, 64 * KiB),  # same offset, another size: not from read-ahead
+        (1 * MiB + 3 * CHUNK, CHUNK),  # a jump
+        (1 * MiB + 4 * CHUNK, CHUNK),  # sequential again: from read-ahead
+        (1 * MiB + 4 * CHUNK, CHUNK),  # the same range twice: read again
+        (3 * MiB + 64 * KiB, CHUNK),
+    ]
+    got, hits = _reads(image, offsets)
+    assert got == [reference[o : o + n] for o, n in offsets]
+    assert hits == 1
+
+
+def test_no_read_ahead_through_the_page_cache(image: Path, reference: bytes) -> None:
+    """With the page cache the kernel reads ahead; the daemon does not."""
+    offsets = _chunks(1 * MiB, 2 * MiB)
+    got, hits = _reads(image, offsets, page_cache=True)
+    assert got == [reference[o : o + n] for o, n in offsets]
+    assert hits == 0
