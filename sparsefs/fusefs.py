@@ -68,6 +68,17 @@ def has_lseek_support() -> bool:
 
 
 @dataclass
+class _Ahead:
+    """A range read ahead: its bytes once ``done`` is set (None: not read, read it again)."""
+
+    start: int
+    length: int
+    data: bytes | bytearray | memoryview | None = None
+    in_thread: bool = False  # being read in a worker thread
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
 class FileNode:
     """One file in the mount."""
 
@@ -78,8 +89,8 @@ class FileNode:
     _blocks: int | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     index: DataIndex | None = field(default=None, repr=False)
-    # (offset, bytes) read ahead for a sequential reader of a direct_io file.
-    ahead: tuple[int, bytes | bytearray | memoryview] | None = field(default=None, repr=False)
+    # What is read ahead for a sequential reader of a direct_io file.
+    ahead: _Ahead | None = field(default=None, repr=False)
 
     def blocks_nowait(self) -> int | None:
         """``st_blocks`` when already known, else None."""
@@ -158,7 +169,7 @@ class SparseFS(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(max_threads)
         self._logged: set[str] = set()
         # Read-ahead for direct_io files: wanted ranges by inode, and the task reading them.
-        self._ahead_wanted: dict[int, tuple[int, int]] = {}
+        self._ahead_wanted: dict[int, _Ahead] = {}
         self._ahead_lot: trio.lowlevel.ParkingLot | None = None
         self.ahead_hits = 0  # reads answered from bytes read ahead
         self.bytes_served = 0  # bytes returned by read, data and zeros
@@ -319,12 +330,15 @@ class SparseFS(pyfuse3.Operations):
             self.bytes_served += length
             return _ZEROS[:length]  # type: ignore[return-value]  # any buffer does for pyfuse3
         ahead = node.ahead
-        if ahead is not None and ahead[0] == off and len(ahead[1]) == length:
-            node.ahead = None
-            self.ahead_hits += 1
-            self._want_ahead(node, end, length)
-            self.bytes_served += length
-            return ahead[1]  # type: ignore[return-value]  # any buffer does for pyfuse3
+        if ahead is not None and ahead.start == off and ahead.length == length:
+            node.ahead = None  # taken: if not started yet, it never will be
+            if ahead.in_thread:
+                await ahead.done.wait()  # no second read of the same range
+            if ahead.data is not None:
+                self.ahead_hits += 1
+                self._want_ahead(node, end, length)
+                self.bytes_served += len(ahead.data)
+                return ahead.data  # type: ignore[return-value]  # any buffer does for pyfuse3
         try:
             # From memory on the event loop when the source can (page cache,
             # caches, holes): a thread hop costs more than the copy.  Else a thread.
@@ -351,10 +365,12 @@ class SparseFS(pyfuse3.Operations):
     # A direct_io file has no kernel readahead: a reader that reads sequentially
     # (cp between two seeks, cat, rsync) waits for each request's bytes to be
     # read from the image.  So after answering a read of data, the next range of
-    # the same size is read from memory (the image's page cache) while the
-    # reader is busy with what it got, and the next request for it is answered
-    # without a read.  Only what read_nowait gives: no I/O on the event loop.
-    # The sources are immutable, so bytes read ahead never go stale.
+    # the same size is read while the reader is busy with what it got: from
+    # memory on the event loop when it can be (read_nowait), else in a worker
+    # thread.  The next request for exactly that range is answered with those
+    # bytes (waiting for the thread if it is still reading).  The sources are
+    # immutable, so bytes read ahead never go stale; a read ahead that fails is
+    # forgotten, and the reader's own read reports the error.
 
     def _want_ahead(self, node: FileNode, start: int, length: int) -> None:
         """Read ``[start, start + length)`` of ``node`` ahead, when it holds data."""
@@ -364,29 +380,49 @@ class SparseFS(pyfuse3.Operations):
             return  # past the end, or a hole: answered from the zero buffer anyway
         if self._page_cache:
             return  # the kernel reads ahead itself
-        self._ahead_wanted[node.inode] = (start, length)
+        ahead = node.ahead = _Ahead(start, length)
+        self._ahead_wanted[node.inode] = ahead
         lot = self._ahead_lot
         if lot is None:
             lot = self._ahead_lot = trio.lowlevel.ParkingLot()
             trio.lowlevel.spawn_system_task(self._read_ahead_task, name="sparsefs-read-ahead")
         lot.unpark_all()
 
+    async def read_ahead_done(self, inode: int) -> None:
+        """Wait until what the file has wanted read ahead is read (or given up)."""
+        ahead = self._node(inode).ahead
+        if ahead is not None:
+            await ahead.done.wait()
+
     async def _read_ahead_task(self) -> None:
-        """Read the wanted ranges ahead, on the event loop, when it has nothing else to do."""
+        """Read the wanted ranges ahead, one at a time, whenever the loop is free."""
         lot = self._ahead_lot
         assert lot is not None
         wanted = self._ahead_wanted
         while True:
             while wanted:
-                inode, (start, length) = wanted.popitem()
+                inode, ahead = wanted.popitem()
                 node = self._nodes[inode]
-                read_nowait: _ReadNowait | None = getattr(node.source, "read_nowait", None)
-                try:
-                    data = None if read_nowait is None else read_nowait(start, length)
-                except Exception:  # read_nowait never raises; this task must not die
-                    data = None
-                node.ahead = None if data is None else (start, data)
+                if node.ahead is ahead:  # neither taken by a read nor replaced
+                    ahead.data = await self._read_ahead(node.source, ahead)
+                ahead.done.set()
             await lot.park()
+
+    async def _read_ahead(
+        self, source: SparseSource, ahead: _Ahead
+    ) -> bytes | bytearray | memoryview | None:
+        """The bytes of a range from memory, else from a worker thread; None on any error."""
+        read_nowait: _ReadNowait | None = getattr(source, "read_nowait", None)
+        try:
+            data = None if read_nowait is None else read_nowait(ahead.start, ahead.length)
+            if data is None:
+                ahead.in_thread = True
+                data = await trio.to_thread.run_sync(
+                    source.read, ahead.start, ahead.length, limiter=self._limiter
+                )
+        except Exception:  # the reader's own read reports it; this task must not die
+            return None
+        return data
 
     async def lseek(
         self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT, offset: int, whence: int

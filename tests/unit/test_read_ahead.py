@@ -3,13 +3,17 @@ range read ahead, and every read still returns qemu's bytes."""
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 import trio.testing
 
-from sparsefs.extents import SparseSource
+from sparsefs.errors import ImageReadError
+from sparsefs.extents import Extent, SparseSource
 from sparsefs.fusefs import SparseFS
 from sparsefs.qcow2 import OpenOptions, open_image
 from support import KiB, MiB, qemu_img_create, qemu_io, qemu_raw
@@ -34,25 +38,59 @@ def reference(image: Path) -> bytes:
 def _reads(
     image: Path, offsets: list[tuple[int, int]], *, page_cache: bool = False
 ) -> tuple[list[bytes], int]:
-    """The bytes of each read (offset, size) in turn, and the reads answered from read-ahead.
-
-    Between two reads every other task runs (the read-ahead task among them),
-    as the event loop does while the reader is busy with what it got.
-    """
+    """The bytes of each read (offset, size) in turn, and the reads answered from read-ahead."""
     with open_image(str(image), OpenOptions()) as src:
-        files: dict[str, SparseSource] = {"disk.raw": src}
-        ops = SparseFS(files, page_cache=page_cache)
-        ops.precompute()
-        (inode,) = ops.inodes()
+        return _reads_from(src, offsets, page_cache=page_cache)
 
-        async def run() -> list[bytes]:
-            got = []
-            for off, size in offsets:
+
+def _reads_from(
+    src: SparseSource, offsets: list[tuple[int, int]], *, page_cache: bool = False
+) -> tuple[list[bytes], int]:
+    """As :func:`_reads`, from any source; a read that fails gives its errno as bytes.
+
+    Between two reads every other task runs (the read-ahead task among them,
+    and its worker threads finish), as while the reader is busy with what it got.
+    """
+    files: dict[str, SparseSource] = {"disk.raw": src}
+    ops = SparseFS(files, page_cache=page_cache)
+    ops.precompute()
+    (inode,) = ops.inodes()
+
+    async def run() -> list[bytes]:
+        got = []
+        for off, size in offsets:
+            try:
                 got.append(bytes(await ops.read(inode, off, size)))
-                await trio.testing.wait_all_tasks_blocked()
-            return got
+            except pyfuse3.FUSEError as exc:
+                got.append(f"errno {exc.errno}".encode())
+            with trio.fail_after(10):
+                await ops.read_ahead_done(inode)
+            await trio.testing.wait_all_tasks_blocked()
+        return got
 
-        return trio.run(run), ops.ahead_hits
+    return trio.run(run), ops.ahead_hits
+
+
+class ThreadOnly:
+    """A source without read_nowait (every read ahead goes to a worker thread) whose
+    reads of ``bad`` fail as a damaged image's do."""
+
+    def __init__(self, src: SparseSource, bad: tuple[int, int] | None = None) -> None:
+        self._src = src
+        self._bad = bad
+        self.size = src.size
+
+    def read(self, guest_offset: int, length: int) -> bytes:
+        if (
+            self._bad is not None
+            and guest_offset < self._bad[1]
+            and self._bad[0] < guest_offset + length
+        ):
+            raise ImageReadError(f"disk.qcow2: cannot read [{self._bad[0]}, {self._bad[1]})")
+        return self._src.read(guest_offset, length)
+
+    def iter_extents(self, guest_offset: int = 0) -> Iterator[Extent]:
+        return self._src.iter_extents(guest_offset)
 
 
 def _chunks(start: int, end: int, size: int = CHUNK) -> list[tuple[int, int]]:
@@ -102,6 +140,28 @@ def test_a_reader_that_jumps_or_changes_size_gets_exact_bytes(
     got, hits = _reads(image, offsets)
     assert got == [reference[o : o + n] for o, n in offsets]
     assert hits == 1
+
+
+def test_read_ahead_from_worker_threads(image: Path, reference: bytes) -> None:
+    """Data not in memory is read ahead in a worker thread, the bytes exact."""
+    offsets = _chunks(1 * MiB, 2 * MiB) + _chunks(3 * MiB, 4 * MiB)
+    with open_image(str(image), OpenOptions()) as src:
+        got, hits = _reads_from(ThreadOnly(src), offsets)
+    assert got == [reference[o : o + n] for o, n in offsets]
+    assert hits == len(offsets) - 2  # the first chunk of each extent is read by the reader
+
+
+def test_a_failed_read_ahead_leaves_the_error_to_the_reader(image: Path, reference: bytes) -> None:
+    """A range that cannot be read is EIO for the reader that asks for it, and only for
+    it; the chunks before and after it are served."""
+    offsets = _chunks(1 * MiB, 2 * MiB)
+    bad = (1 * MiB + 3 * CHUNK + 100, 1 * MiB + 3 * CHUNK + 200)
+    with open_image(str(image), OpenOptions()) as src:
+        got, hits = _reads_from(ThreadOnly(src, bad), offsets)
+    want = [reference[o : o + n] for o, n in offsets]
+    want[3] = f"errno {errno.EIO}".encode()
+    assert got == want
+    assert hits == len(offsets) - 3  # the first chunk, the bad one, and the one after it
 
 
 def test_no_read_ahead_through_the_page_cache(image: Path, reference: bytes) -> None:

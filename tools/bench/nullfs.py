@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """A do-nothing pyfuse3 filesystem: the per-request floor for tools/bench/reqcost.py.
 
-``nullfs.py IMAGE MOUNTPOINT [direct]`` serves one file, ``disk.raw``, with IMAGE's
+``nullfs.py IMAGE MOUNTPOINT [direct] [poll=USEC]`` serves one file, ``disk.raw``, with IMAGE's
 virtual size and data layout (from ``qemu-img map --output=json``), answering
 SEEK_DATA/SEEK_HOLE by bisection and every read from a shared zero buffer.
 So a copier makes the same requests as through sparsefs, and the daemon does
 nothing but pyfuse3, trio and the kernel round trip.  With ``direct`` the file
-is opened with ``direct_io`` (as sparsefs does by default), else ``keep_cache``.
-Runs in the foreground
+is opened with ``direct_io`` (as sparsefs does by default), else ``keep_cache``;
+``poll=USEC`` is pyfuse3's ``busy_poll_us`` (default 0).  Runs in the foreground
 until unmounted.  A tool, never imported by the package or the tests.
 """
 
@@ -111,10 +111,12 @@ def main() -> None:
                 data[-1] = (data[-1][0], ent["start"] + ent["length"])
             else:
                 data.append((ent["start"], ent["start"] + ent["length"]))
-    ops = NullFS(size, data, sys.argv[3:4] == ["direct"])
+    flags = sys.argv[3:]
+    polls = [int(f.removeprefix("poll=")) for f in flags if f.startswith("poll=")]
+    ops = NullFS(size, data, "direct" in flags)
     pyfuse3.init(ops, mountpoint, {"ro", "fsname=nullfs", "subtype=nullfs"})
     try:
-        trio.run(pyfuse3.main, 1, 99)
+        trio.run(pyfuse3.main, 1, 99, polls[-1] if polls else 0)
     finally:
         pyfuse3.close(unmount=True)
 
