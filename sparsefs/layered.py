@@ -181,11 +181,45 @@ class Layer(Protocol):
         ...
 
 
+# Optional: splits_host_holes = True asks LayeredImage to split the layer's DATA
+# runs by the host file's written map: host bytes stored as nothing become
+# UNWRITTEN (holes for copies, data in the map).  For formats that allocate a
+# whole block and write only part of it, leaving the rest a hole in the file
+# (VHDX).  qcow2 splits its L2 tables itself, once, when it decodes them.
+#
 # Optional, for read_nowait (looked up with getattr, so a layer may lack them):
 #   cached_runs(guest_start, guest_end): runs() from memory only; raises
 #       (any exception) where it would have to read metadata from disk.
 #   read_other_nowait(start, end, host) -> bytes | None: read_other() from
 #       memory only, or None.
+
+
+def split_unwritten(
+    runs: Iterator[tuple[int, int, int, Any]],
+) -> Iterator[tuple[int, int, int, Any]]:
+    """``runs`` with each DATA run split by its host file's written map.
+
+    Host bytes the file stores as nothing (a hole, an unwritten extent; see
+    :mod:`sparsefs.hostmap`) become UNWRITTEN: zeros for reads and copies, yet
+    data in the map (zero_in_map False: qemu-img map does not ask the file
+    below such formats).  One bisect per DATA run when the file is written
+    throughout.
+    """
+    for run in runs:
+        s, e, kind, host = run
+        if kind != DATA:
+            yield run
+            continue
+        raw, host_offset = host
+        host_map = raw.written_map()
+        if host_map.fully_written(host_offset, e - s):
+            yield run
+            continue
+        for rel_s, rel_e, state in host_map.classify(host_offset, e - s):
+            if state == WRITTEN:
+                yield (s + rel_s, s + rel_e, DATA, (raw, host_offset + rel_s))
+            else:
+                yield (s + rel_s, s + rel_e, UNWRITTEN, (raw, host_offset + rel_s, False))
 
 
 class LayeredImage:
@@ -200,6 +234,12 @@ class LayeredImage:
     def __init__(self, layer: Layer, below: SparseSource | None) -> None:
         self.layer = layer
         self._below = below
+        self._split = bool(getattr(layer, "splits_host_holes", False))
+
+    def _runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, Any]]:
+        """The layer's runs (split by the host file's holes when the layer asks)."""
+        runs = self.layer.runs(start, end)
+        return split_unwritten(runs) if self._split else runs
 
     @property
     def path(self) -> str:
@@ -254,7 +294,7 @@ class LayeredImage:
         if guest_offset >= end:
             return b""
         parts: list[bytes] = []
-        for s, e, kind, host in self.layer.runs(guest_offset, end):
+        for s, e, kind, host in self._runs(guest_offset, end):
             if kind == DATA:
                 parts.append(host[0].pread(host[1], e - s))
             elif kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
@@ -295,9 +335,11 @@ class LayeredImage:
     def _nowait_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, Any]]:
         """The layer's runs from memory only (``cached_runs``), or its plain runs."""
         cached = getattr(self.layer, "cached_runs", None)
-        runs: Iterator[tuple[int, int, int, Any]] = (
-            cached(start, end) if cached is not None else self.layer.runs(start, end)
-        )
+        if cached is None:
+            return self._runs(start, end)
+        runs: Iterator[tuple[int, int, int, Any]] = cached(start, end)
+        if self._split:
+            runs = split_unwritten(runs)
         return runs
 
     def _reads_zeros(self, guest_offset: int, end: int) -> bool:
@@ -368,7 +410,7 @@ class LayeredImage:
         nothing (:meth:`sparsefs.raw.RawFile.written_map`).
         """
         below = self._below
-        for s, e, kind, host in self.layer.runs(guest_offset, min(guest_end, self.size)):
+        for s, e, kind, host in self._runs(guest_offset, min(guest_end, self.size)):
             if kind == DATA:
                 raw, host_offset = host
                 host_map = raw.written_map()
@@ -422,7 +464,7 @@ class LayeredImage:
         """
         pending_start = pending_end = guest_offset
         pending_data = False
-        for s, e, kind, _ in self.layer.runs(guest_offset, self.size):
+        for s, e, kind, _ in self._runs(guest_offset, self.size):
             data = kind != ZERO and kind != BELOW and kind != UNWRITTEN
             if data == pending_data and s == pending_end:
                 pending_end = e
@@ -437,7 +479,7 @@ class LayeredImage:
 
     def _iter_layer_extents(self, start: int, end: int) -> Iterator[Extent]:
         below = self._below
-        for s, e, kind, _ in self.layer.runs(start, end):
+        for s, e, kind, _ in self._runs(start, end):
             if kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
                 yield Extent(s, e - s, data=False, zero=True)
             elif kind != BELOW:
@@ -456,7 +498,7 @@ class LayeredImage:
 
     def _iter_map_raw(self, start: int, end: int, depth: int) -> Iterator[MapEntry]:
         """Unmerged map entries of ``[start, end)``; this layer is at ``depth``."""
-        for s, e, kind, host in self.layer.runs(start, end):
+        for s, e, kind, host in self._runs(start, end):
             n = e - s
             if kind == DATA:
                 yield MapEntry(s, n, depth, True, False, True, False, host[1])

@@ -37,6 +37,7 @@ from sparsefs.qcow2 import OpenOptions
 from support import (
     KiB,
     MiB,
+    fiemap_written,
     one_line_error,
     qemu_img_create,
     qemu_io,
@@ -100,6 +101,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, V.VhdxBuilt]:
     return {}
 
 
+def _stored(written: list[tuple[int, int]], file_size: int, host: int, length: int) -> int:
+    """Bytes of ``[host, host + length)`` the image file stores (FIEMAP; past its end: all)."""
+    pieces = [*written, (file_size, max(file_size, host + length))]
+    return sum(max(0, min(we, host + length) - max(ws, host)) for ws, we in pieces)
+
+
 def _build(
     name: str, tmp_path_factory: pytest.TempPathFactory, cache: dict[str, V.VhdxBuilt]
 ) -> V.VhdxBuilt:
@@ -115,7 +122,8 @@ def test_matches_qemu(
     tmp_path_factory: pytest.TempPathFactory,
     tmp_path: Path,
 ) -> None:
-    """Each image reads as qemu reads it; written ranges are data, untouched blocks holes."""
+    """Each image reads as qemu reads it; written ranges are data, untouched blocks
+    holes, and an allocated block is data where the image file stores its bytes."""
     b = _build(kind, tmp_path_factory, built)
     raw = qemu_raw(b.qemu_image, tmp_path / "q.raw", fmt="vhdx")
     with open_image(b.image, OPTS) as image:
@@ -126,9 +134,16 @@ def test_matches_qemu(
             assert covered(extents, off, off + n) == n, f"write [{off}, {off + n}) is not data"
         bs = layer.block_size
         touched = {blk for off, n in b.writes for blk in range(off // bs, (off + n - 1) // bs + 1)}
+        written = fiemap_written(b.image)
+        file_size = os.path.getsize(b.image)
         for blk in range(layer.nb_blocks):
             lo, hi = blk * bs, min((blk + 1) * bs, image.size)
-            want = hi - lo if (blk in touched or b.preallocated) else 0
+            if blk in touched or b.preallocated:
+                state, host = layer.block_state(blk)
+                assert state in (L.PAYLOAD_BLOCK_FULLY_PRESENT, L.PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+                want = _stored(written, file_size, host, hi - lo)
+            else:
+                want = 0
             assert covered(extents, lo, hi) == want, f"block {blk}"
         assert image.describe()["subformat"] == ("fixed" if kind.startswith("fixed") else "dynamic")
         if kind == "sector_4k":
@@ -393,12 +408,18 @@ def test_bat_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(vhdx_image, "BAT_CACHE_PAGES", 2)
     img = V.create(tmp_path / "big.vhdx", 64 * 1024 * MiB, "block_size=1M")
     qemu_io(img, "write -q -P 9 0 4k", f"write -q -P 8 {63 * 1024 * MiB} 4k", fmt="vhdx")
+    written, file_size = fiemap_written(img), os.path.getsize(img)
     with open_image(img, OPTS) as image:
         extents = list(image.iter_extents(0))
-        assert [(e.guest_offset, e.length) for e in extents if e.data] == [
-            (0, MiB),
-            (63 * 1024 * MiB, MiB),
+        layer = image.layer
+        assert isinstance(layer, vhdx_image.VhdxLayer)
+        # Each write's block, as far as the image file stores it (from the block's start).
+        want = [
+            (g, _stored(written, file_size, layer.block_state(g // MiB)[1], MiB))
+            for g in (0, 63 * 1024 * MiB)
         ]
+        assert [(e.guest_offset, e.length) for e in extents if e.data] == want
+        assert all(n >= 4 * KiB for _, n in want)
         assert len(image.layer._bat_pages) <= 2  # type: ignore[attr-defined]  # a VhdxLayer here
         assert image.read(63 * 1024 * MiB, 2) == b"\x08\x08"
 

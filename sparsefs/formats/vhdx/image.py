@@ -79,6 +79,9 @@ class VhdxLayer:
     """
 
     format_name = "vhdx"
+    # qemu allocates a whole block at the end of the file and writes only what
+    # the guest wrote; the rest of the block stays a hole in the file.
+    splits_host_holes = True
 
     def __init__(self, path: str, options: LayerOptions) -> None:
         self.path = path
