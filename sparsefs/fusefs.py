@@ -313,11 +313,6 @@ class SparseFS(pyfuse3.Operations):
         # keep_cache: the content never changes while mounted.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @property
-    def page_cache(self) -> bool:
-        """True when the files are served through the page cache, False for ``direct_io``."""
-        return self._page_cache
-
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._node(fh)
         source = node.source
@@ -374,12 +369,12 @@ class SparseFS(pyfuse3.Operations):
 
     def _want_ahead(self, node: FileNode, start: int, length: int) -> None:
         """Read ``[start, start + length)`` of ``node`` ahead, when it holds data."""
+        if self._page_cache:
+            return  # the kernel reads ahead itself
         index = node.index
         end = min(start + length, node.source.size)
         if index is None or start >= end or index.is_hole(start, end):
             return  # past the end, or a hole: answered from the zero buffer anyway
-        if self._page_cache:
-            return  # the kernel reads ahead itself
         ahead = node.ahead = _Ahead(start, length)
         self._ahead_wanted[node.inode] = ahead
         lot = self._ahead_lot

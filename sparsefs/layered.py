@@ -338,9 +338,7 @@ class LayeredImage:
         if cached is None:
             return self._runs(start, end)
         runs: Iterator[tuple[int, int, int, Any]] = cached(start, end)
-        if self._split:
-            runs = split_unwritten(runs)
-        return runs
+        return split_unwritten(runs) if self._split else runs
 
     def _reads_zeros(self, guest_offset: int, end: int) -> bool:
         """True when ``[guest_offset, end)`` reads as zeros in every layer; never blocks."""
@@ -410,16 +408,12 @@ class LayeredImage:
         nothing (:meth:`sparsefs.raw.RawFile.written_map`).
         """
         below = self._below
-        for s, e, kind, host in self._runs(guest_offset, min(guest_end, self.size)):
+        # Split by the host file's holes for every layer, asked or not: a copy
+        # never reads what the file stores as nothing (the map may call it data).
+        runs = split_unwritten(self.layer.runs(guest_offset, min(guest_end, self.size)))
+        for s, e, kind, host in runs:
             if kind == DATA:
-                raw, host_offset = host
-                host_map = raw.written_map()
-                if host_map.fully_written(host_offset, e - s):
-                    yield (s, e, raw, host_offset)
-                    continue
-                for rel_s, rel_e, state in host_map.classify(host_offset, e - s):
-                    if state == WRITTEN:
-                        yield (s + rel_s, s + rel_e, raw, host_offset + rel_s)
+                yield (s, e, host[0], host[1])
             elif kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
                 continue
             elif kind == BELOW:
