@@ -131,7 +131,7 @@ def merge_map(entries: Iterator[MapEntry]) -> Iterator[MapEntry]:
 
 
 class LayerOptions(Protocol):
-    """What a format reads of the open options (sparsefs.qcow2.OpenOptions has them)."""
+    """What a format reads of the open options (sparsefs.formats.qcow2.OpenOptions has them)."""
 
     @property
     def backing(self) -> bool:

@@ -32,7 +32,7 @@ from sparsefs.errors import ImageReadError, SparsefsError
 from sparsefs.extents import Extent, SparseSource, data_size, seek_data, seek_hole
 from sparsefs.formats import detect, open_source
 from sparsefs.layered import OTHER, LayeredImage
-from sparsefs.qcow2.image import OpenOptions
+from sparsefs.options import OpenOptions
 from sparsefs.raw import RawFile
 from support import KiB, MiB, check_map_agrees
 

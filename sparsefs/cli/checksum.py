@@ -41,8 +41,8 @@ from sparsefs.cli.common import (
 from sparsefs.errors import MissingFileError, SparsefsError
 from sparsefs.extents import SparseSource
 from sparsefs.formats import FORMAT_NAMES, format_by_suffix, open_source
+from sparsefs.options import OpenOptions
 from sparsefs.progress import Progress
-from sparsefs.qcow2 import OpenOptions
 
 EXIT_VERIFY_ERROR = 2
 

@@ -10,7 +10,7 @@ import re
 from typing import Any, NamedTuple
 
 from sparsefs.formats import strip_suffix
-from sparsefs.qcow2 import OpenOptions
+from sparsefs.options import OpenOptions
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

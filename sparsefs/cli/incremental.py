@@ -47,8 +47,8 @@ from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.cli.common import EXIT_OK, libc_call, pwrite_all, raw_name
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import Extent
-from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
-from sparsefs.qcow2.bitmaps import dirty_ranges, find_bitmap
+from sparsefs.formats.qcow2 import Qcow2Image, dirty_ranges, find_bitmap, open_image
+from sparsefs.options import OpenOptions
 from sparsefs.raw import RawFile
 
 SPARSEFS_SUMS = "SPARSEFS-SUMS"

@@ -11,10 +11,14 @@ from sparsefs.cli.common import EXIT_OK, add_open_options, open_options
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
 from sparsefs.formats import FORMAT_NAMES, open_source
+from sparsefs.formats.qcow2 import (
+    Qcow2Image,
+    describe_qcow2,
+    dirty_ranges,
+    find_bitmap,
+    open_image,
+)
 from sparsefs.layered import MapEntry, below_map
-from sparsefs.qcow2 import Qcow2Image, open_image
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.bitmaps import dirty_ranges, find_bitmap, list_bitmaps
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -89,55 +93,9 @@ def _find_snapshot(image: Qcow2Image, key: str) -> Qcow2Image:
 
 def describe(image: SparseSource) -> dict[str, Any]:
     """Everything ``sparsefs info`` prints, as a JSON-ready dict."""
-    if not isinstance(image, Qcow2Image):
-        return _describe_other(image)
-    q = image.qfile
-    h = q.header
-    features = []
-    if h.incompatible_features & L.INCOMPAT_DIRTY:
-        features.append("dirty")
-    if h.incompatible_features & L.INCOMPAT_CORRUPT:
-        features.append("corrupt")
-    if q.external_data:
-        features.append("external data file" + (" (raw)" if q.data_file_raw else ""))
-    if q.extended_l2:
-        features.append("extended L2 entries (subclusters)")
-    if h.compatible_features & L.COMPAT_LAZY_REFCOUNTS:
-        features.append("lazy refcounts")
-    if any(e.ext_type == L.EXT_BITMAPS for e in q.extensions):
-        features.append("persistent bitmaps")
-    return {
-        "filename": image.path,
-        "format": "qcow2",
-        "version": h.version,
-        "compat": "0.10" if h.version == 2 else "1.1",
-        "virtual-size": image.size,
-        "cluster-size": q.cluster_size,
-        "data-bytes": data_size(image),
-        "compression-type": L.COMPRESSION_NAMES.get(q.compression_type, "?"),
-        "refcount-bits": h.refcount_bits,
-        "backing-filename": q.backing_name,
-        "backing-format": q.backing_format,
-        "backing-chain": [{"filename": p, "format": f} for p, f in image.chain()],
-        "data-file": q.data_file_name,
-        "snapshots": [
-            {
-                "id": s.id_str,
-                "name": s.name,
-                "virtual-size": s.disk_size if s.disk_size is not None else h.size,
-                "date-sec": s.date_sec,
-                "vm-state-size": s.vm_state_size,
-                "damaged": image.snapshot_problem(s),
-            }
-            for s in image.snapshots
-        ],
-        "snapshot-table-damaged": image.snapshot_table_problem,
-        "bitmaps": [
-            {"name": b.name, "granularity": b.granularity, "flags": b.flag_names}
-            for b in list_bitmaps(image)
-        ],
-        "features": features,
-    }
+    if isinstance(image, Qcow2Image):
+        return describe_qcow2(image)
+    return _describe_other(image)
 
 
 def _describe_other(image: SparseSource) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from sparsefs.cli.common import (
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
 from sparsefs.formats import FORMAT_NAMES, open_source
-from sparsefs.qcow2 import OpenOptions, Qcow2Image
+from sparsefs.formats.qcow2 import Qcow2Image
+from sparsefs.options import OpenOptions
 
 log = logging.getLogger("sparsefs")
 

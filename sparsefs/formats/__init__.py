@@ -12,7 +12,7 @@ probes *into* raw: raw is what is left when no magic matches.  A caller that
 knows a file is a raw copy passes ``fmt="raw"``, so a guest that wrote an
 image header into its own disk is never mistaken for an image.
 
-Format modules never import each other, nor sparsefs.qcow2.
+Format modules never import each other, nor sparsefs.formats.qcow2.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sparsefs.layered import (
 )
 
 if TYPE_CHECKING:
-    from sparsefs.qcow2.image import OpenOptions
+    from sparsefs.options import OpenOptions
 
 # Bytes read from the head and the tail of a file to probe it.
 PROBE_HEAD_BYTES = 2048
@@ -125,7 +125,7 @@ def _probe_never(head: bytes, tail: bytes, file_size: int) -> bool:
 
 # Probe order; raw is last and never probed into.
 FORMATS: tuple[FormatSpec, ...] = (
-    FormatSpec("qcow2", (".qcow2", ".qcow"), _probe_qcow2, "sparsefs.qcow2.image"),
+    FormatSpec("qcow2", (".qcow2", ".qcow"), _probe_qcow2, "sparsefs.formats.qcow2"),
     FormatSpec("vmdk", (".vmdk",), _probe_vmdk, "sparsefs.formats.vmdk"),
     FormatSpec("vhdx", (".vhdx",), _probe_vhdx, "sparsefs.formats.vhdx"),
     FormatSpec("vpc", (".vhd", ".vpc"), _probe_vpc, "sparsefs.formats.vpc"),
@@ -194,7 +194,7 @@ def detect(path: str) -> str:
 
 
 def _default_options() -> OpenOptions:
-    from sparsefs.qcow2.image import OpenOptions
+    from sparsefs.options import OpenOptions
 
     return OpenOptions()
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from sparsefs.errors import ImageLockedError
-from sparsefs.qcow2 import OpenOptions, open_image
+from sparsefs.formats.qcow2 import open_image
+from sparsefs.options import OpenOptions
 from support import (
     MiB,
     daemon_pid,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sparsefs.cli import copier, main
-from sparsefs.qcow2 import open_image
+from sparsefs.formats.qcow2 import open_image
 from support import (
     MiB,
     files_equal,

@@ -42,7 +42,7 @@ from hostile_images import (
     put,
 )
 from sparsefs.errors import ImageReadError, SparsefsError
-from sparsefs.qcow2 import open_image
+from sparsefs.formats.qcow2 import open_image
 from support import (
     KiB,
     MiB,

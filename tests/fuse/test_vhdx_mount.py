@@ -19,7 +19,7 @@ import pytest
 import vhdx_images as V
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
-from sparsefs.qcow2 import OpenOptions
+from sparsefs.options import OpenOptions
 from support import MiB, files_equal, first_difference, qemu_raw, run, seek_walk, sparsefs
 
 Mount = Callable[..., Path]

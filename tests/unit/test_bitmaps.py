@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsefs.qcow2 import open_image
-from sparsefs.qcow2.bitmaps import BitmapError, dirty_ranges, find_bitmap, list_bitmaps
+from sparsefs.formats.qcow2 import open_image
+from sparsefs.formats.qcow2.bitmaps import BitmapError, dirty_ranges, find_bitmap, list_bitmaps
 from support import KiB, MiB, one_line_error, qemu_img_create, qemu_io, run, sparsefs
 
 pytestmark = pytest.mark.skipif(

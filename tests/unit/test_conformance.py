@@ -22,7 +22,7 @@ import pytest
 from conformance import capped_address_space, check_conformance, fuzz_loop
 from format_builders import BUILDERS, FmtCache, FmtImage
 from sparsefs.formats import detect, open_source
-from sparsefs.qcow2.image import OpenOptions
+from sparsefs.options import OpenOptions
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FMT_FUZZ_ITERATIONS", "150"))
 SEED = int(os.environ.get("SPARSEFS_FUZZ_SEED", "20240501"))

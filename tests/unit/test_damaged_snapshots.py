@@ -30,7 +30,8 @@ from hostile_images import (
 )
 from sparsefs.cli.mount import open_mount_set
 from sparsefs.errors import ImageFormatError
-from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
+from sparsefs.formats.qcow2 import Qcow2Image, open_image
+from sparsefs.options import OpenOptions
 from support import one_line_error, qemu_raw, sparsefs
 
 SNAPSHOTS = ("first", "second")

@@ -12,8 +12,9 @@ import pytest
 import trio
 
 from sparsefs.extents import DataIndex, Extent, SparseSource, data_size, seek_data, seek_hole
+from sparsefs.formats.qcow2 import open_image
 from sparsefs.fusefs import SparseFS
-from sparsefs.qcow2 import OpenOptions, open_image
+from sparsefs.options import OpenOptions
 from support import (
     MiB,
     host_files_of,

@@ -41,8 +41,9 @@ from sparsefs.errors import (
     UnsupportedFeatureError,
 )
 from sparsefs.extents import Extent
-from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
-from sparsefs.qcow2.image import RUN_COMPRESSED
+from sparsefs.formats.qcow2 import Qcow2Image, open_image
+from sparsefs.formats.qcow2.image import RUN_COMPRESSED
+from sparsefs.options import OpenOptions
 from support import (
     KiB,
     MiB,

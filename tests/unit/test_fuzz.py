@@ -37,8 +37,8 @@ import pytest
 from conformance import READ_BUDGET, Hang, alarm, capped_address_space, exercise
 from hostile_images import Located, Mutator, build_bases, locate
 from sparsefs.errors import SparsefsError
-from sparsefs.qcow2 import open_image
-from sparsefs.qcow2.image import OpenOptions
+from sparsefs.formats.qcow2 import open_image
+from sparsefs.options import OpenOptions
 from support import KiB
 
 ITERATIONS = int(os.environ.get("SPARSEFS_FUZZ_ITERATIONS", "1000"))

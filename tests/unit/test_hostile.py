@@ -53,8 +53,9 @@ from sparsefs.errors import (
     UnsupportedFeatureError,
 )
 from sparsefs.extents import Extent, seek_data
-from sparsefs.qcow2 import OpenOptions, Qcow2Image, open_image
-from sparsefs.qcow2.image import MAX_CHAIN_LENGTH
+from sparsefs.formats.qcow2 import Qcow2Image, open_image
+from sparsefs.formats.qcow2.image import MAX_CHAIN_LENGTH
+from sparsefs.options import OpenOptions
 from support import KiB, MiB, make_image, qemu_img_create, qemu_io, qemu_raw, run, sparsefs
 
 

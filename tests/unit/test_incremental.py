@@ -21,7 +21,7 @@ import pytest
 
 from sparsefs.cli import incremental
 from sparsefs.errors import SparsefsError
-from sparsefs.qcow2 import open_image
+from sparsefs.formats.qcow2 import open_image
 from support import (
     REPO,
     KiB,

@@ -9,69 +9,40 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "sparsefs"
 
+# Never imported by any module below the CLI.
+_UPPER = ("sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio")
 # module prefix -> imports it must never make (prefix match on the dotted name)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.errors": ("sparsefs.",),
+    "sparsefs.options": ("sparsefs.formats", "sparsefs.layered", "sparsefs.checksum", *_UPPER),
     "sparsefs.extents": (
-        "sparsefs.qcow2",
-        "sparsefs.fusefs",
-        "sparsefs.cli",
+        "sparsefs.formats",
         "sparsefs.raw",
         "sparsefs.checksum",
-        "pyfuse3",
-        "trio",
+        "sparsefs.options",
+        *_UPPER,
     ),
     "sparsefs.hostmap": (
-        "sparsefs.qcow2",
-        "sparsefs.fusefs",
-        "sparsefs.cli",
+        "sparsefs.formats",
         "sparsefs.raw",
         "sparsefs.extents",
         "sparsefs.checksum",
-        "pyfuse3",
-        "trio",
+        *_UPPER,
     ),
-    "sparsefs.raw": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio"),
-    "sparsefs.qcow2": ("sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3", "trio"),
-    "sparsefs.fusefs": ("sparsefs.qcow2", "sparsefs.raw", "sparsefs.cli", "struct"),
-    "sparsefs.checksum": (
-        "sparsefs.qcow2",
-        "sparsefs.fusefs",
-        "sparsefs.cli",
-        "pyfuse3",
-        "trio",
-        "struct",
-    ),
+    "sparsefs.raw": ("sparsefs.formats", *_UPPER),
+    "sparsefs.fusefs": ("sparsefs.formats", "sparsefs.raw", "sparsefs.cli", "struct"),
+    "sparsefs.checksum": ("sparsefs.formats", "sparsefs.points", "struct", *_UPPER),
     "sparsefs.progress": ("sparsefs.", "pyfuse3", "trio"),
-    "sparsefs.qmp": (
-        "sparsefs.qcow2",
-        "sparsefs.fusefs",
-        "sparsefs.cli",
-        "sparsefs.raw",
-        "sparsefs.checksum",
-        "pyfuse3",
-        "trio",
-    ),
-    "sparsefs.layered": (
-        "sparsefs.qcow2",
-        "sparsefs.formats",
-        "sparsefs.fusefs",
-        "sparsefs.cli",
-        "sparsefs.checksum",
-        "pyfuse3",
-        "trio",
-    ),
-    "sparsefs.formats": ("sparsefs.fusefs", "sparsefs.cli", "sparsefs.checksum", "pyfuse3", "trio"),
-    "sparsefs.locking": ("sparsefs.qcow2", "sparsefs.fusefs", "sparsefs.cli", "pyfuse3", "trio"),
+    "sparsefs.qmp": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
+    "sparsefs.layered": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),
+    "sparsefs.formats": ("sparsefs.checksum", "sparsefs.points", *_UPPER),
+    "sparsefs.points": _UPPER,
+    "sparsefs.locking": ("sparsefs.formats", *_UPPER),
     "sparsefs.parents": (
-        "sparsefs.qcow2",
         "sparsefs.formats",
         "sparsefs.layered",
-        "sparsefs.fusefs",
-        "sparsefs.cli",
         "sparsefs.checksum",
-        "pyfuse3",
-        "trio",
+        *_UPPER,
     ),
 }
 
@@ -135,3 +106,67 @@ def test_format_modules_never_import_each_other(path: Path) -> None:
         if name.startswith("sparsefs.formats.") and parts[2] != module.split(".")[2]:
             assert parts[2] not in FORMAT_NAMES, f"{module} imports {name}"
         assert not name.startswith("sparsefs.qcow2"), f"{module} imports {name}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: _module_name(p))
+def test_format_internals_stay_inside_formats(path: Path) -> None:
+    """Outside sparsefs.formats, a format is reached through the registry or its package's face.
+
+    ``sparsefs.formats`` (the registry) and ``sparsefs.formats.NAME`` (a format's
+    public names) may be imported; ``sparsefs.formats.NAME.MODULE`` may not.
+    """
+    module = _module_name(path)
+    if module.startswith("sparsefs.formats"):
+        return
+    for name in _imports(path):
+        if name.startswith("sparsefs.formats."):
+            inner = name.split(".")[3:]
+            assert not inner or not _is_module(
+                "sparsefs.formats." + ".".join(name.split(".")[2:4])
+            ), f"{module} imports {name}, a format's internals"
+
+
+def _is_module(dotted: str) -> bool:
+    rel = Path(*dotted.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").exists() or (PACKAGE / rel / "__init__.py").exists()
+
+
+def _edges(path: Path) -> set[str]:
+    """The modules ``path`` imports (any nesting level): ``from P import x`` means P.x if x is a module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("sparsefs"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if not node.module.startswith("sparsefs"):
+                continue
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
+    return found
+
+
+def test_no_import_circle() -> None:
+    """No chain of imports leads from a module back to itself (function-level imports count)."""
+    graph = {_module_name(p): _edges(p) for p in MODULES}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == node or nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)

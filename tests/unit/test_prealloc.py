@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from prealloc_images import BUILDERS, read_all_files
-from sparsefs.qcow2 import open_image
-from sparsefs.qcow2.layout import L2E_OFFSET_MASK
+from sparsefs.formats.qcow2 import open_image
+from sparsefs.formats.qcow2.layout import L2E_OFFSET_MASK
 from support import (
     MiB,
     check_map_agrees,

@@ -27,7 +27,7 @@ import pytest
 
 from hostile_images import HEADER_FIELDS, OFFSET_MASK, ZERO, build_snapshots, locate, qemu_dd_range
 from sparsefs.errors import ImageFormatError, ImageReadError
-from sparsefs.qcow2 import open_image
+from sparsefs.formats.qcow2 import open_image
 from support import KiB, MiB, one_line_error, qemu_img_create, qemu_io, qemu_raw, sparsefs
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparsefs.errors import ImageReadError, UnsupportedFeatureError
-from sparsefs.qcow2 import open_image
+from sparsefs.formats.qcow2 import open_image
 from sparsefs.raw import RawFile
 from support import KiB, MiB, check_stored, make_image, qemu_map
 

@@ -14,8 +14,9 @@ import trio.testing
 
 from sparsefs.errors import ImageReadError
 from sparsefs.extents import Extent, SparseSource
+from sparsefs.formats.qcow2 import open_image
 from sparsefs.fusefs import SparseFS
-from sparsefs.qcow2 import OpenOptions, open_image
+from sparsefs.options import OpenOptions
 from support import KiB, MiB, qemu_img_create, qemu_io, qemu_raw
 
 CHUNK = 128 * KiB  # what cp reads at a time

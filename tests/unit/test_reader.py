@@ -18,7 +18,7 @@ import pytest
 from sparsefs import layered
 from sparsefs.errors import ImageFormatError, ImageReadError, MissingFileError
 from sparsefs.extents import seek_data, seek_hole
-from sparsefs.qcow2 import open_image
+from sparsefs.formats.qcow2 import open_image
 from support import (
     KiB,
     MiB,

@@ -33,7 +33,7 @@ from sparsefs.extents import Extent, SparseSource
 from sparsefs.formats.vhdx import image as vhdx_image
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
-from sparsefs.qcow2 import OpenOptions
+from sparsefs.options import OpenOptions
 from support import (
     KiB,
     MiB,

@@ -26,7 +26,7 @@ from sparsefs.extents import SparseSource, seek_data, seek_hole
 from sparsefs.formats import detect, open_source
 from sparsefs.formats.vmdk import open_layer, probe
 from sparsefs.layered import LayeredImage
-from sparsefs.qcow2.image import OpenOptions
+from sparsefs.options import OpenOptions
 from support import (
     KiB,
     MiB,

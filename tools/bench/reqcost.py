@@ -172,8 +172,9 @@ def handler_costs(image: Path) -> None:
     """CPU µs per call of the sparsefs handlers, in-process (no FUSE, no kernel)."""
     import trio
 
+    from sparsefs.formats.qcow2 import open_image
     from sparsefs.fusefs import SparseFS
-    from sparsefs.qcow2 import OpenOptions, open_image
+    from sparsefs.options import OpenOptions
 
     subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)  # page cache
     with open_image(str(image), OpenOptions()) as src:

@@ -7,7 +7,7 @@ still listed; ``Qcow2File.l1_problem`` says why it cannot be opened.
 
 from __future__ import annotations
 
-from sparsefs.qcow2 import layout as L
+from sparsefs.formats.qcow2 import layout as L
 from sparsefs.raw import RawFile
 
 

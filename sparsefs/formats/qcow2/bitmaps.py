@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sparsefs.errors import ImageFormatError, SparsefsError, UnsupportedFeatureError
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.image import Qcow2File, Qcow2Image
+from sparsefs.formats.qcow2 import layout as L
+from sparsefs.formats.qcow2.image import Qcow2File, Qcow2Image
 
 _NONZERO = re.compile(rb"[^\x00]+")
 

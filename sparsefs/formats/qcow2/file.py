@@ -14,14 +14,14 @@ from typing import Any
 from sparsefs import locking
 from sparsefs.errors import ImageFormatError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import SparseSource
+from sparsefs.formats.qcow2 import layout as L
+from sparsefs.formats.qcow2.clustermap import _LRU, ClusterMap
+from sparsefs.formats.qcow2.compressed import CompressedClusters
+from sparsefs.formats.qcow2.messages import past_end_text, size_text
+from sparsefs.formats.qcow2.snapshots import SnapshotTable
+from sparsefs.options import OpenOptions
 from sparsefs.parents import check_regular_file as _check_regular_file
 from sparsefs.parents import resolve_name
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.clustermap import _LRU, ClusterMap
-from sparsefs.qcow2.compressed import CompressedClusters
-from sparsefs.qcow2.messages import past_end_text, size_text
-from sparsefs.qcow2.options import OpenOptions
-from sparsefs.qcow2.snapshots import SnapshotTable
 from sparsefs.raw import RawFile
 
 # L1 entries loaded per image file (active state plus snapshots), in bytes of

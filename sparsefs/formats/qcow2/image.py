@@ -1,12 +1,12 @@
 """Read-only qcow2 images: :class:`Qcow2Image`, a layered image over a qcow2 layer.
 
 :class:`Qcow2Image` is a :class:`~sparsefs.layered.LayeredImage` whose top
-layer is a :class:`~sparsefs.qcow2.layer.Qcow2Layer`: reads, extents (lseek,
+layer is a :class:`~sparsefs.formats.qcow2.layer.Qcow2Layer`: reads, extents (lseek,
 ``st_blocks``, checksums), the map, ``read_nowait`` and ``iter_host_ranges``
 come from the one base shared by every format, over the one walk of the
 cluster map.  This module adds what only qcow2 has: internal snapshots, the
 metadata readahead, :meth:`Qcow2Image.iter_runs` in qcow2's own terms, and
-:func:`open_image`.  Opening and validation live in :mod:`sparsefs.qcow2.header`.
+:func:`open_image`.  Opening and validation live in :mod:`sparsefs.formats.qcow2.file`.
 
 All I/O is ``os.pread`` on descriptors opened read-only, so concurrent reads
 from several threads are safe; the caches take a lock only to look up and
@@ -20,10 +20,8 @@ from collections.abc import Iterator
 
 from sparsefs.errors import ImageFormatError
 from sparsefs.extents import SparseSource
-from sparsefs.layered import MAX_CHAIN_LENGTH as MAX_CHAIN_LENGTH  # re-exported
-from sparsefs.layered import LayeredImage, MapEntry
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.clustermap import (
+from sparsefs.formats.qcow2 import layout as L
+from sparsefs.formats.qcow2.clustermap import (
     RUN_COMPRESSED,
     RUN_DATA,
     RUN_ERROR,
@@ -33,19 +31,15 @@ from sparsefs.qcow2.clustermap import (
     RUN_ZERO,
     Run,
 )
-from sparsefs.qcow2.header import MAX_TOTAL_L1_BYTES, Qcow2File
-from sparsefs.qcow2.layer import Qcow2Layer
-from sparsefs.qcow2.messages import past_end_text, size_text
-from sparsefs.qcow2.options import (
-    DEFAULT_COMPRESSED_CACHE_BYTES,
-    DEFAULT_L2_CACHE_BYTES,
-    OpenOptions,
-)
-from sparsefs.qcow2.snapshots import snapshot_label
+from sparsefs.formats.qcow2.file import MAX_TOTAL_L1_BYTES, Qcow2File
+from sparsefs.formats.qcow2.layer import Qcow2Layer
+from sparsefs.formats.qcow2.messages import past_end_text, size_text
+from sparsefs.formats.qcow2.snapshots import snapshot_label
+from sparsefs.layered import MAX_CHAIN_LENGTH as MAX_CHAIN_LENGTH  # re-exported
+from sparsefs.layered import LayeredImage, MapEntry
+from sparsefs.options import OpenOptions
 
 __all__ = [
-    "DEFAULT_COMPRESSED_CACHE_BYTES",
-    "DEFAULT_L2_CACHE_BYTES",
     "MAX_CHAIN_LENGTH",
     "MAX_TOTAL_L1_BYTES",
     "RUN_COMPRESSED",
@@ -56,12 +50,10 @@ __all__ = [
     "RUN_UNWRITTEN",
     "RUN_ZERO",
     "MapEntry",
-    "OpenOptions",
     "Qcow2File",
     "Qcow2Image",
     "Run",
     "open_image",
-    "open_source",
     "past_end_text",
     "size_text",
     "snapshot_label",
@@ -222,18 +214,3 @@ def _share_cache_bounds(image: Qcow2Image) -> None:
         qfile._compressed_cache.set_max_cost(
             max(options.compressed_cache_bytes // len(files), floor)
         )
-
-
-def open_source(
-    path: str | os.PathLike[str],
-    fmt: str | None = None,
-    options: OpenOptions | None = None,
-) -> SparseSource:
-    """Open ``path`` in any format: :func:`sparsefs.formats.open_source` (kept for callers).
-
-    Only callers that know the file is an image may pass ``fmt=None``: a raw
-    disk copy can legitimately start with an image header written by its guest.
-    """
-    from sparsefs.formats import open_source as open_any
-
-    return open_any(path, fmt, options)

@@ -11,8 +11,8 @@ import zlib
 from typing import Any
 
 from sparsefs.errors import ImageReadError
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.clustermap import _LRU
+from sparsefs.formats.qcow2 import layout as L
+from sparsefs.formats.qcow2.clustermap import _LRU
 from sparsefs.raw import RawFile
 
 

@@ -4,7 +4,7 @@ Pure decoding (qemu: qcow2_get_host_offset, qcow2_get_subcluster_type): an
 L2 table becomes a :class:`_TableRuns`, a sorted list of runs relative to the
 table's first guest byte (stored data, compressed cluster, zeros,
 unallocated, unwritten, broken).  :class:`ClusterMap` is the part of
-:class:`~sparsefs.qcow2.header.Qcow2File` that reads, checks, decodes and
+:class:`~sparsefs.formats.qcow2.file.Qcow2File` that reads, checks, decodes and
 caches the tables; nothing else interprets an L2 entry.
 """
 
@@ -22,9 +22,9 @@ from operator import add, ne
 from typing import Any
 
 from sparsefs import layered
+from sparsefs.formats.qcow2 import layout as L
+from sparsefs.formats.qcow2.messages import past_end_text, size_text
 from sparsefs.hostmap import WRITTEN
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.messages import past_end_text, size_text
 from sparsefs.raw import RawFile
 
 # Kinds of runs in the cluster map (mirroring qemu's QCow2SubclusterType), the

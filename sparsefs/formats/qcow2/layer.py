@@ -1,7 +1,7 @@
 """One qcow2 layer (the active state or an internal snapshot) as a :class:`~sparsefs.layered.Layer`.
 
 Its runs come from the L1 table and the decoded L2 tables
-(:mod:`sparsefs.qcow2.clustermap`), in the spec-neutral kinds of
+(:mod:`sparsefs.formats.qcow2.clustermap`), in the spec-neutral kinds of
 :mod:`sparsefs.layered`: stored data as ``(RawFile, host_offset)``,
 compressed clusters as OTHER (the layer decompresses them), zero clusters,
 unallocated ranges (BELOW: the backing file), broken ranges, and mapped host
@@ -15,14 +15,14 @@ import bisect
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sparsefs.qcow2 import layout as L
-from sparsefs.qcow2.clustermap import (
+from sparsefs.formats.qcow2 import layout as L
+from sparsefs.formats.qcow2.clustermap import (
     RUN_DATA,
     RUN_UNALLOCATED,
     RUN_UNWRITTEN,
     _TableRuns,
 )
-from sparsefs.qcow2.header import Qcow2File
+from sparsefs.formats.qcow2.file import Qcow2File
 
 
 class _NotCached(LookupError):

@@ -1,0 +1,20 @@
+"""qcow2 images: the reader (and its persistent bitmaps).  Knows nothing of FUSE.
+
+This module is the package's public face: code outside :mod:`sparsefs.formats`
+uses only the names below; the struct layouts, the cluster map and the open
+file with its tables are the package's own.
+"""
+
+from sparsefs.formats.qcow2.bitmaps import BitmapError, dirty_ranges, find_bitmap, list_bitmaps
+from sparsefs.formats.qcow2.image import Qcow2Image, open_image
+from sparsefs.formats.qcow2.info import describe_qcow2
+
+__all__ = [
+    "BitmapError",
+    "Qcow2Image",
+    "describe_qcow2",
+    "dirty_ranges",
+    "find_bitmap",
+    "list_bitmaps",
+    "open_image",
+]
