@@ -132,7 +132,7 @@ def _is_module(dotted: str) -> bool:
 
 
 def _edges(path: Path) -> set[str]:
-    """The modules ``path`` imports (any nesting level): ``from P import x`` means P.x if x is a module."""
+    """The modules ``path`` imports, at any depth (``from P import x``: P.x when x is a module)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
