@@ -44,7 +44,7 @@ from sparsefs.cli.common import (
     open_options,
 )
 from sparsefs.cli.copier import CopyFailed, copy_and_verify
-from sparsefs.cli.mount import open_mount_set
+from sparsefs.cli.mountset import open_mount_set
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
 from sparsefs.progress import Progress, human_bytes, human_duration
