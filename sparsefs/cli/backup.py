@@ -245,6 +245,31 @@ def _source_file(source: SparseSource) -> str | None:
     return path if isinstance(path, str) else None
 
 
+def _raise_mismatch(source: SparseSource, partial: str) -> None:
+    """Raise CopyFailed naming where the copy ``partial`` first differs from ``source``."""
+    with RawFile(partial) as copy:
+        difference, _ = compare(source, copy)
+    where = (
+        f"at byte {difference.offset}"
+        if difference and difference.offset is not None
+        else "in length"
+    )
+    raise CopyFailed(
+        f"verification failed: the copy differs from the image {where}; no file written"
+    )
+
+
+def _stream_hash(partial: str, result: Result, bar_enabled: bool) -> None:
+    """Fill ``result.xxh128`` with the stream XXH128 of the copy (``--xxh128sums``)."""
+    t2 = time.monotonic()
+    with (
+        RawFile(partial) as copy,
+        Progress(copy.size, label=f"{result.name} xxh128", enabled=bar_enabled) as xbar,
+    ):
+        result.xxh128 = stream_xxh128(copy, progress=xbar.update if xbar.enabled else None).digest
+    result.phases["xxh128"] = time.monotonic() - t2
+
+
 def _backup_one(name: str, source: SparseSource, data: int, run: _Run) -> Result:
     """Copy, verify and rename one file; ``data`` is its stored bytes (``data_size``)."""
     final = os.path.join(run.dest, name)
@@ -274,26 +299,9 @@ def _backup_one(name: str, source: SparseSource, data: int, run: _Run) -> Result
             result.method = outcome.method
             result.phases.update(outcome.phases)
             if outcome.copy.digest != outcome.image.digest:
-                with RawFile(partial) as copy:
-                    difference, _ = compare(source, copy)
-                where = (
-                    f"at byte {difference.offset}"
-                    if difference and difference.offset is not None
-                    else "in length"
-                )
-                raise CopyFailed(
-                    f"verification failed: the copy differs from the image {where}; no file written"
-                )
+                _raise_mismatch(source, partial)
             if run.xxh128sums:
-                t2 = time.monotonic()
-                with (
-                    RawFile(partial) as copy,
-                    Progress(copy.size, label=f"{name} xxh128", enabled=bar.enabled) as xbar,
-                ):
-                    result.xxh128 = stream_xxh128(
-                        copy, progress=xbar.update if xbar.enabled else None
-                    ).digest
-                result.phases["xxh128"] = time.monotonic() - t2
+                _stream_hash(partial, result, bar.enabled)
         os.replace(partial, final)
         # The verified copy's block digests, for the next 'backup --since'.
         incremental.store_blocks(
