@@ -104,7 +104,7 @@ class Qcow2Writer:
 
     def __init__(
         self,
-        path: str,
+        path: str | os.PathLike[str],
         virtual_size: int,
         *,
         cluster_bits: int = 16,
@@ -119,7 +119,7 @@ class Qcow2Writer:
             path: the new image file.
             virtual_size: guest disk size in bytes, a multiple of 512 (qemu
                 reads qcow2 sizes in 512-byte sectors).
-            cluster_bits: log2 of the cluster size in bytes, 9..21 (64 KiB).
+            cluster_bits: log2 of the cluster size in bytes, 9..21 (16: 64 KiB).
             backing_file: the backing file name, stored as given; readers
                 resolve a relative name from the image's directory.
             backing_format: "raw" or "qcow2"; required with ``backing_file``.
@@ -131,7 +131,8 @@ class Qcow2Writer:
             ImageWriteError: invalid arguments, or ``path`` cannot be created
                 (it exists, say).
         """
-        self.path, self.virtual_size, self.cluster_bits = path, virtual_size, cluster_bits
+        self.path = path = os.fspath(path)
+        self.virtual_size, self.cluster_bits = virtual_size, cluster_bits
         self.backing_file, self.backing_format = backing_file, backing_format
         self.compression = compression
         self.stats: WriterStats | None = None
