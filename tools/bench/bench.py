@@ -6,6 +6,8 @@ Run from the repository root with the project's interpreter::
     .venv/bin/python tools/bench/bench.py                 # full run, 5 rounds
     .venv/bin/python tools/bench/bench.py --quick         # small images, 3 rounds
     .venv/bin/python tools/bench/bench.py --workloads W1,W3 --rounds 7 --json out.json
+    .venv/bin/python tools/bench/bench.py --cold           # W1, W7 and the group, cold
+    .venv/bin/python tools/bench/bench.py --workloads W1 --taskset 0 --backup-group
 
 It builds its images with qemu-img/qemu-io in a work directory (default
 ``~/.cache/sparsefs-bench``; an image is reused when its name, which encodes
@@ -42,14 +44,28 @@ Workloads (full size; ``--quick`` shrinks them):
     V1  W1's data as a monolithicSparse VMDK (``qemu-img convert -O vmdk``)
     X1  W1's data as a dynamic VHDX with 1 MiB blocks
 
+Cold mode (``--cold``, issue 22; root; W1 and W7 only): ``sync; echo 3 >
+/proc/sys/vm/drop_caches`` before every contender's round, the images on the disk
+of the work directory (refused on tmpfs), copies still on /dev/shm.  W1 and W7 then
+also run the backup/checksum group (tools/bench/group.py: backup, convert+compare,
+checksum, verify, compare, xxh128sum; ``--backup-group`` runs it warm).  Every
+timed command is measured with /proc/diskstats of that disk (average queue depth,
+read MiB, read requests, average request size) and, through a mount, with the
+daemon's CPU and read system calls (/proc/PID/io ``syscr``).  A per-contender table
+shows them with issue 22's targets.  ``--taskset CPUS`` pins the bench and so every
+process it starts (daemons, copiers, qemu-img) to CPUS.  The warm table is unchanged
+without these options.  Ctrl-C or SIGTERM: mounts are unmounted, daemons stopped,
+copies deleted, and what was measured is reported.
+
 Every output is checked once (first round) against the warm-up convert: the
 byte ranges where either file stores data must be equal, which is the whole
 file since both read as zeros elsewhere.  A contender that copies wrong bytes
 aborts the run.
 
 Modules: workloads.py (the images), contenders.py (mounts, copies, daemon
-costs), report.py (medians, ratios, targets, the table, JSON), common.py
-(helpers); this file is the entry point.  Other bench scripts import this
+costs), group.py (the backup/checksum group), probes.py (/proc and /sys:
+processes, mounts, diskstats), report.py (medians, ratios, targets, the tables,
+JSON), common.py (helpers); this file is the entry point.  Other bench scripts import this
 module for the names in ``__all__``.
 
 This is a tool, not a test: it is never imported by the package or the tests.
@@ -58,9 +74,11 @@ This is a tool, not a test: it is never imported by the package or the tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -77,8 +95,17 @@ from common import (
     run,
     same_content,
 )
-from contenders import Bench, Mounted, is_mounted, qsd_mount, sparsefs_mount
-from report import print_table, rows, to_json
+from contenders import Bench, Mounted, qsd_mount, sparsefs_mount
+from group import GROUP
+from probes import disk_of, is_mounted
+from report import (
+    contender_rows,
+    print_contender_table,
+    print_header,
+    print_table,
+    rows,
+    to_json,
+)
 from workloads import (
     AgedFsSpec,
     ImageSpec,
@@ -156,21 +183,28 @@ def run_workload(bench: Bench, wl: Workload) -> None:
         ref.unlink(missing_ok=True)
 
 
-def preflight() -> None:
-    missing = [
-        t
-        for t in ("qemu-img", "qemu-io", "qemu-storage-daemon", "cp", "rsync", "fusermount3")
-        if shutil.which(t) is None
-    ]
+def preflight(args: argparse.Namespace) -> None:
+    tools = ["qemu-img", "qemu-io", "qemu-storage-daemon", "cp", "rsync", "fusermount3"]
+    if args.cold or args.backup_group:
+        tools.append("xxh128sum")
+    if args.taskset:
+        tools.append("taskset")
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"bench: missing tools: {', '.join(missing)} (see tools/setup)")
     if not os.path.exists("/dev/fuse"):
         raise SystemExit("bench: /dev/fuse is missing")
     if not os.path.isdir("/dev/shm"):
         raise SystemExit("bench: /dev/shm is missing (copies are written there)")
+    if args.cold and os.geteuid() != 0:
+        raise SystemExit("bench: --cold drops the page cache, which needs root")
 
 
-def main(argv: list[str] | None = None) -> int:
+ALL_WORKLOADS = "W1,W2,W3,W4,W5,W6,W7,P1,P2,V1,X1"
+COLD_WORKLOADS = ("W1", "W7")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark sparsefs against qemu-storage-daemon's FUSE export and "
         "qemu-img convert (issue 7). Prints medians, ratios and targets."
@@ -178,11 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds per workload (default 5, 3 with --quick)")
     p.add_argument(
         "--workloads",
-        default="W1,W2,W3,W4,W5,W6,W7,P1,P2,V1,X1",
-        help="comma-separated subset of W1..W7, P1, P2, V1, X1 (default: all; the targets "
-        "of P1/P2/V1/X1 compare with W1, so run W1 with them)",
+        help=f"comma-separated subset of W1..W7, P1, P2, V1, X1 (default: all, {ALL_WORKLOADS}; "
+        "with --cold W1,W7; the targets of P1/P2/V1/X1 compare with W1, so run W1 with them)",
     )
     p.add_argument("--quick", action="store_true", help="small images: a smoke run")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache (sync; echo 3 > /proc/sys/vm/drop_caches) before every "
+        "contender's round, measure the disk's queue depth, run the backup/checksum group "
+        "(issue 22); W1 and W7 only, images on a disk (not tmpfs), as root",
+    )
+    p.add_argument(
+        "--backup-group",
+        action="store_true",
+        help="also run the backup/checksum group (tools/bench/group.py) on W1 and W7 and "
+        "print the per-contender table with issue 22's warm targets (implied by --cold)",
+    )
+    p.add_argument(
+        "--taskset",
+        metavar="CPUS",
+        help="run every contender, daemons and copiers alike, on these CPUs (taskset -c "
+        "CPUS, e.g. 0: one core shared)",
+    )
     p.add_argument(
         "--json",
         metavar="FILE",
@@ -218,31 +270,79 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 5
+    if args.workloads is None:
+        args.workloads = ",".join(COLD_WORKLOADS) if args.cold else ALL_WORKLOADS
+    return args
+
+
+def chosen_workloads(args: argparse.Namespace) -> list[Workload]:
+    """The workloads asked for, W1 and W7 with the backup/checksum group when wanted."""
     wanted = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     all_wl = workloads(args.quick)
     unknown = [w for w in wanted if w not in all_wl]
     if unknown:
         raise SystemExit(f"bench: unknown workloads {', '.join(unknown)} (W1..W7, P1, P2, V1, X1)")
-    preflight()
+    not_cold = [w for w in wanted if w not in COLD_WORKLOADS]
+    if args.cold and not_cold:
+        raise SystemExit(f"bench: --cold runs W1 and W7 only, not {', '.join(not_cold)}")
+    out = []
+    for name in wanted:
+        wl = all_wl[name]
+        if (args.cold or args.backup_group) and name in COLD_WORKLOADS:
+            wl = dataclasses.replace(wl, contenders=wl.contenders + GROUP)
+        out.append(wl)
+    return out
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: unmount, stop, delete copies
+
+
+def report(bench: Bench) -> None:
+    """The table (warm), the per-contender table (cold, or the group asked for), JSON."""
+    args = bench.args
+    table = rows(bench)
+    doc = to_json(bench, table)
+    per_contender = args.cold or args.backup_group
+    if per_contender or args.taskset:
+        doc |= {"cold": args.cold, "taskset": args.taskset, "disk": bench.disk}
+        doc |= {"pins": bench.pins}
+        doc["contenders"] = [dataclasses.asdict(r) for r in contender_rows(bench)]
+    if args.json == "-":
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return
+    if args.cold:
+        print_header(bench)
+    else:
+        print_table(bench, table)
+    if per_contender:
+        print_contender_table(bench, contender_rows(bench))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = chosen_workloads(args)
+    preflight(args)
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    disk = disk_of(args.work_dir) if args.cold else None
+    if args.taskset:
+        # Inherited by every process the bench starts: daemons, copiers, qemu-img.
+        run(["taskset", "-cp", args.taskset, str(os.getpid())])
+    signal.signal(signal.SIGTERM, _interrupted)
     with (
         tempfile.TemporaryDirectory(prefix="sparsefs-bench-") as mount_base,
         tempfile.TemporaryDirectory(prefix="sparsefs-bench-", dir=args.shm_dir) as out_dir,
     ):
-        bench = Bench(args, args.work_dir, Path(mount_base), Path(out_dir))
+        bench = Bench(args, args.work_dir, Path(mount_base), Path(out_dir), disk=disk)
         try:
-            for name in wanted:
-                run_workload(bench, all_wl[name])
+            for wl in chosen:
+                run_workload(bench, wl)
         except KeyboardInterrupt:
             log("interrupted; reporting what was measured")
-    table = rows(bench)
-    if args.json == "-":
-        json.dump(to_json(bench, table), sys.stdout, indent=2)
-        print()
-    else:
-        print_table(bench, table)
-        if args.json:
-            Path(args.json).write_text(json.dumps(to_json(bench, table), indent=2) + "\n")
+    report(bench)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The contenders: mounting sparsefs and qemu-storage-daemon, the copies through them
-(cp, rsync, cat) and ``qemu-img convert``, and what the daemons cost (CPU, peak RSS).
+(cp, rsync, cat), ``qemu-img convert`` and the backup/checksum group (group.py), each
+measured with what the daemons cost (CPU, peak RSS) and, cold, what the disk did.
 
 This is a tool, not a test: it is never imported by the package or the tests.
 """
@@ -22,48 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import REPO, KiB, MiB, compact_memory, data_segments, log, run, same_content, timed
+from common import (
+    REPO,
+    MiB,
+    compact_memory,
+    data_segments,
+    drop_caches,
+    log,
+    run,
+    same_content,
+    timed,
+)
+from group import GROUP, run_member
+from probes import cpu_seconds, cpus_allowed, is_mounted, peak_rss, process_alive, window
 from workloads import Workload, image_format
-
-
-def is_mounted(path: Path) -> bool:
-    """True when ``path`` is a mount point listed in /proc/self/mounts."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def peak_rss(pid: int) -> int | None:
-    """VmHWM of a process in bytes, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * KiB
-    except OSError:
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process used so far, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # Fields 14 and 15 of stat(5), counted from 1; here the list starts at field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_gone(pid: int | None, mountpoint: Path, timeout: float = 30.0) -> None:
@@ -183,6 +156,10 @@ class Samples:
     def add(self, metric: str, value: float) -> None:
         self.values.setdefault(metric, []).append(value)
 
+    def add_all(self, metrics: dict[str, float]) -> None:
+        for metric, value in metrics.items():
+            self.add(metric, value)
+
     def median(self, metric: str) -> float | None:
         vals = self.values.get(metric)
         return statistics.median(vals) if vals else None
@@ -190,7 +167,11 @@ class Samples:
 
 @dataclass
 class Bench:
-    """One benchmark run: options, work directories, results."""
+    """One benchmark run: options, work directories, results.
+
+    ``disk`` (cold mode): the disk holding the images, whose counters every timed
+    command is measured with; ``pins``: the CPUs each daemon was seen allowed on.
+    """
 
     args: argparse.Namespace
     work_dir: Path
@@ -198,6 +179,8 @@ class Bench:
     out_dir: Path
     results: dict[str, dict[str, Samples]] = field(default_factory=dict)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    disk: str | None = None
+    pins: dict[str, str] = field(default_factory=dict)
 
     def out_path(self, name: str) -> Path:
         return self.out_dir / name
@@ -209,61 +192,84 @@ class Bench:
                 raise SystemExit(f"bench: {wl} {who}: the copy is wrong: {problem}")
 
     def run_contender(self, wl: Workload, who: str, image: Path, ref: Path, rnd: int) -> None:
+        """One round of one contender; cold mode drops the page cache first."""
         samples = self.results.setdefault(wl.name, {}).setdefault(who, Samples())
+        if self.args.cold:
+            drop_caches()
+        compact_memory()
+        if who in GROUP:
+            self.run_member(wl.name, who, image, ref, rnd, samples)
+            return
         out = self.out_path(f"{wl.name}-{who.replace('+', '-')}.raw")
         out.unlink(missing_ok=True)
-        compact_memory()
         try:
             if who == "convert":
-                samples.add(
-                    "copy_s",
-                    timed(
-                        [
-                            "qemu-img",
-                            "convert",
-                            "-f",
-                            image_format(image),
-                            "-O",
-                            "raw",
-                            str(image),
-                            str(out),
-                        ]
-                    ),
-                )
+                cmd = ["qemu-img", "convert", "-f", image_format(image), "-O", "raw"]
+                with window(self.disk, None) as got:
+                    samples.add("copy_s", timed([*cmd, str(image), str(out)]))
+                samples.add_all(got)
                 self.check(wl.name, who, out, ref, rnd == 0)
-                return
-            system, tool = who.split("+")
-            mount: Callable[[], contextlib.AbstractContextManager[Mounted]]
-            if system == "sparsefs":
-                mount = lambda: sparsefs_mount(image, self.mount_base, self.args.sparsefs_opt)  # noqa: E731  # deferred, like its twin below
             else:
-                mount = lambda: qsd_mount(image, self.mount_base)  # noqa: E731  # deferred mount
-            with mount() as m:
-                samples.add("mount_s", m.ready_s)
-                if wl.name == "W3":
-                    t0 = time.perf_counter()
-                    calls = seek_walk(m.file)
-                    samples.add("walk_s", time.perf_counter() - t0)
-                    self.info.setdefault(wl.name, {})["lseek_calls"] = calls
-                if tool == "cp":
-                    cmd = ["cp", "--sparse=always", str(m.file), str(out)]
-                elif tool == "cat":
-                    cmd = ["sh", "-c", f"cat {shlex.quote(str(m.file))} > /dev/null"]
-                else:
-                    cmd = ["rsync", "--sparse", str(m.file), str(out)]
-                samples.add("copy_s", timed(cmd))
-                if m.pid is not None:
-                    rss = peak_rss(m.pid)
-                    if rss is not None:
-                        samples.add("rss_mib", rss / MiB)
-                    cpu = cpu_seconds(m.pid)
-                    if cpu is not None:
-                        samples.add("cpu_s", cpu)
-                # Untimed, after the CPU sample: what cat read must be the image's bytes.
-                verify_cat = tool == "cat" and rnd == 0 and not self.args.no_verify
-                if verify_cat and subprocess.run(["cmp", "-s", str(m.file), str(ref)]).returncode:
-                    raise SystemExit(f"bench: {wl.name} {who}: the bytes read are wrong")
-            if tool != "cat":
-                self.check(wl.name, who, out, ref, rnd == 0)
+                self.through_mount(wl.name, who, image, out, ref, rnd, samples)
         finally:
             out.unlink(missing_ok=True)
+
+    def run_member(
+        self, wl: str, who: str, image: Path, ref: Path, rnd: int, samples: Samples
+    ) -> None:
+        """A member of the backup/checksum group, writing into a fresh directory."""
+        dest = Path(tempfile.mkdtemp(prefix=f"{wl}-{who.replace('+', '-')}-", dir=self.out_dir))
+        try:
+            got, out = run_member(who, image, ref, dest, self.disk)
+            samples.add_all(got)
+            if out is not None:
+                self.check(wl, who, out, ref, rnd == 0)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+
+    def through_mount(
+        self, wl: str, who: str, image: Path, out: Path, ref: Path, rnd: int, samples: Samples
+    ) -> None:
+        """cp, rsync or cat of the file of a fresh sparsefs or qemu-storage-daemon mount."""
+        system, tool = who.split("+")
+        mount: Callable[[], contextlib.AbstractContextManager[Mounted]]
+        if system == "sparsefs":
+            mount = lambda: sparsefs_mount(image, self.mount_base, self.args.sparsefs_opt)  # noqa: E731  # deferred, like its twin below
+        else:
+            mount = lambda: qsd_mount(image, self.mount_base)  # noqa: E731  # deferred mount
+        with mount() as m:
+            samples.add("mount_s", m.ready_s)
+            if wl == "W3":
+                t0 = time.perf_counter()
+                calls = seek_walk(m.file)
+                samples.add("walk_s", time.perf_counter() - t0)
+                self.info.setdefault(wl, {})["lseek_calls"] = calls
+            if tool == "cp":
+                cmd = ["cp", "--sparse=always", str(m.file), str(out)]
+            elif tool == "cat":
+                cmd = ["sh", "-c", f"cat {shlex.quote(str(m.file))} > /dev/null"]
+            else:
+                cmd = ["rsync", "--sparse", str(m.file), str(out)]
+            with window(self.disk, m.pid) as got:
+                samples.add("copy_s", timed(cmd))
+            samples.add_all(got)
+            if m.pid is not None:
+                self.daemon_costs(system, m.pid, samples)
+            # Untimed, after the CPU sample: what cat read must be the image's bytes.
+            verify_cat = tool == "cat" and rnd == 0 and not self.args.no_verify
+            if verify_cat and subprocess.run(["cmp", "-s", str(m.file), str(ref)]).returncode:
+                raise SystemExit(f"bench: {wl} {who}: the bytes read are wrong")
+        if tool != "cat":
+            self.check(wl, who, out, ref, rnd == 0)
+
+    def daemon_costs(self, system: str, pid: int, samples: Samples) -> None:
+        """Peak RSS and CPU over the daemon's life so far; the CPUs it may run on."""
+        rss = peak_rss(pid)
+        if rss is not None:
+            samples.add("rss_mib", rss / MiB)
+        cpu = cpu_seconds(pid)
+        if cpu is not None:
+            samples.add("cpu_s", cpu)
+        cpus = cpus_allowed(pid)
+        if cpus is not None:
+            self.pins[system] = cpus

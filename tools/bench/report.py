@@ -144,25 +144,36 @@ def rows(bench: Bench) -> list[Row]:
     return out
 
 
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("pass" if ok else "MISS")
+
+
 def fmt(v: float | None, digits: int = 3) -> str:
     if v is None:
         return "-"
     return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def print_table(bench: Bench, table: list[Row]) -> None:
+def print_header(bench: Bench) -> None:
+    """The run's options and the workloads' images."""
     a = bench.args
     print(
         f"sparsefs benchmark: {a.rounds} rounds, medians"
         f"{' (quick)' if a.quick else ''}; {os.cpu_count()} CPUs; "
         f"sparsefs options: {' '.join(a.sparsefs_opt) or '(none)'}"
     )
+    if a.taskset:
+        print(f"  {pinning(bench)}")
     for name, info in bench.info.items():
         print(
             f"  {name}: {human(info['virtual_size'])} virtual, {human(info['data_bytes'])} "
             f"data in {info['extents']} {info.get('extents_are', 'writes')}"
             + (f", {info['lseek_calls']} lseek calls per walk" if "lseek_calls" in info else "")
         )
+
+
+def print_table(bench: Bench, table: list[Row]) -> None:
+    print_header(bench)
     head = ["wl", "metric", "sparsefs", "qsd", "convert", "s/qsd", "s/convert", "target", "result"]
     lines = [head]
     for r in table:
@@ -176,7 +187,7 @@ def print_table(bench: Bench, table: list[Row]) -> None:
                 fmt(r.ratios.get("/qsd")),
                 fmt(r.ratios.get("/convert")),
                 r.target,
-                "-" if r.ok is None else ("pass" if r.ok else "MISS"),
+                verdict(r.ok),
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -205,3 +216,113 @@ def to_json(bench: Bench, table: list[Row]) -> dict[str, Any]:
         },
         "table": [dataclasses.asdict(r) for r in table],
     }
+
+
+# -- the per-contender table (cold mode, the backup/checksum group) --------------------
+
+Target = tuple[str, float, str]  # (anchor contender, at most this ratio, label)
+_BACKUP: tuple[Target, ...] = (("convert+compare", 1.0, ""), ("convert", 1.3, ""))
+# Issue 22's "Done when", by (workload, contender).
+COLD_TARGETS: dict[tuple[str, str], tuple[Target, ...]] = {
+    ("W1", "sparsefs+cp"): (("qsd+cp", 0.8, ""),),
+    ("W7", "sparsefs+cp"): (("qsd+cp", 1.0, ""), ("convert", 1.3, "moonshot ")),
+    ("W1", "backup"): _BACKUP,
+    ("W7", "backup"): _BACKUP,
+    ("W1", "checksum"): (("convert", 1.0, ""),),
+    ("W1", "verify"): (("compare", 1.5, ""),),
+    ("W7", "verify"): (("compare", 1.5, ""),),
+}
+WARM_TARGETS: dict[tuple[str, str], tuple[Target, ...]] = {
+    ("W1", "sparsefs+cp"): (("qsd+cp", 1.0, ""),),
+    ("W7", "sparsefs+cp"): (("qsd+cp", 1.2, ""),),
+    ("W1", "checksum"): (("xxh128sum", 0.2, ""),),
+    ("W1", "backup"): (("convert", 1.5, ""),),
+}
+# (metric, column head, digits) after the wall time; "-" where not measured.
+COLUMNS = (
+    ("aqu", "aqu-sz", 3),
+    ("read_mib", "rd MiB", 4),
+    ("read_reqs", "rd reqs", 5),
+    ("req_kib", "KiB/rq", 3),
+    ("mount_s", "mount s", 3),
+    ("cpu_s", "dmn CPU s", 3),
+    ("dreads", "dmn reads", 5),
+    ("us_per_dread", "us/dmn read", 3),
+)
+
+
+@dataclass
+class ContenderRow:
+    """One contender on one workload: its medians and its targets, met or not."""
+
+    workload: str
+    contender: str
+    medians: dict[str, float | None]
+    targets: list[dict[str, Any]]
+
+
+def _targets(res: Results, wl: str, who: str, cold: bool) -> list[dict[str, Any]]:
+    out = []
+    for anchor, limit, label in (COLD_TARGETS if cold else WARM_TARGETS).get((wl, who), ()):
+        r = ratio(med(res, wl, who, "copy_s"), med(res, wl, anchor, "copy_s"))
+        ok = None if r is None else r <= limit
+        out.append({"target": f"{label}<={limit}x {anchor}", "ratio": r, "ok": ok})
+    return out
+
+
+def contender_rows(bench: Bench) -> list[ContenderRow]:
+    """Every contender of every workload, in run order, with issue 22's targets."""
+    out = []
+    for wl, by in bench.results.items():
+        for who, samples in by.items():
+            metrics = ["copy_s", *(m for m, _, _ in COLUMNS)]
+            medians = {m: samples.median(m) for m in metrics}
+            out.append(
+                ContenderRow(wl, who, medians, _targets(bench.results, wl, who, bench.args.cold))
+            )
+    return out
+
+
+def _target_cell(targets: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{t['target']}: {fmt(t['ratio'])}x {verdict(t['ok'])}" for t in targets)
+
+
+def print_contender_table(bench: Bench, table: list[ContenderRow]) -> None:
+    """The per-contender table, with the disk's queue depth when cold."""
+    a = bench.args
+    mode = (
+        f"cold (page cache dropped before every contender; images on {bench.disk})"
+        if a.cold
+        else "warm"
+    )
+    print(f"per contender, {mode}: {a.rounds} rounds, medians; {pinning(bench)}")
+    # Only the columns measured (warm: no disk figures).
+    columns = [c for c in COLUMNS if any(r.medians.get(c[0]) is not None for r in table)]
+    head = ["wl", "contender", "wall s", *(h for _, h, _ in columns), "targets (issue 22)"]
+    lines = [head]
+    for r in table:
+        cells = [fmt(r.medians.get(m), d) for m, _, d in columns]
+        lines.append(
+            [r.workload, r.contender, fmt(r.medians["copy_s"]), *cells, _target_cell(r.targets)]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    print(
+        "  aqu-sz: the disk's average queue depth while the command ran (/proc/diskstats "
+        "time_in_queue / wall, iostat -x aqu-sz); rd MiB, rd reqs, KiB/rq: what it read "
+        "(other work on the disk counts too)"
+    )
+    print(
+        "  dmn CPU s: the daemon's user+sys CPU over its life; dmn reads: its read-type "
+        "syscalls during the copy (/proc/PID/io syscr: a read of /dev/fuse per FUSE "
+        "request, plus its reads of the image); us/dmn read: its CPU during the copy per read"
+    )
+
+
+def pinning(bench: Bench) -> str:
+    """Which CPUs the contenders ran on, as the report says it."""
+    if not bench.args.taskset:
+        return f"{os.cpu_count()} CPUs, not pinned"
+    seen = ", ".join(f"{system} daemon on {cpus}" for system, cpus in bench.pins.items())
+    return f"pinned: taskset -c {bench.args.taskset} for every contender ({seen or 'no daemon'})"
