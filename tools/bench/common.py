@@ -54,19 +54,26 @@ def timed(cmd: Sequence[str]) -> float:
     return time.perf_counter() - t0
 
 
-def drop_caches() -> None:
+def drop_caches(strict: bool = False) -> None:
     """As root, empty the page cache before a workload (``sync; echo 3 > drop_caches``).
 
     Measured here: with the page cache full of earlier workloads' images, every
     page a copy writes to /dev/shm first waits for reclaim, and W2 ran 1.9x slower
     for every contender alike.  Each workload then starts from the same state; its
     warm-up convert reads the image back in.
+
+    Raises:
+        SystemExit: ``strict`` (cold mode) and the cache could not be dropped.
     """
-    if os.geteuid() != 0:
-        return
-    os.sync()
-    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+    try:
+        if os.geteuid() != 0:
+            raise PermissionError("not root")
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        if strict:
+            raise SystemExit(f"bench: --cold cannot drop the page cache: {exc}") from None
 
 
 def compact_memory() -> None:

@@ -195,7 +195,7 @@ class Bench:
         """One round of one contender; cold mode drops the page cache first."""
         samples = self.results.setdefault(wl.name, {}).setdefault(who, Samples())
         if self.args.cold:
-            drop_caches()
+            drop_caches(strict=True)
         compact_memory()
         if who in GROUP:
             self.run_member(wl.name, who, image, ref, rnd, samples)
