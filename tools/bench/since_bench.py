@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 KiB = 1024
@@ -122,95 +123,69 @@ def main() -> int:
         shutil.rmtree(copies, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
-    size, extents = (2 * GiB, 150) if args.quick else (16 * GiB, 300)
-    image = work / "w1.qcow2"
-    clusters = build(image, size, extents, 1 * MiB if args.quick else 2 * MiB, seed=1)
-    dest, dest2, rdest, mp = (copies / "dest", copies / "dest2", copies / "rsync", work / "mnt")
-    for d in (dest, rdest, mp):
-        d.mkdir()
+def _first_copies(image: Path, dest: Path, rdest: Path, mp: Path) -> None:
+    """The full backup into ``dest`` and the first ``rsync --sparse`` into ``rdest``."""
     sh([*SPARSEFS, "backup", "-q", str(image), str(dest)])
     sh([*SPARSEFS, "mount", str(image), str(mp)])
     try:
         sh(["rsync", "--sparse", str(mp / "w1.raw"), str(rdest)])
     finally:
         sh([*SPARSEFS, "umount", str(mp)])
-    sh(["qemu-img", "bitmap", "--add", str(image), "nightly"])
-    rng = random.Random(2)
 
-    def change(pattern: int) -> list[int]:
-        changed = rng.sample(clusters, max(1, len(clusters) // 100))
-        sh(
-            [
-                "qemu-io",
-                "-f",
-                "qcow2",
-                *[a for off in changed for a in ("-c", f"write -q -P {pattern} {off} {CLUSTER}")],
-                str(image),
-            ]
-        )
-        return changed
 
-    samples: dict[str, list[dict[str, float]]] = {}
-
-    def add(name: str, r: dict[str, float]) -> None:
-        samples.setdefault(name, []).append(r)
-
-    # Night 1: the first --since after the full backup (its block digests are trusted).
-    changed = change(0xEE)
-    add(
-        "backup --since (first night)",
-        measured([*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]),
+def _change(image: Path, rng: random.Random, clusters: list[int], pattern: int) -> list[int]:
+    """Rewrite 1% of the allocated clusters with ``pattern``; return their offsets."""
+    changed = rng.sample(clusters, max(1, len(clusters) // 100))
+    sh(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            *[a for off in changed for a in ("-c", f"write -q -P {pattern} {off} {CLUSTER}")],
+            str(image),
+        ]
     )
-    sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
-    for night in range(args.nights):
-        changed = change(0xD0 + night)
-        order = ["since", "full", "rsync"]
-        for who in order[night % 3 :] + order[: night % 3]:  # alternate who goes first
-            if who == "since":
-                add(
-                    "backup --since",
-                    measured(
-                        [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]
-                    ),
-                )
-            elif who == "full":
-                shutil.rmtree(dest2, ignore_errors=True)
-                dest2.mkdir()
-                add("backup (full)", measured([*SPARSEFS, "backup", "-q", str(image), str(dest2)]))
-            else:
-                sh([*SPARSEFS, "mount", str(image), str(mp)])
-                try:
-                    time.sleep(0.2)
-                    add(
-                        "rsync --inplace --no-whole-file",
-                        measured(
-                            # --ignore-times: image and copy can share an mtime second
-                            [
-                                "rsync",
-                                "--inplace",
-                                "--no-whole-file",
-                                "--ignore-times",
-                                str(mp / "w1.raw"),
-                                str(rdest),
-                            ],
-                            extra_pid=daemon_pid(mp),
-                        ),
-                    )
-                finally:
-                    sh([*SPARSEFS, "umount", str(mp)])
-        sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
-        for copy in (dest / "w1.raw", rdest / "w1.raw"):
-            sh(["cmp", str(copy), str(dest2 / "w1.raw")])
-    med = {
-        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-        for name, rs in samples.items()
-    }
+    return changed
+
+
+def _since(image: Path, dest: Path) -> dict[str, float]:
+    return measured([*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)])
+
+
+def _full(image: Path, dest2: Path) -> dict[str, float]:
+    shutil.rmtree(dest2, ignore_errors=True)
+    dest2.mkdir()
+    return measured([*SPARSEFS, "backup", "-q", str(image), str(dest2)])
+
+
+def _rsync(image: Path, rdest: Path, mp: Path) -> dict[str, float]:
+    sh([*SPARSEFS, "mount", str(image), str(mp)])
+    try:
+        time.sleep(0.2)
+        return measured(
+            # --ignore-times: image and copy can share an mtime second
+            [
+                "rsync",
+                "--inplace",
+                "--no-whole-file",
+                "--ignore-times",
+                str(mp / "w1.raw"),
+                str(rdest),
+            ],
+            extra_pid=daemon_pid(mp),
+        )
+    finally:
+        sh([*SPARSEFS, "umount", str(mp)])
+
+
+def _print_report(
+    med: dict[str, dict[str, float]], size: int, clusters: int, changed: int, nights: int
+) -> None:
     full = med["backup (full)"]
     print(
-        f"image: {size >> 20} MiB virtual, {len(clusters) * CLUSTER >> 20} MiB data, "
-        f"{len(changed)} of {len(clusters)} clusters changed (1%) per night; "
-        f"medians of {args.nights} nights; copies on /dev/shm"
+        f"image: {size >> 20} MiB virtual, {clusters * CLUSTER >> 20} MiB data, "
+        f"{changed} of {clusters} clusters changed (1%) per night; "
+        f"medians of {nights} nights; copies on /dev/shm"
     )
     print(
         f"| {'contender':<32} | {'wall s':>7} | {'x full':>6} | {'CPU s':>6} | "
@@ -227,6 +202,42 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
         f"target: backup --since <= 0.3x a full backup (wall): {ratio:.2f}x "
         f"{'pass' if ratio <= 0.3 else 'MISS'}"
     )
+
+
+def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
+    size, extents = (2 * GiB, 150) if args.quick else (16 * GiB, 300)
+    image = work / "w1.qcow2"
+    clusters = build(image, size, extents, 1 * MiB if args.quick else 2 * MiB, seed=1)
+    dest, dest2, rdest, mp = (copies / "dest", copies / "dest2", copies / "rsync", work / "mnt")
+    for d in (dest, rdest, mp):
+        d.mkdir()
+    _first_copies(image, dest, rdest, mp)
+    sh(["qemu-img", "bitmap", "--add", str(image), "nightly"])
+    rng = random.Random(2)
+    samples: dict[str, list[dict[str, float]]] = {}
+    # Night 1: the first --since after the full backup (its block digests are trusted).
+    changed = _change(image, rng, clusters, 0xEE)
+    samples["backup --since (first night)"] = [_since(image, dest)]
+    sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
+    runs: dict[str, tuple[str, Callable[[], dict[str, float]]]] = {
+        "since": ("backup --since", lambda: _since(image, dest)),
+        "full": ("backup (full)", lambda: _full(image, dest2)),
+        "rsync": ("rsync --inplace --no-whole-file", lambda: _rsync(image, rdest, mp)),
+    }
+    for night in range(args.nights):
+        changed = _change(image, rng, clusters, 0xD0 + night)
+        order = ["since", "full", "rsync"]
+        for who in order[night % 3 :] + order[: night % 3]:  # alternate who goes first
+            name, contender = runs[who]
+            samples.setdefault(name, []).append(contender())
+        sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
+        for copy in (dest / "w1.raw", rdest / "w1.raw"):
+            sh(["cmp", str(copy), str(dest2 / "w1.raw")])
+    med = {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        for name, rs in samples.items()
+    }
+    _print_report(med, size, len(clusters), len(changed), args.nights)
     return 0
 
 
