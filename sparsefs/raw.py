@@ -9,6 +9,8 @@ neither, the whole file is one data extent and is read.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import stat
 import threading
@@ -52,6 +54,9 @@ class RawFile:
         self.strict_end = False
         self._host_map: HostMap | None = None
         self._map_lock = threading.Lock()
+        # A second descriptor opened with O_DIRECT on first use (pread_into_uncached);
+        # -1 once the filesystem refused it.
+        self._direct_fd: int | None = None
 
     @property
     def size(self) -> int:
@@ -68,6 +73,9 @@ class RawFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._direct_fd is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
+        self._direct_fd = -1
 
     def __enter__(self) -> RawFile:
         return self
@@ -133,6 +141,61 @@ class RawFile:
                 )
             view[got:] = bytes(want - got)
 
+    def pread_into_uncached(self, view: memoryview, host_offset: int) -> None:
+        """:meth:`pread_into` for a reader that reads a lot once (backup, checksum, verify).
+
+        A range the page cache holds whole is copied from it; any other is
+        read with ``O_DIRECT``, which on a cold image skips filling the page
+        cache and, with several readers, keeps the disk's queue full
+        (measured on W1's data, cold, 8 threads: 1289 MiB/s against 844 MiB/s
+        buffered with read-ahead hints, tools/bench/odirect.py).  Whether the
+        cache holds the range comes from ``cachestat(2)`` (Linux 6.5), which
+        reads nothing; without it every read is buffered.  Where the
+        filesystem refuses O_DIRECT (tmpfs), or a direct read comes back short
+        (the end of the file), the range is read as :meth:`pread_into` reads
+        it, with its rule for short reads.
+
+        Raises:
+            ImageReadError: on an I/O error, or when the file shrank.
+        """
+        if (
+            self._direct_fd == -1
+            or _all_cached(self._fd, host_offset, len(view))
+            or not self._read_direct(view, host_offset)
+        ):
+            self.pread_into(view, host_offset)
+
+    def _read_direct(self, view: memoryview, host_offset: int) -> bool:
+        """Fill ``view`` by one O_DIRECT read through an aligned buffer; False if it cannot."""
+        fd = self._direct_fd
+        if fd is None:
+            with self._map_lock:
+                if self._direct_fd is None:
+                    try:
+                        self._direct_fd = os.open(
+                            self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT | os.O_NONBLOCK
+                        )
+                    except OSError:
+                        self._direct_fd = -1
+                fd = self._direct_fd
+        if fd < 0:
+            return False
+        start = host_offset - host_offset % _DIRECT_ALIGN
+        end = -(-(host_offset + len(view)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        bounce = _bounce_buffer(end - start)
+        try:
+            got = os.preadv(fd, [bounce[: end - start]], start)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # alignment or the filesystem: not again
+                self._direct_fd = -1
+                os.close(fd)
+            return False
+        skip = host_offset - start
+        if got < skip + len(view):
+            return False  # the end of the file: the buffered rule decides
+        view[:] = bounce[skip : skip + len(view)]
+        return True
+
     def read(self, guest_offset: int, length: int) -> bytes:
         """Guest bytes (the stream is the file itself, zero-extended)."""
         length = max(0, min(length, self._size - guest_offset))
@@ -186,3 +249,65 @@ class RawFile:
                 pos = stop
         if pos < end:
             yield Extent(pos, end - pos, data=False, zero=True)
+
+
+# O_DIRECT wants its offsets, lengths and buffers aligned to the logical block
+# size; 4 KiB covers every disk.
+_DIRECT_ALIGN = 4096
+_local = threading.local()
+_PAGE = mmap.PAGESIZE
+# cachestat(2): (fd, range, stats, flags); its number is the same on every architecture.
+_NR_CACHESTAT = 451
+# [syscall function, or None when cachestat is missing]; found on first use.
+_cachestat: list[object] = []
+
+
+def _all_cached(fd: int, offset: int, length: int) -> bool:
+    """True when the page cache holds every page of the range; True without cachestat(2).
+
+    (True means "read it buffered", the right answer where nothing can tell.)
+    """
+    if not _cachestat:
+        _cachestat.append(_load_cachestat())
+    call = _cachestat[0]
+    if call is None:
+        return True
+    first = offset // _PAGE
+    pages = (offset + length + _PAGE - 1) // _PAGE - first
+    import ctypes  # loaded by _load_cachestat already
+
+    stats = (ctypes.c_uint64 * 5)()
+    span = (ctypes.c_uint64 * 2)(first * _PAGE, pages * _PAGE)
+    if call(fd, span, stats, 0) != 0:  # type: ignore[operator]
+        return True
+    return bool(stats[0] >= pages)
+
+
+def _load_cachestat() -> object:
+    """libc's syscall() bound for cachestat, or None where it is missing (ENOSYS)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        import ctypes  # only when there is data to read: ctypes costs start-up time
+
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    probe_stats = (ctypes.c_uint64 * 5)()
+    probe_span = (ctypes.c_uint64 * 2)(0, 0)
+    # fd -1: EBADF where the call exists, ENOSYS where it does not.
+    syscall(_NR_CACHESTAT, -1, probe_span, probe_stats, 0)
+    if ctypes.get_errno() == errno.ENOSYS:
+        return None
+    return lambda fd, span, stats, flags: syscall(_NR_CACHESTAT, fd, span, stats, flags)
+
+
+def _bounce_buffer(size: int) -> memoryview:
+    """This thread's page-aligned buffer of at least ``size`` bytes (O_DIRECT reads)."""
+    buf: mmap.mmap | None = getattr(_local, "bounce", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = _local.bounce = mmap.mmap(-1, max(size, 1024 * 1024))
+    return memoryview(buf)

@@ -28,7 +28,6 @@ from sparsefs.checksum.digest import (
 )
 from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
-from sparsefs.prefetch import shared_prefetcher
 
 # -- planning: which blocks hold data ------------------------------------------------
 
@@ -99,7 +98,7 @@ def fill_from_host(source: SparseSource, view: memoryview, offset: int) -> bool:
         if raw is None:
             part[:] = read_exact(source, start, stop - start)
         else:
-            raw.pread_into(part, host)
+            raw.pread_into_uncached(part, host)
         pos = stop
     if pos < end:
         view[pos - offset :] = zero_bytes(end - pos)
@@ -289,16 +288,12 @@ def iter_block_digests(
         else:
             yield from item.result()
 
-    # The disk reads the data ahead of the workers (cold images: queue depth).
-    prefetcher = shared_prefetcher()
-    stream = prefetcher.open_stream(source, 0, size)
     try:
         busy = 0  # batches submitted and not drained
         for plans, has_data in _batches(source, block_size):
             if not has_data:
                 pending.append(plans)
             else:
-                prefetcher.advance(stream, plans[0][0] * block_size)
                 pending.append(
                     executor.submit(_digest_batch, source, plans, size, block_size, sink)
                 )
@@ -310,7 +305,6 @@ def iter_block_digests(
         while pending:
             yield from drain_one()
     finally:
-        prefetcher.close_stream(stream)
         for queued in pending:
             if not isinstance(queued, list):
                 queued.cancel()

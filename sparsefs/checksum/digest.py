@@ -24,9 +24,11 @@ ZERO_CHUNK = bytes(STREAM_CHUNK_SIZE)
 # Sources other than raw files are read in pieces of at most this size.
 READ_PIECE_SIZE = 1024 * 1024
 
-# Worker threads and the blocks each stream may have in flight.
-DEFAULT_WORKERS = 2
-DEFAULT_IN_FLIGHT = 4
+# Worker threads and the batches each stream may have in flight: cold images are
+# read with O_DIRECT (RawFile.pread_into_uncached), so the threads blocked in
+# reads are what keeps the disk's queue full.
+DEFAULT_WORKERS = 8
+DEFAULT_IN_FLIGHT = 8
 
 # A batch of data blocks (one task for a worker) closes at this much data, or
 # at this many plans.
