@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import sys
 import json
 import os
+import sys
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -120,7 +120,9 @@ class BlockDigests:
     def fold(self) -> str:
         """The sparsefs1 digest of the stream."""
         size = self.size
-        h = xxhash.xxh3_128(HEADER_MAGIC + size.to_bytes(8, "little") + BLOCK_SIZE.to_bytes(8, "little"))
+        h = xxhash.xxh3_128(
+            HEADER_MAGIC + size.to_bytes(8, "little") + BLOCK_SIZE.to_bytes(8, "little")
+        )
         full = size // BLOCK_SIZE
         zero_full = zero_block_digest(BLOCK_SIZE)
         pos = 0
@@ -148,7 +150,9 @@ class BlockDigests:
         replaced = set(blocks)
         out = BlockDigests(size)
         kept = (r for r in _records(self.block_index, self.block_digests) if r[0] not in replaced)
-        for index, digest in heapq.merge(kept, _records(updates.block_index, updates.block_digests)):
+        for index, digest in heapq.merge(
+            kept, _records(updates.block_index, updates.block_digests)
+        ):
             if index * BLOCK_SIZE < size:
                 out.block_index.append(index)
                 out.block_digests += digest

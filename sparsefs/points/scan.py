@@ -169,7 +169,11 @@ def hash_block(index: int, view: memoryview, size: int) -> tuple[bytes, list[tup
     for j in range(0, len(view), FINE_SIZE):
         piece = view[j : j + FINE_SIZE]
         digest = xxhash.xxh3_128_digest(piece)
-        zero = full_zero if len(piece) == FINE_SIZE else zero_digest(size, first + j // FINE_SIZE, FINE_SIZE)
+        zero = (
+            full_zero
+            if len(piece) == FINE_SIZE
+            else zero_digest(size, first + j // FINE_SIZE, FINE_SIZE)
+        )
         if digest != zero:
             fines.append((first + j // FINE_SIZE, digest))
     if not fines:

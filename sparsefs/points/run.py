@@ -1,0 +1,256 @@
+"""One backup run for one disk: add a verified point to a set.
+
+:func:`add_point` decides the kind of point, writes it under a temporary name
+(``NAME/.NAME@ID.FMT.partial-PID``), syncs it and drops its cached pages,
+reads it back through the registry (a delta with its backing chain) and
+compares its sparsefs1 digest with the image's, and only then saves its
+block digests, renames it into place, fsyncs the directory and records it in
+the manifest (and SPARSEFS-SUMS).  A run killed at any moment leaves every
+earlier point as it was and the manifest naming only verified points; the
+next run removes what it left (:func:`sparsefs.points.check.remove_strays`).
+
+- No point yet, or ``full``: a full point, raw (sparse) or qcow2 (no backing
+  file, optionally compressed).
+- Otherwise a delta: a qcow2 overlay over the newest point, holding the 64 KiB
+  blocks that changed (``dirty`` ranges of a bitmap, or found by comparing
+  digests of the whole image's data with the previous point's).
+- A disk that grew gets a delta of the larger size: the qcow2 overlay reads
+  zeros past its smaller backing file, as qemu does.  A disk that shrank is
+  refused (``--full`` starts a new chain).
+
+The caller holds the set's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsefs.checksum import BLOCK_SIZE
+from sparsefs.errors import SparsefsError
+from sparsefs.extents import SparseSource
+from sparsefs.formats import open_source
+from sparsefs.points.blocks import BlockDigests, BlocksFileError
+from sparsefs.points.check import (
+    blocks_file,
+    partial_file,
+    point_file,
+    point_problem,
+    remove_strays,
+)
+from sparsefs.points.engine import RawFileSink, drop_pages, point_digest, write_changes
+from sparsefs.points.scan import scan
+from sparsefs.points.set import BackupSet, Point, SetError, check_disk_name, fsync_dir, id_time
+
+Advance = Callable[[int], None]
+
+
+class VerificationError(SparsefsError):
+    """The new point, read back, does not equal the image; nothing was recorded."""
+
+
+@dataclass
+class RunResult:
+    """What one run did for one disk (bytes unless named otherwise)."""
+
+    disk: str
+    point: Point | None = None
+    bytes_read: int = 0
+    data_bytes: int = 0
+    zeroed_bytes: int = 0
+    changed_blocks: int = 0
+    removed: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    recomputed_blocks: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to make the point.
+
+    Attributes:
+        full: start a new chain.
+        fmt: "raw" or "qcow2": the format of a full point (deltas are qcow2).
+        compression: None, "zstd" or "zlib" for qcow2 points.
+        dirty: the bitmap's dirty ranges (guest offset, length), or None to
+            find the changes by digests.
+        source_path: the image's path, recorded in the manifest.
+    """
+
+    full: bool = False
+    fmt: str = "raw"
+    compression: str | None = None
+    dirty: list[tuple[int, int]] | None = None
+    source_path: str | None = None
+
+
+def dirty_blocks(ranges: list[tuple[int, int]], size: int) -> list[int]:
+    """The MiB blocks holding any of ``ranges`` (guest offset, length), increasing."""
+    blocks: set[int] = set()
+    for start, length in ranges:
+        end = min(start + length, size)
+        if end > start:
+            blocks.update(range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1))
+    return sorted(blocks)
+
+
+def _previous(
+    bset: BackupSet, disk: str, size: int, image: str
+) -> tuple[Point, BlockDigests, bool]:
+    """The newest point (checked) and its block digests; whether they were recomputed.
+
+    Raises:
+        SetError: the disk shrank, or a point of the chain is damaged.
+    """
+    prev = bset.latest(disk)
+    assert prev is not None
+    if size < prev.size:
+        raise SetError(
+            f"{image}: is {size} bytes, smaller than the newest point {bset.path(prev.file)} "
+            f"({prev.size} bytes): a disk that shrank needs a new chain: use --full"
+        )
+    for point in bset.chain(disk, prev.id):
+        problem = point_problem(bset, disk, point)
+        if problem is not None:
+            raise SetError(f"{problem}; point {point.id} is damaged: start a new chain with --full")
+    try:
+        return prev, BlockDigests.load(bset.path(prev.blocks), prev.digest, prev.size), False
+    except BlocksFileError:
+        pass
+    # The digests are lost or damaged: hash the point itself (O(data)) and check it.
+    digests = BlockDigests(prev.size)
+    with opened(bset.path(prev.file), prev.format) as source:
+        for block in scan(source):
+            digests.add_block(block.index, block.digest, block.fines)
+    if digests.fold() != prev.digest:
+        raise SetError(
+            f"{bset.path(prev.file)}: does not match its digest in the manifest: the point is "
+            "damaged: start a new chain with --full"
+        )
+    digests.save(bset.path(prev.blocks), prev.digest)
+    return prev, digests, True
+
+
+@contextlib.contextmanager
+def opened(path: str, fmt: str) -> Iterator[SparseSource]:
+    """A point file opened through the registry (its backing chain too), closed after."""
+    source = open_source(path, fmt)
+    try:
+        yield source
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _new_sink(
+    path: str, size: int, fmt: str, backing: Point | None, compression: str | None
+) -> Any:
+    if fmt == "raw":
+        return RawFileSink(path, size)
+    from sparsefs.formats.qcow2 import Qcow2Writer
+
+    return Qcow2Writer(
+        path,
+        size,
+        backing_file=os.path.basename(backing.file) if backing is not None else None,
+        backing_format=backing.format if backing is not None else None,
+        compression=compression,
+    )
+
+
+def add_point(
+    bset: BackupSet,
+    disk: str,
+    source: SparseSource,
+    options: RunOptions,
+    *,
+    advance: Advance | None = None,
+    now: float | None = None,
+) -> RunResult:
+    """Write, verify and record a new point of ``disk`` from ``source``.
+
+    Raises:
+        SetError: the set refuses the run (damaged chain, shrunk disk, ...).
+        VerificationError: the point read back differs from the image.
+        ImageReadError, OSError: reading the image or writing the point failed.
+    """
+    check_disk_name(disk)
+    result = RunResult(disk)
+    result.removed = remove_strays(bset, disk)
+    image = options.source_path or disk
+    size = source.size
+    prev: Point | None = None
+    prev_digests = BlockDigests(size)
+    if not options.full and bset.latest(disk) is not None:
+        prev, prev_digests, result.recomputed_blocks = _previous(bset, disk, size, image)
+    pid = bset.new_id(disk, now)
+    fmt = "qcow2" if prev is not None else options.fmt
+    directory = bset.path(disk)
+    if not os.path.isdir(directory):
+        os.mkdir(directory)
+        fsync_dir(bset.root)
+    partial = bset.path(partial_file(disk, pid, fmt))
+    final_rel = point_file(disk, pid, fmt)
+    t0 = time.monotonic()
+    sink = _new_sink(partial, size, fmt, prev, options.compression)
+    try:
+        blocks = None
+        if prev is not None and options.dirty is not None:
+            blocks = dirty_blocks(options.dirty, size)
+        written = write_changes(source, sink, prev_digests, blocks=blocks, advance=advance)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    t1 = time.monotonic()
+    try:
+        drop_pages(partial)
+        with opened(partial, fmt) as readback:
+            got = point_digest(
+                readback,
+                prev_digests if prev is not None else None,
+                written.changed_blocks,
+                advance=advance,
+            )
+        if got != written.digest:
+            raise VerificationError(
+                f"{bset.path(final_rel)}: verification failed: the point read back has digest "
+                f"{got}, the image {written.digest}; nothing recorded"
+            )
+        written.digests.save(bset.path(blocks_file(disk, pid)), written.digest)
+        os.rename(partial, bset.path(final_rel))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    fsync_dir(directory)
+    t2 = time.monotonic()
+    changes = "full" if prev is None else ("bitmap" if options.dirty is not None else "digest")
+    point = Point(
+        id=pid,
+        time=id_time(pid),
+        kind="full" if prev is None else "delta",
+        file=final_rel,
+        format=fmt,
+        size=size,
+        data_bytes=os.stat(bset.path(final_rel)).st_blocks * 512,
+        digest=written.digest,
+        blocks=blocks_file(disk, pid),
+        backing=prev.file if prev is not None else None,
+        source=os.path.abspath(options.source_path) if options.source_path else None,
+        changes=changes,
+        changed_bytes=written.data_bytes + written.zeroed_bytes,
+    )
+    bset.add_point(disk, point)
+    result.point = point
+    result.bytes_read = written.bytes_read
+    result.data_bytes = written.data_bytes
+    result.zeroed_bytes = written.zeroed_bytes
+    result.changed_blocks = len(written.changed_blocks)
+    result.phases = {"write": t1 - t0, "verify": t2 - t1, "record": time.monotonic() - t2}
+    return result
