@@ -34,7 +34,7 @@ from typing import Protocol
 
 from sparsefs.checksum import BLOCK_SIZE
 from sparsefs.extents import Extent, SparseSource
-from sparsefs.points.blocks import FINE_PER_BLOCK, FINE_SIZE, BlockDigests
+from sparsefs.points.blocks import FINE_PER_BLOCK, FINE_SIZE, BlockDigests, zero_digest
 from sparsefs.points.scan import BlockScan, scan
 
 Advance = Callable[[int], None]
@@ -166,12 +166,7 @@ def point_digest(
     """
     size = point.size
     if prev is None:
-        whole = BlockDigests(size)
-        for block in scan(point):
-            whole.add_block(block.index, block.digest, block.fines)
-            if advance is not None:
-                advance(block.bytes_read)
-        return whole.fold()
+        return all_digests(point, advance=advance).fold()
     check = list(changed_blocks)
     if prev.size != size and prev.size % BLOCK_SIZE:
         check = sorted({*check, prev.nb_blocks - 1})
@@ -181,6 +176,47 @@ def point_digest(
         if advance is not None:
             advance(block.bytes_read)
     return prev.spliced(size, updates, check).fold()
+
+
+RunCallback = Callable[[int, int, bytes, int], None]
+"""Called with (first MiB block, count, block digest, bytes read) for consecutive runs."""
+
+
+def all_digests(
+    source: SparseSource, *, advance: Advance | None = None, on_run: RunCallback | None = None
+) -> BlockDigests:
+    """The block digests of all of ``source``, reading its data once (holes cost nothing).
+
+    ``on_run`` sees every MiB block in order, zero runs included (a full run
+    never includes the short last block).
+    """
+    size = source.size
+    out = BlockDigests(size)
+    full = size // BLOCK_SIZE
+    pos = 0
+
+    def zeros_until(stop: int) -> None:
+        nonlocal pos
+        if on_run is None:
+            pos = stop
+            return
+        if min(stop, full) > pos:
+            on_run(pos, min(stop, full) - pos, zero_digest(size, pos, BLOCK_SIZE), 0)
+            pos = min(stop, full)
+        if stop > pos:  # the short last block
+            on_run(pos, 1, zero_digest(size, pos, BLOCK_SIZE), 0)
+            pos = stop
+
+    for block in scan(source):
+        zeros_until(block.index)
+        out.add_block(block.index, block.digest, block.fines)
+        if on_run is not None:
+            on_run(block.index, 1, block.digest, block.bytes_read)
+        pos = block.index + 1
+        if advance is not None and block.bytes_read:
+            advance(block.bytes_read)
+    zeros_until(out.nb_blocks)
+    return out
 
 
 def drop_pages(path: str) -> None:

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sparsefs.checksum import BLOCK_SIZE
 from sparsefs.errors import SparsefsError
@@ -42,11 +42,17 @@ from sparsefs.points.check import (
     point_problem,
     remove_strays,
 )
-from sparsefs.points.engine import RawFileSink, drop_pages, point_digest, write_changes
-from sparsefs.points.scan import scan
+from sparsefs.points.engine import (
+    RawFileSink,
+    all_digests,
+    drop_pages,
+    point_digest,
+    write_changes,
+)
 from sparsefs.points.set import BackupSet, Point, SetError, check_disk_name, fsync_dir, id_time
 
 Advance = Callable[[int], None]
+Compression = Literal["zstd", "zlib"] | None
 
 
 class VerificationError(SparsefsError):
@@ -83,7 +89,7 @@ class RunOptions:
 
     full: bool = False
     fmt: str = "raw"
-    compression: str | None = None
+    compression: Compression = None
     dirty: list[tuple[int, int]] | None = None
     source_path: str | None = None
 
@@ -122,10 +128,8 @@ def _previous(
     except BlocksFileError:
         pass
     # The digests are lost or damaged: hash the point itself (O(data)) and check it.
-    digests = BlockDigests(prev.size)
     with opened(bset.path(prev.file), prev.format) as source:
-        for block in scan(source):
-            digests.add_block(block.index, block.digest, block.fines)
+        digests = all_digests(source)
     if digests.fold() != prev.digest:
         raise SetError(
             f"{bset.path(prev.file)}: does not match its digest in the manifest: the point is "
@@ -148,7 +152,7 @@ def opened(path: str, fmt: str) -> Iterator[SparseSource]:
 
 
 def _new_sink(
-    path: str, size: int, fmt: str, backing: Point | None, compression: str | None
+    path: str, size: int, fmt: str, backing: Point | None, compression: Compression
 ) -> Any:
     if fmt == "raw":
         return RawFileSink(path, size)
@@ -163,6 +167,93 @@ def _new_sink(
     )
 
 
+@dataclass
+class RawCopy:
+    """What a raw copier made: a full raw point at the partial path, verified.
+
+    Attributes:
+        digests: the copy's block digests, read back from the storage.
+        bytes_read: data bytes read from the image.
+        method: how the bytes were copied (for the report).
+        phases: seconds per phase.
+    """
+
+    digests: BlockDigests
+    bytes_read: int = 0
+    method: str = "read-hash-write"
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+RawCopier = Callable[[SparseSource, str, "Advance | None"], RawCopy]
+"""``copier(source, path, advance)``: write a verified full raw copy of ``source`` at the new
+file ``path`` (or raise, leaving no file); how the CLI plugs in its kernel-copy pipeline."""
+
+
+@dataclass
+class _Target:
+    """Where the new point goes."""
+
+    pid: str
+    fmt: str
+    partial: str
+    final_rel: str
+    directory: str
+
+
+def _target(bset: BackupSet, disk: str, fmt: str, now: float | None) -> _Target:
+    pid = bset.new_id(disk, now)
+    directory = bset.path(disk)
+    if not os.path.isdir(directory):
+        os.mkdir(directory)
+        fsync_dir(bset.root)
+    return _Target(
+        pid, fmt, bset.path(partial_file(disk, pid, fmt)), point_file(disk, pid, fmt), directory
+    )
+
+
+def _write_and_verify(
+    source: SparseSource,
+    target: _Target,
+    prev: Point | None,
+    prev_digests: BlockDigests,
+    options: RunOptions,
+    advance: Advance | None,
+    result: RunResult,
+) -> tuple[BlockDigests, str]:
+    """Write the point with the engine at the partial path and verify it read back."""
+    t0 = time.monotonic()
+    sink = _new_sink(target.partial, source.size, target.fmt, prev, options.compression)
+    try:
+        blocks = None
+        if prev is not None and options.dirty is not None:
+            blocks = dirty_blocks(options.dirty, source.size)
+        written = write_changes(source, sink, prev_digests, blocks=blocks, advance=advance)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    t1 = time.monotonic()
+    drop_pages(target.partial)
+    with opened(target.partial, target.fmt) as readback:
+        got = point_digest(
+            readback,
+            prev_digests if prev is not None else None,
+            written.changed_blocks,
+            advance=advance,
+        )
+    if got != written.digest:
+        raise VerificationError(
+            f"{target.partial}: verification failed: the point read back has digest "
+            f"{got}, the image {written.digest}; nothing recorded"
+        )
+    result.bytes_read = written.bytes_read
+    result.data_bytes = written.data_bytes
+    result.zeroed_bytes = written.zeroed_bytes
+    result.changed_blocks = len(written.changed_blocks)
+    result.phases.update({"write": t1 - t0, "verify": time.monotonic() - t1})
+    return written.digests, written.digest
+
+
 def add_point(
     bset: BackupSet,
     disk: str,
@@ -171,8 +262,11 @@ def add_point(
     *,
     advance: Advance | None = None,
     now: float | None = None,
+    raw_copier: RawCopier | None = None,
 ) -> RunResult:
     """Write, verify and record a new point of ``disk`` from ``source``.
+
+    A full raw point is made by ``raw_copier`` when given, else by the engine.
 
     Raises:
         SetError: the set refuses the run (damaged chain, shrunk disk, ...).
@@ -182,75 +276,60 @@ def add_point(
     check_disk_name(disk)
     result = RunResult(disk)
     result.removed = remove_strays(bset, disk)
-    image = options.source_path or disk
-    size = source.size
     prev: Point | None = None
-    prev_digests = BlockDigests(size)
+    prev_digests = BlockDigests(source.size)
     if not options.full and bset.latest(disk) is not None:
-        prev, prev_digests, result.recomputed_blocks = _previous(bset, disk, size, image)
-    pid = bset.new_id(disk, now)
-    fmt = "qcow2" if prev is not None else options.fmt
-    directory = bset.path(disk)
-    if not os.path.isdir(directory):
-        os.mkdir(directory)
-        fsync_dir(bset.root)
-    partial = bset.path(partial_file(disk, pid, fmt))
-    final_rel = point_file(disk, pid, fmt)
-    t0 = time.monotonic()
-    sink = _new_sink(partial, size, fmt, prev, options.compression)
+        image = options.source_path or disk
+        prev, prev_digests, result.recomputed_blocks = _previous(bset, disk, source.size, image)
+    target = _target(bset, disk, "qcow2" if prev is not None else options.fmt, now)
     try:
-        blocks = None
-        if prev is not None and options.dirty is not None:
-            blocks = dirty_blocks(options.dirty, size)
-        written = write_changes(source, sink, prev_digests, blocks=blocks, advance=advance)
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    t1 = time.monotonic()
-    try:
-        drop_pages(partial)
-        with opened(partial, fmt) as readback:
-            got = point_digest(
-                readback,
-                prev_digests if prev is not None else None,
-                written.changed_blocks,
-                advance=advance,
+        if prev is None and target.fmt == "raw" and raw_copier is not None:
+            copy = raw_copier(source, target.partial, advance)
+            digests, digest = copy.digests, copy.digests.fold()
+            result.bytes_read = result.data_bytes = copy.bytes_read
+            result.phases.update(copy.phases)
+        else:
+            digests, digest = _write_and_verify(
+                source, target, prev, prev_digests, options, advance, result
             )
-        if got != written.digest:
-            raise VerificationError(
-                f"{bset.path(final_rel)}: verification failed: the point read back has digest "
-                f"{got}, the image {written.digest}; nothing recorded"
-            )
-        written.digests.save(bset.path(blocks_file(disk, pid)), written.digest)
-        os.rename(partial, bset.path(final_rel))
+        t0 = time.monotonic()
+        digests.save(bset.path(blocks_file(disk, target.pid)), digest)
+        os.rename(target.partial, bset.path(target.final_rel))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
+            os.unlink(target.partial)
         raise
-    fsync_dir(directory)
-    t2 = time.monotonic()
+    fsync_dir(target.directory)
+    result.point = _record(bset, disk, target, prev, options, digest, result, source.size)
+    result.phases["record"] = time.monotonic() - t0
+    return result
+
+
+def _record(
+    bset: BackupSet,
+    disk: str,
+    target: _Target,
+    prev: Point | None,
+    options: RunOptions,
+    digest: str,
+    result: RunResult,
+    digests_size: int,
+) -> Point:
     changes = "full" if prev is None else ("bitmap" if options.dirty is not None else "digest")
     point = Point(
-        id=pid,
-        time=id_time(pid),
+        id=target.pid,
+        time=id_time(target.pid),
         kind="full" if prev is None else "delta",
-        file=final_rel,
-        format=fmt,
-        size=size,
-        data_bytes=os.stat(bset.path(final_rel)).st_blocks * 512,
-        digest=written.digest,
-        blocks=blocks_file(disk, pid),
+        file=target.final_rel,
+        format=target.fmt,
+        size=digests_size,
+        data_bytes=os.stat(bset.path(target.final_rel)).st_blocks * 512,
+        digest=digest,
+        blocks=blocks_file(disk, target.pid),
         backing=prev.file if prev is not None else None,
         source=os.path.abspath(options.source_path) if options.source_path else None,
         changes=changes,
-        changed_bytes=written.data_bytes + written.zeroed_bytes,
+        changed_bytes=result.data_bytes + result.zeroed_bytes,
     )
     bset.add_point(disk, point)
-    result.point = point
-    result.bytes_read = written.bytes_read
-    result.data_bytes = written.data_bytes
-    result.zeroed_bytes = written.zeroed_bytes
-    result.changed_blocks = len(written.changed_blocks)
-    result.phases = {"write": t1 - t0, "verify": t2 - t1, "record": time.monotonic() - t2}
-    return result
+    return point
