@@ -126,6 +126,17 @@ def data_size(source: SparseSource) -> int:
     return sum(ext.length for ext in source.iter_extents(0) if ext.data)
 
 
+def clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]:
+    """Extents of ``source`` over ``[start, end)``, clipped."""
+    for ext in source.iter_extents(start):
+        if ext.guest_offset >= end:
+            break
+        if ext.end > end:
+            yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
+            break
+        yield ext
+
+
 class DataIndex:
     """The data extents of a source, merged, as one sorted array: seeks without I/O.
 

@@ -7,8 +7,10 @@ the source below (parent, backing file)" into a
 Reads, extents (lseek, ``st_blocks``, checksums) and the map all come from
 the one walk, :meth:`Layer.runs`.
 
-The resolution of a parent or backing file name, written once for every
-format, is in :mod:`sparsefs.parents` (re-exported here).
+What one layer supplies is in :mod:`sparsefs.layer`, the map entries in
+:mod:`sparsefs.imagemap`, the resolution of a parent or backing file name,
+written once for every format, in :mod:`sparsefs.parents`; this module
+re-exports their names, so formats import one module.
 
 Knows nothing of FUSE or of any format's layout.
 """
@@ -18,41 +20,30 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from sparsefs import locking
-from sparsefs.errors import ImageFormatError, ImageReadError, UnsupportedFeatureError
-from sparsefs.extents import Extent, SparseSource, coalesce
-from sparsefs.hostmap import HOLE, WRITTEN
+from sparsefs.errors import ImageReadError
+from sparsefs.extents import Extent, SparseSource, clip_extents, coalesce
+from sparsefs.hostmap import HOLE
+from sparsefs.imagemap import MapEntry as MapEntry
+from sparsefs.imagemap import below_map as below_map
+from sparsefs.imagemap import map_continues as map_continues
+from sparsefs.imagemap import merge_map as merge_map
+from sparsefs.layer import BELOW as BELOW
+from sparsefs.layer import DATA as DATA
+from sparsefs.layer import ERROR as ERROR
+from sparsefs.layer import KIND_NAMES as KIND_NAMES
+from sparsefs.layer import OTHER as OTHER
+from sparsefs.layer import UNWRITTEN as UNWRITTEN
+from sparsefs.layer import ZERO as ZERO
+from sparsefs.layer import ImageFileLayer as ImageFileLayer
+from sparsefs.layer import Layer as Layer
+from sparsefs.layer import LayerOptions as LayerOptions
+from sparsefs.layer import split_unwritten as split_unwritten
 from sparsefs.parents import check_regular_file as check_regular_file
 from sparsefs.parents import file_identity as file_identity
 from sparsefs.parents import path_has_protocol as path_has_protocol
 from sparsefs.parents import resolve_name as resolve_name
-from sparsefs.raw import RawFile
-
-# Kinds of runs (spec-neutral; the numbers match qcow2's RUN_* constants).
-DATA = 0  # stored in this layer; host = (RawFile, host_offset of the run's start)
-OTHER = 1  # stored, needs the layer's decoder; host is the layer's own descriptor
-ZERO = 2  # reads as zeros here and hides what is below
-BELOW = 3  # not stored here: the source below, zeros past its end or without one
-ERROR = 4  # broken metadata; host = one-line message naming the file
-# Mapped to host bytes that the host file stores as nothing (a hole or an
-# unwritten extent: qcow2 preallocation=metadata/falloc).  Reads as zeros
-# without a read and is a hole for copies, yet is "data" in qemu-img map's
-# sense; host = (RawFile, host_offset, zero_in_map): qemu-img map says "zero"
-# for its file holes only when zero_in_map (the image file itself, not an
-# external data file).
-UNWRITTEN = 5
-
-KIND_NAMES = {
-    DATA: "data",
-    OTHER: "other",
-    ZERO: "zero",
-    BELOW: "below",
-    ERROR: "error",
-    UNWRITTEN: "unwritten",
-}
 
 # Images in one chain, the top included (deeper chains are refused).
 MAX_CHAIN_LENGTH = 128
@@ -61,165 +52,6 @@ _nowait_ok = [hasattr(os, "RWF_NOWAIT")]
 # Shared zeros that read_nowait answers holes with (read-only views of it).
 _ZEROS = bytes(4 * 1024 * 1024)
 _ZEROS_VIEW = memoryview(_ZEROS)
-
-
-@dataclass(frozen=True, slots=True)
-class MapEntry:
-    """One entry of ``sparsefs map``, shaped like ``qemu-img map --output=json``."""
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    compressed: bool
-    offset: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The qemu-img map JSON object for this entry."""
-        d: dict[str, Any] = {
-            "start": self.start,
-            "length": self.length,
-            "depth": self.depth,
-            "present": self.present,
-            "zero": self.zero,
-            "data": self.data,
-            "compressed": self.compressed,
-        }
-        if self.offset is not None:
-            d["offset"] = self.offset
-        return d
-
-
-def map_continues(a: MapEntry, b: MapEntry) -> bool:
-    """True when ``b`` extends ``a`` into one qemu-img map entry."""
-    if (a.depth, a.present, a.zero, a.data, a.compressed) != (
-        b.depth,
-        b.present,
-        b.zero,
-        b.data,
-        b.compressed,
-    ) or a.start + a.length != b.start:
-        return False
-    if a.offset is None or b.offset is None:
-        return a.offset is None and b.offset is None and not a.compressed
-    return a.offset + a.length == b.offset
-
-
-def merge_map(entries: Iterator[MapEntry]) -> Iterator[MapEntry]:
-    """Merge touching entries that qemu-img map would print as one."""
-    pending: MapEntry | None = None
-    for entry in entries:
-        if pending is not None and map_continues(pending, entry):
-            pending = MapEntry(
-                pending.start,
-                pending.length + entry.length,
-                pending.depth,
-                pending.present,
-                pending.zero,
-                pending.data,
-                pending.compressed,
-                pending.offset,
-            )
-            continue
-        if pending is not None:
-            yield pending
-        pending = entry
-    if pending is not None:
-        yield pending
-
-
-class LayerOptions(Protocol):
-    """What a format reads of the open options (sparsefs.formats.qcow2.OpenOptions has them)."""
-
-    @property
-    def backing(self) -> bool:
-        """Follow parents / backing files."""
-        ...
-
-    @property
-    def backing_dir(self) -> str | None:
-        """When set, every parent must resolve inside it."""
-        ...
-
-    @property
-    def force_share(self) -> bool:
-        """Take no image locks."""
-        ...
-
-
-class Layer(Protocol):
-    """One layer of an image: its own map as runs, and how to read a run."""
-
-    path: str
-    size: int
-    format_name: str
-
-    def runs(self, guest_start: int, guest_end: int) -> Iterator[tuple[int, int, int, Any]]:
-        """Yield ``(start, end, kind, host)`` in order, covering ``[guest_start, guest_end)``.
-
-        ``guest_end`` is at most :attr:`size`.  For DATA, ``host`` is
-        ``(raw, host_offset)`` with ``host_offset`` the host byte of ``start``.
-        """
-        ...
-
-    def read_other(self, start: int, end: int, host: Any) -> bytes:
-        """The guest bytes of an OTHER run (or part of one) ``[start, end)``.
-
-        Raises:
-            ImageReadError: the run cannot be decoded.
-        """
-        ...
-
-    def close(self) -> None:
-        """Release the layer's files; idempotent."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """Format-specific facts for ``sparsefs info`` (JSON-ready)."""
-        ...
-
-
-# Optional: splits_host_holes = True asks LayeredImage to split the layer's DATA
-# runs by the host file's written map: host bytes stored as nothing become
-# UNWRITTEN (holes for copies, data in the map).  For formats that allocate a
-# whole block and write only part of it, leaving the rest a hole in the file
-# (VHDX).  qcow2 splits its L2 tables itself, once, when it decodes them.
-#
-# Optional, for read_nowait (looked up with getattr, so a layer may lack them):
-#   cached_runs(guest_start, guest_end): runs() from memory only; raises
-#       (any exception) where it would have to read metadata from disk.
-#   read_other_nowait(start, end, host) -> bytes | None: read_other() from
-#       memory only, or None.
-
-
-def split_unwritten(
-    runs: Iterator[tuple[int, int, int, Any]],
-) -> Iterator[tuple[int, int, int, Any]]:
-    """``runs`` with each DATA run split by its host file's written map.
-
-    Host bytes the file stores as nothing (a hole, an unwritten extent; see
-    :mod:`sparsefs.hostmap`) become UNWRITTEN: zeros for reads and copies, yet
-    data in the map (zero_in_map False: qemu-img map does not ask the file
-    below such formats).  One bisect per DATA run when the file is written
-    throughout.
-    """
-    for run in runs:
-        s, e, kind, host = run
-        if kind != DATA:
-            yield run
-            continue
-        raw, host_offset = host
-        host_map = raw.written_map()
-        if host_map.fully_written(host_offset, e - s):
-            yield run
-            continue
-        for rel_s, rel_e, state in host_map.classify(host_offset, e - s):
-            if state == WRITTEN:
-                yield (s + rel_s, s + rel_e, DATA, (raw, host_offset + rel_s))
-            else:
-                yield (s + rel_s, s + rel_e, UNWRITTEN, (raw, host_offset + rel_s, False))
 
 
 class LayeredImage:
@@ -533,75 +365,3 @@ class LayeredImage:
             out.append((getattr(layer, "path", "?"), name))
             layer = getattr(layer, "backing", None)
         return out
-
-
-def below_map(below: SparseSource | None, s: int, e: int, depth: int) -> Iterator[MapEntry]:
-    """Map entries of ``[s, e)`` not stored in a layer at ``depth``: from ``below``.
-
-    Past the end of ``below`` (or without one) the layer itself answers
-    "zero, not present", as qemu does.
-    """
-    if below is None or s >= below.size:
-        yield MapEntry(s, e - s, depth, False, True, False, False, None)
-        return
-    stop = min(e, below.size)
-    deeper = getattr(below, "_iter_map_raw", None)
-    if deeper is not None:
-        yield from deeper(s, stop, depth + 1)
-    else:
-        for x in clip_extents(below, s, stop):
-            yield MapEntry(
-                x.guest_offset,
-                x.length,
-                depth + 1,
-                True,
-                not x.data,
-                x.data,
-                False,
-                x.guest_offset if x.data else None,
-            )
-    if e > stop:
-        yield MapEntry(stop, e - stop, depth, False, True, False, False, None)
-
-
-def clip_extents(source: SparseSource, start: int, end: int) -> Iterator[Extent]:
-    """Extents of ``source`` over ``[start, end)``, clipped."""
-    for ext in source.iter_extents(start):
-        if ext.guest_offset >= end:
-            break
-        if ext.end > end:
-            yield Extent(ext.guest_offset, end - ext.guest_offset, ext.data, ext.zero)
-            break
-        yield ext
-
-
-class ImageFileLayer:
-    """The opening every one-file layer shares (vpc, vdi): the file, qemu's lock, checks.
-
-    Opens ``path`` read-only, takes qemu's read-side image lock unless
-    ``force_share``, runs the subclass's ``_open()`` (parse and validate), and
-    then makes every later read strict: the metadata maps only host bytes inside
-    the file (checked at open, or an ERROR run), so a short read means the file
-    shrank.  Closes the file if anything fails.
-    """
-
-    def __init__(self, path: str, options: LayerOptions) -> None:
-        self.path = path
-        self.raw = RawFile(path)
-        try:
-            if not options.force_share:
-                locking.lock_file(self.raw.fd, path, locking.ROLE_IMAGE)
-            self._open()
-            self.raw.strict_end = True
-        except BaseException:
-            self.raw.close()
-            raise
-
-    def _open(self) -> None:
-        raise NotImplementedError
-
-    def _err(self, problem: str) -> ImageFormatError:
-        return ImageFormatError(f"{self.path}: {problem}")
-
-    def _refuse(self, problem: str) -> UnsupportedFeatureError:
-        return UnsupportedFeatureError(f"{self.path}: {problem}")

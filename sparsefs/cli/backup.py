@@ -32,7 +32,7 @@ import threading
 
 from sparsefs.cli import setbackup
 from sparsefs.cli.common import add_open_options, mount_table, open_options
-from sparsefs.cli.mount import open_mount_set
+from sparsefs.cli.mountset import open_mount_set
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
 from sparsefs.points.run import RawCopier

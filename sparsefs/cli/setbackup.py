@@ -31,7 +31,7 @@ from sparsefs.checksum import BlockRun, DigestResult, compare, stream_xxh128
 from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.cli.common import EXIT_FAILURE, EXIT_OK, fail_message, raw_name
 from sparsefs.cli.copier import CopyFailed, copy_and_verify
-from sparsefs.cli.mount import MountSet
+from sparsefs.cli.mountset import MountSet
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
 from sparsefs.formats.qcow2 import Qcow2Image, dirty_ranges, find_bitmap

@@ -28,7 +28,7 @@ from hostile_images import (
     damage_snapshots,
     put,
 )
-from sparsefs.cli.mount import open_mount_set
+from sparsefs.cli.mountset import open_mount_set
 from sparsefs.errors import ImageFormatError
 from sparsefs.formats.qcow2 import Qcow2Image, open_image
 from sparsefs.options import OpenOptions

@@ -33,7 +33,7 @@ from format_images import (
     qemu_map_of,
 )
 from sparsefs.cli import main
-from sparsefs.cli.mount import open_mount_set, snapshot_file_names
+from sparsefs.cli.mountset import open_mount_set, snapshot_file_names
 from sparsefs.errors import (
     ImageFormatError,
     ImageReadError,

@@ -45,7 +45,7 @@ from hostile_images import (
     locate,
     put,
 )
-from sparsefs.cli.mount import open_mount_set
+from sparsefs.cli.mountset import open_mount_set
 from sparsefs.errors import (
     ImageFormatError,
     ImageReadError,

@@ -35,6 +35,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.progress": ("sparsefs.", "pyfuse3", "trio"),
     "sparsefs.qmp": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
     "sparsefs.layered": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),
+    "sparsefs.layer": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),
+    "sparsefs.imagemap": (
+        "sparsefs.formats",
+        "sparsefs.layer",
+        "sparsefs.raw",
+        "sparsefs.checksum",
+        "sparsefs.points",
+        *_UPPER,
+    ),
     "sparsefs.formats": ("sparsefs.checksum", "sparsefs.points", *_UPPER),
     "sparsefs.points": _UPPER,
     "sparsefs.locking": ("sparsefs.formats", *_UPPER),
@@ -132,7 +141,7 @@ def _is_module(dotted: str) -> bool:
 
 
 def _edges(path: Path) -> set[str]:
-    """The modules ``path`` imports (any nesting level): ``from P import x`` means P.x if x is a module."""
+    """The modules ``path`` imports, at any depth (``from P import x``: P.x when x is a module)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import open_source
-from sparsefs.options import OpenOptions
 from sparsefs.formats.qcow2.writer import Compression, ImageWriteError, Qcow2Writer
+from sparsefs.options import OpenOptions
 from support import KiB, MiB, num, qemu_img_create, qemu_io, qemu_map, run
 
 GiB = 1024 * MiB
