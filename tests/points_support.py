@@ -33,7 +33,7 @@ def points(dest: Path, disk: str) -> list[dict[str, Any]]:
 
 def latest_file(dest: Path, disk: str) -> Path:
     """The newest point's file of ``disk``."""
-    return dest / points(dest, disk)[-1]["file"]
+    return dest / str(points(dest, disk)[-1]["file"])
 
 
 def list_json(dest: Path) -> tuple[int, dict[str, Any]]:

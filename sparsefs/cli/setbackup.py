@@ -122,6 +122,7 @@ def result_dict(result: RunResult | None, disk: str, error: str | None = None) -
     }
     if result is not None:
         out["bytes-read"] = result.bytes_read
+        out["copy-method"] = result.method
         out["removed-strays"] = result.removed
         out["phase-seconds"] = {k: round(v, 3) for k, v in result.phases.items()}
     return out

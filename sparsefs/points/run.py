@@ -72,6 +72,7 @@ class RunResult:
     removed: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     recomputed_blocks: bool = False
+    method: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,16 +199,22 @@ class _Target:
     partial: str
     final_rel: str
     directory: str
+    made_directory: bool  # this run made the disk's directory (a first point)
 
 
 def _target(bset: BackupSet, disk: str, fmt: str, now: float | None) -> _Target:
     pid = bset.new_id(disk, now)
     directory = bset.path(disk)
-    if not os.path.isdir(directory):
+    made = not os.path.isdir(directory)
+    if made:
         os.mkdir(directory)
-        fsync_dir(bset.root)
     return _Target(
-        pid, fmt, bset.path(partial_file(disk, pid, fmt)), point_file(disk, pid, fmt), directory
+        pid,
+        fmt,
+        bset.path(partial_file(disk, pid, fmt)),
+        point_file(disk, pid, fmt),
+        directory,
+        made,
     )
 
 
@@ -250,6 +257,7 @@ def _write_and_verify(
     result.data_bytes = written.data_bytes
     result.zeroed_bytes = written.zeroed_bytes
     result.changed_blocks = len(written.changed_blocks)
+    result.method = "qcow2-writer" if target.fmt == "qcow2" else "read-hash-write"
     result.phases.update({"write": t1 - t0, "verify": time.monotonic() - t1})
     return written.digests, written.digest
 
@@ -287,6 +295,7 @@ def add_point(
             copy = raw_copier(source, target.partial, advance)
             digests, digest = copy.digests, copy.digests.fold()
             result.bytes_read = result.data_bytes = copy.bytes_read
+            result.method = copy.method
             result.phases.update(copy.phases)
         else:
             digests, digest = _write_and_verify(
@@ -298,8 +307,13 @@ def add_point(
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target.partial)
+        if target.made_directory:
+            with contextlib.suppress(OSError):
+                os.rmdir(target.directory)  # only if empty
         raise
     fsync_dir(target.directory)
+    if target.made_directory:
+        fsync_dir(bset.root)
     result.point = _record(bset, disk, target, prev, options, digest, result, source.size)
     result.phases["record"] = time.monotonic() - t0
     return result
