@@ -148,6 +148,7 @@ class DiskOutcome:
     error: str | None = None
     seconds: float = 0.0
     xxh128: str | None = None
+    dirty_bytes: int | None = None  # what the bitmap marked dirty (--since)
 
 
 def plan_disks(images: list[str], mset: MountSet, bitmap: str | None) -> list[Disk]:
@@ -196,6 +197,8 @@ def backup_disk(run: Run, disk: Disk) -> DiskOutcome:
         source_path=disk.image,
     )
     outcome = DiskOutcome(disk.name, None)
+    if disk.dirty is not None:
+        outcome.dirty_bytes = sum(n for _, n in disk.dirty)
     t0 = time.monotonic()
     try:
         with bar:
@@ -242,6 +245,7 @@ def report(outcomes: list[DiskOutcome], args: argparse.Namespace, dest: str) -> 
         files = []
         for o in outcomes:
             entry = result_dict(o.result, o.disk, o.error)
+            entry["dirty-bytes"] = o.dirty_bytes
             entry["seconds"] = round(o.seconds, 3)
             entry["xxh128"] = o.xxh128
             files.append(entry)
