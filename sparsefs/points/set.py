@@ -193,6 +193,7 @@ class BackupSet:
         bset = cls(root)
         if lock:
             bset._lock_fd = _take_lock(os.path.join(root, LOCK))
+            _remove_temporaries(root)
         try:
             bset.disks = _read_manifest(os.path.join(root, MANIFEST), create)
         except BaseException:
@@ -313,6 +314,17 @@ class BackupSet:
             f"{p.digest}  {p.file}" for name in sorted(self.disks) for p in self.disks[name]
         ]
         write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+_TEMPORARY = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(SUMS)}|XXH128SUMS)\.tmp-\d+$")
+
+
+def _remove_temporaries(root: str) -> None:
+    """Remove the temporary manifest files a killed run left (only our names; lock held)."""
+    for name in os.listdir(root):
+        if _TEMPORARY.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(root, name))
 
 
 def _take_lock(path: str) -> int:
