@@ -115,15 +115,15 @@ def _previous(
     """
     prev = bset.latest(disk)
     assert prev is not None
+    for point in bset.chain(disk, prev.id):
+        problem = point_problem(bset, disk, point)
+        if problem is not None:
+            raise SetError(f"{problem}; point {point.id} is damaged: start a new chain with --full")
     if size < prev.size:
         raise SetError(
             f"{image}: is {size} bytes, smaller than the newest point {bset.path(prev.file)} "
             f"({prev.size} bytes): a disk that shrank needs a new chain: use --full"
         )
-    for point in bset.chain(disk, prev.id):
-        problem = point_problem(bset, disk, point)
-        if problem is not None:
-            raise SetError(f"{problem}; point {point.id} is damaged: start a new chain with --full")
     try:
         return prev, BlockDigests.load(bset.path(prev.blocks), prev.digest, prev.size), False
     except BlocksFileError:
