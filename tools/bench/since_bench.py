@@ -1,4 +1,4 @@
-"""Incremental backup cost: ``backup --since`` against a full ``backup`` and rsync.
+"""Delta points' cost: bitmap- and digest-driven deltas against a full ``backup`` and rsync.
 
 Measures wall time (run it alone on the machine), CPU time (user + system, of
 every process involved, the sparsefs mount daemon included for rsync) and the
@@ -6,17 +6,20 @@ bytes each contender read and wrote (``rchar``/``wchar``); medians over
 ``--nights`` nights.  The copies live on /dev/shm (no disk writeback in the
 timing).  Usage:
 
-    .venv/bin/python tools/bench/since_bench.py [--quick] [--nights N] [--workdir DIR]
+    .venv/bin/python tools/bench/since_bench.py [--quick] [--nights N] [--no-rsync] [--workdir DIR]
 
 The image is W1 (16 GiB virtual, ~600 MiB in 300 extents; ``--quick``: 2 GiB,
-~150 MiB), built by qemu-img/qemu-io.  After a full backup and a first rsync,
-``qemu-img bitmap --add`` starts the bitmap, 1% of the allocated clusters are
-rewritten, and ``backup --since`` brings its copy up to date (night 1); the
-bitmap is cleared, another 1% rewritten, and the contenders bring their copies
-up to date (nights 2, 3, ...):
+~150 MiB), built by qemu-img/qemu-io.  After a full point in two sets and a
+first rsync, ``qemu-img bitmap --add`` starts the bitmap, 1% of the allocated
+clusters are rewritten, and ``backup --since`` adds a delta point (night 1);
+the bitmap is cleared, another 1% rewritten, and the contenders bring their
+copies up to date (nights 2, 3, ...):
 
-- ``backup --since``: sparsefs backup --since nightly IMAGE DEST
-- ``backup`` (full): sparsefs backup IMAGE DEST2 (a new copy)
+- ``backup --since``: sparsefs backup --since nightly IMAGE DEST (a delta point
+  from the bitmap)
+- ``backup`` (digest delta): sparsefs backup IMAGE DEST3 (a delta point found by
+  comparing block digests)
+- ``backup`` (full): sparsefs backup IMAGE DEST2 (a new set, one full point)
 - rsync: ``rsync --inplace --no-whole-file --ignore-times`` of the mounted
   file onto its copy (the first copy made by ``rsync --sparse``)
 """
@@ -105,10 +108,20 @@ def build(image: Path, size: int, extents: int, extent_size: int, seed: int) -> 
     return clusters
 
 
+def _newest(dest: Path) -> Path:
+    """The newest point's file of the one disk in the set at ``dest``."""
+    import json
+
+    doc = json.loads((dest / "SPARSEFS-SET.json").read_text())
+    (disk,) = doc["disks"].values()
+    return dest / str(disk["points"][-1]["file"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 GiB / 150 MiB instead of W1")
     parser.add_argument("--nights", type=int, default=5, help="measured nights (default 5)")
+    parser.add_argument("--no-rsync", action="store_true", help="leave rsync out (slow)")
     parser.add_argument("--workdir", default="/tmp/sparsefs-since-bench")
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -127,14 +140,17 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
     image = work / "w1.qcow2"
     clusters = build(image, size, extents, 1 * MiB if args.quick else 2 * MiB, seed=1)
     dest, dest2, rdest, mp = (copies / "dest", copies / "dest2", copies / "rsync", work / "mnt")
-    for d in (dest, rdest, mp):
+    dest3 = copies / "dest3"
+    for d in (dest, dest3, rdest, mp):
         d.mkdir()
     sh([*SPARSEFS, "backup", "-q", str(image), str(dest)])
-    sh([*SPARSEFS, "mount", str(image), str(mp)])
-    try:
-        sh(["rsync", "--sparse", str(mp / "w1.raw"), str(rdest)])
-    finally:
-        sh([*SPARSEFS, "umount", str(mp)])
+    sh([*SPARSEFS, "backup", "-q", str(image), str(dest3)])
+    if not args.no_rsync:
+        sh([*SPARSEFS, "mount", str(image), str(mp)])
+        try:
+            sh(["rsync", "--sparse", str(mp / "w1.raw"), str(rdest)])
+        finally:
+            sh([*SPARSEFS, "umount", str(mp)])
     sh(["qemu-img", "bitmap", "--add", str(image), "nightly"])
     rng = random.Random(2)
 
@@ -156,7 +172,7 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
     def add(name: str, r: dict[str, float]) -> None:
         samples.setdefault(name, []).append(r)
 
-    # Night 1: the first --since after the full backup (its block digests are trusted).
+    # Night 1: the first delta after the full point.
     changed = change(0xEE)
     add(
         "backup --since (first night)",
@@ -165,14 +181,20 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
     sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
     for night in range(args.nights):
         changed = change(0xD0 + night)
-        order = ["since", "full", "rsync"]
-        for who in order[night % 3 :] + order[: night % 3]:  # alternate who goes first
+        order = ["since", "digest", "full"] + ([] if args.no_rsync else ["rsync"])
+        first = night % len(order)
+        for who in order[first:] + order[:first]:  # alternate who goes first
             if who == "since":
                 add(
                     "backup --since",
                     measured(
                         [*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)]
                     ),
+                )
+            elif who == "digest":
+                add(
+                    "backup (digest delta)",
+                    measured([*SPARSEFS, "backup", "-q", str(image), str(dest3)]),
                 )
             elif who == "full":
                 shutil.rmtree(dest2, ignore_errors=True)
@@ -200,8 +222,23 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
                 finally:
                     sh([*SPARSEFS, "umount", str(mp)])
         sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
-        for copy in (dest / "w1.raw", rdest / "w1.raw"):
-            sh(["cmp", str(copy), str(dest2 / "w1.raw")])
+        full_point = _newest(dest2)
+        for point in (_newest(dest), _newest(dest3)):
+            sh(
+                [
+                    "qemu-img",
+                    "compare",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    str(point),
+                    str(full_point),
+                ]
+            )
+        if not args.no_rsync:
+            sh(["cmp", str(rdest / "w1.raw"), str(full_point)])
     med = {
         name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         for name, rs in samples.items()
@@ -226,6 +263,19 @@ def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
     print(
         f"target: backup --since <= 0.3x a full backup (wall): {ratio:.2f}x "
         f"{'pass' if ratio <= 0.3 else 'MISS'}"
+    )
+    digest = med["backup (digest delta)"]
+    ratio = digest["wall"] / full["wall"]
+    print(
+        f"target: digest delta <= 1.0x a full backup (wall): {ratio:.2f}x "
+        f"{'pass' if ratio <= 1.0 else 'MISS'}"
+    )
+    changed_bytes = len(changed) * CLUSTER
+    ratio = digest["written"] / changed_bytes
+    print(
+        f"target: digest delta writes <= 2x the changed data ({changed_bytes >> 10} KiB): "
+        f"{ratio:.2f}x {'pass' if ratio <= 2.0 else 'MISS'} (written counts every byte the "
+        "run wrote: point file, its metadata, block digests, manifests)"
     )
     return 0
 
