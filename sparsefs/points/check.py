@@ -53,22 +53,35 @@ class Status:
 
 
 def point_problem(bset: BackupSet, disk: str, point: Point) -> str | None:
-    """Why ``point`` itself is damaged, or None (metadata only; see the module docstring)."""
+    """Why ``point`` or a point below it is damaged, or None (metadata only).
+
+    The point is opened through the registry with its backing chain (one
+    open of each file); every layer must be the file and size the manifest
+    records for that point of the chain.
+    """
+    chain = bset.chain(disk, point.id)
+    for p in chain:
+        if not os.path.isfile(bset.path(p.file)):
+            return f"{bset.path(p.file)}: point file is missing"
     path = bset.path(point.file)
-    if not os.path.isfile(path):
-        return f"{path}: point file is missing"
-    chain = [bset.path(p.file) for p in bset.chain(disk, point.id)]
     try:
         source = open_source(path, point.format)
     except (SparsefsError, OSError) as exc:
         return f"{path}: cannot be opened: {exc}"
     try:
-        if source.size != point.size:
-            return f"{path}: is {source.size} bytes, the manifest says {point.size}"
-        below = [p for p, _ in getattr(source, "chain", list)()]
-        want = [os.path.realpath(p) for p in reversed(chain[:-1])]
-        if [os.path.realpath(p) for p in below] != want:
-            return f"{path}: its backing chain does not match the manifest"
+        layer: object | None = source
+        for p in reversed(chain):
+            where = bset.path(p.file)
+            if layer is None or os.path.realpath(str(getattr(layer, "path", ""))) != (
+                os.path.realpath(where)
+            ):
+                return f"{path}: its backing chain does not match the manifest at {p.file}"
+            size = getattr(layer, "size", None)
+            if size != p.size:
+                return f"{where}: is {size} bytes, the manifest says {p.size}"
+            layer = getattr(layer, "backing", None)
+        if layer is not None:
+            return f"{bset.path(chain[0].file)}: has a backing file, the manifest says none"
     finally:
         close = getattr(source, "close", None)
         if close is not None:
@@ -84,14 +97,15 @@ def check_set(bset: BackupSet) -> dict[tuple[str, str], Status]:
         for point in points:
             if point.kind == "full":
                 broken = None
-            try:
-                problem = point_problem(bset, disk, point)
-            except SparsefsError as exc:
-                problem = str(exc)
-            if problem is None and broken is not None:
-                problem = f"depends on damaged point {broken}"
-            elif problem is not None and broken is None:
-                broken = point.id
+            if broken is not None:
+                problem: str | None = f"depends on damaged point {broken}"
+            else:
+                try:
+                    problem = point_problem(bset, disk, point)
+                except SparsefsError as exc:
+                    problem = str(exc)
+                if problem is not None:
+                    broken = point.id
             blocks_problem = None
             try:
                 check_head(bset.path(point.blocks), point.digest, point.size)

@@ -12,8 +12,8 @@ One engine makes every point and every restore target:
   (every non-zero block is written; a new file's unwritten ranges are holes).
 
 Which blocks are looked at: every MiB block holding data now or before
-(digest-driven: O(data) read, holes cost nothing), or the MiB blocks a dirty
-bitmap names (``blocks``; the rest is trusted unchanged).
+(digest-driven: O(data) read, holes cost nothing).  A delta from a dirty
+bitmap reads only the dirty blocks: :mod:`sparsefs.points.dirty`.
 
 Verification reads the written point back (after its sync and a page drop):
 the MiB blocks that were written, through its backing chain; the digests of
@@ -104,7 +104,6 @@ def write_changes(
     sink: Sink,
     prev: BlockDigests,
     *,
-    blocks: list[int] | None = None,
     advance: Advance | None = None,
 ) -> Written:
     """Write into ``sink`` what differs between ``source`` and the point ``prev`` describes.
@@ -113,8 +112,6 @@ def write_changes(
         source: the image (or the point to restore).
         sink: the new point or target, reading as ``prev`` before the call.
         prev: the previous point's digests (``BlockDigests(size)`` for none).
-        blocks: MiB blocks to look at (a dirty bitmap's, increasing); None
-            looks at every block holding data now or in ``prev``.
         advance: called with the data bytes read, as they are.
 
     Raises:
@@ -122,13 +119,9 @@ def write_changes(
         OSError: writing failed.
     """
     size = source.size
-    examined = blocks
-    if examined is not None and prev.size != size and prev.size % BLOCK_SIZE:
-        examined = sorted({*examined, prev.nb_blocks - 1})  # the old short last block
     new = BlockDigests(size)
     out = Written(new)
-    extra = prev.blocks_with_data()
-    for block in scan(source, blocks=examined, extra=extra):
+    for block in scan(source, extra=prev.blocks_with_data()):
         new.add_block(block.index, block.digest, block.fines)
         out.bytes_read += block.bytes_read
         prev_fines = prev.fines_of_block(block.index) if block.index < prev.nb_blocks else {}
@@ -147,8 +140,6 @@ def write_changes(
             out.changed_blocks.append(block.index)
         if advance is not None and block.bytes_read:
             advance(block.bytes_read)
-    if examined is not None:
-        out.digests = prev.spliced(size, new, examined)
     out.digest = out.digests.fold()
     return out
 

@@ -84,11 +84,11 @@ def check_restorable(bset: BackupSet, disk: str, point: Point) -> None:
     Raises:
         RestoreError: names the damaged point and the problem.
     """
-    for p in bset.chain(disk, point.id):
-        problem = point_problem(bset, disk, p)
-        if problem is not None:
-            which = "" if p.id == point.id else f" (point {point.id} depends on {p.id})"
-            raise RestoreError(f"{problem}: point {p.id} is damaged{which}; not restored")
+    problem = point_problem(bset, disk, point)
+    if problem is not None:
+        raise RestoreError(
+            f"{problem}: point {point.id} is damaged or depends on a damaged point; not restored"
+        )
 
 
 def restore(

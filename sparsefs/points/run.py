@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sparsefs.checksum import BLOCK_SIZE
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
 from sparsefs.formats import open_source
@@ -42,6 +41,7 @@ from sparsefs.points.check import (
     point_problem,
     remove_strays,
 )
+from sparsefs.points.dirty import dirty_fines, verify_dirty, write_dirty
 from sparsefs.points.engine import (
     RawFileSink,
     all_digests,
@@ -95,16 +95,6 @@ class RunOptions:
     source_path: str | None = None
 
 
-def dirty_blocks(ranges: list[tuple[int, int]], size: int) -> list[int]:
-    """The MiB blocks holding any of ``ranges`` (guest offset, length), increasing."""
-    blocks: set[int] = set()
-    for start, length in ranges:
-        end = min(start + length, size)
-        if end > start:
-            blocks.update(range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1))
-    return sorted(blocks)
-
-
 def _previous(
     bset: BackupSet, disk: str, size: int, image: str
 ) -> tuple[Point, BlockDigests, bool]:
@@ -115,10 +105,11 @@ def _previous(
     """
     prev = bset.latest(disk)
     assert prev is not None
-    for point in bset.chain(disk, prev.id):
-        problem = point_problem(bset, disk, point)
-        if problem is not None:
-            raise SetError(f"{problem}; point {point.id} is damaged: start a new chain with --full")
+    problem = point_problem(bset, disk, prev)
+    if problem is not None:
+        raise SetError(
+            f"{problem}; the chain of point {prev.id} is damaged: start a new chain with --full"
+        )
     if size < prev.size:
         raise SetError(
             f"{image}: is {size} bytes, smaller than the newest point {bset.path(prev.file)} "
@@ -228,13 +219,12 @@ def _write_and_verify(
     result: RunResult,
 ) -> tuple[BlockDigests, str]:
     """Write the point with the engine at the partial path and verify it read back."""
+    if prev is not None and options.dirty is not None:
+        return _bitmap_delta(source, target, prev, prev_digests, options, advance, result)
     t0 = time.monotonic()
     sink = _new_sink(target.partial, source.size, target.fmt, prev, options.compression)
     try:
-        blocks = None
-        if prev is not None and options.dirty is not None:
-            blocks = dirty_blocks(options.dirty, source.size)
-        written = write_changes(source, sink, prev_digests, blocks=blocks, advance=advance)
+        written = write_changes(source, sink, prev_digests, advance=advance)
         sink.close()
     except BaseException:
         sink.abort()
@@ -260,6 +250,39 @@ def _write_and_verify(
     result.method = "qcow2-writer" if target.fmt == "qcow2" else "read-hash-write"
     result.phases.update({"write": t1 - t0, "verify": time.monotonic() - t1})
     return written.digests, written.digest
+
+
+def _bitmap_delta(
+    source: SparseSource,
+    target: _Target,
+    prev: Point,
+    prev_digests: BlockDigests,
+    options: RunOptions,
+    advance: Advance | None,
+    result: RunResult,
+) -> tuple[BlockDigests, str]:
+    """A delta from the bitmap's dirty 64 KiB blocks (:mod:`sparsefs.points.dirty`)."""
+    assert options.dirty is not None
+    t0 = time.monotonic()
+    sink = _new_sink(target.partial, source.size, "qcow2", prev, None)
+    fines = dirty_fines(options.dirty, source.size)
+    try:
+        written = write_dirty(source, sink, prev_digests, fines, advance=advance)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    t1 = time.monotonic()
+    drop_pages(target.partial)
+    with opened(target.partial, target.fmt) as readback:
+        digests = verify_dirty(readback, prev_digests, written, advance=advance)
+    result.bytes_read = written.bytes_read
+    result.data_bytes = written.data_bytes
+    result.zeroed_bytes = written.zeroed_bytes
+    result.changed_blocks = len(written.changed_blocks)
+    result.method = "qcow2-writer"
+    result.phases.update({"write": t1 - t0, "verify": time.monotonic() - t1})
+    return digests, digests.fold()
 
 
 def add_point(

@@ -95,10 +95,8 @@ def data_blocks(source: SparseSource, start_block: int = 0) -> Iterator[tuple[in
         yield cur, ranges
 
 
-def ranges_of_block(source: SparseSource, block: int) -> Ranges:
-    """The data ranges of one MiB block."""
-    start = block * BLOCK_SIZE
-    end = min(start + BLOCK_SIZE, source.size)
+def ranges_in(source: SparseSource, start: int, end: int) -> Ranges:
+    """The data ranges of guest bytes ``[start, end)``."""
     out: Ranges = []
     for ext in source.iter_extents(start):
         if ext.guest_offset >= end:
@@ -108,6 +106,12 @@ def ranges_of_block(source: SparseSource, block: int) -> Ranges:
         if ext.end >= end:
             break
     return out
+
+
+def ranges_of_block(source: SparseSource, block: int) -> Ranges:
+    """The data ranges of one MiB block."""
+    start = block * BLOCK_SIZE
+    return ranges_in(source, start, min(start + BLOCK_SIZE, source.size))
 
 
 def _plan(
@@ -156,6 +160,23 @@ def _fill(source: SparseSource, view: memoryview, offset: int) -> None:
         view[pos - offset :] = zero_bytes(end - pos)
 
 
+def fill_ranges(source: SparseSource, view: memoryview, start: int, ranges: Ranges) -> int:
+    """Fill ``view`` with the guest bytes from ``start``: ``ranges`` read, the rest zeros.
+
+    Returns the bytes read.
+    """
+    end = start + len(view)
+    pos = start
+    for lo, hi in ranges:
+        if lo > pos:
+            view[pos - start : lo - start] = zero_bytes(lo - pos)
+        _fill(source, view[lo - start : hi - start], lo)
+        pos = hi
+    if pos < end:
+        view[pos - start :] = zero_bytes(end - pos)
+    return sum(hi - lo for lo, hi in ranges)
+
+
 def hash_block(index: int, view: memoryview, size: int) -> tuple[bytes, list[tuple[int, bytes]]]:
     """The block digest of MiB block ``index`` holding ``view``, and its non-zero fine digests.
 
@@ -191,19 +212,11 @@ def _scan_one(
     buf = pool.get()
     try:
         view = memoryview(buf)[:length]
-        pos = start
-        for lo, hi in ranges:
-            if lo > pos:
-                view[pos - start : lo - start] = zero_bytes(lo - pos)
-            _fill(source, view[lo - start : hi - start], lo)
-            pos = hi
-        if pos < start + length:
-            view[pos - start :] = zero_bytes(start + length - pos)
+        read = fill_ranges(source, view, start, ranges)
         digest, fines = hash_block(index, view, size)
     except BaseException:
         pool.put(buf)
         raise
-    read = sum(hi - lo for lo, hi in ranges)
     return BlockScan(index, length, digest, fines, view, read, buf, pool)
 
 
