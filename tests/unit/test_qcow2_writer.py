@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import open_source
-from sparsefs.formats.qcow2.writer import Compression, ImageWriteError, Qcow2Writer
+from sparsefs.formats.qcow2 import Compression, ImageWriteError, Qcow2Writer
 from sparsefs.options import OpenOptions
 from support import KiB, MiB, num, qemu_img_create, qemu_io, qemu_map, run
 

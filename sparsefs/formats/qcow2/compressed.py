@@ -12,7 +12,7 @@ from typing import Any
 
 from sparsefs.errors import ImageReadError
 from sparsefs.formats.qcow2 import layout as L
-from sparsefs.formats.qcow2.clustermap import _LRU
+from sparsefs.formats.qcow2.runs import LRU
 from sparsefs.raw import RawFile
 
 
@@ -23,13 +23,13 @@ class CompressedClusters:
     file: RawFile
     cluster_size: int
     compression_type: int
-    _compressed_cache: _LRU
+    _compressed_cache: LRU
     _zstd: Any
     _zstd_local: threading.local
 
     def _init_compression(self, cache_bytes: int) -> None:
         """Set up the cache of decompressed clusters and, for zstd, the decoder module."""
-        self._compressed_cache = _LRU(max(cache_bytes, 2 * self.cluster_size))
+        self._compressed_cache = LRU(max(cache_bytes, 2 * self.cluster_size))
         # A ZstdDecompressor must not be shared between threads (concurrent
         # use returns wrong bytes): one per reading thread.
         self._zstd = None

@@ -15,9 +15,10 @@ from sparsefs import locking
 from sparsefs.errors import ImageFormatError, MissingFileError, UnsupportedFeatureError
 from sparsefs.extents import SparseSource
 from sparsefs.formats.qcow2 import layout as L
-from sparsefs.formats.qcow2.clustermap import _LRU, ClusterMap
+from sparsefs.formats.qcow2.clustermap import ClusterMap
 from sparsefs.formats.qcow2.compressed import CompressedClusters
 from sparsefs.formats.qcow2.messages import past_end_text, size_text
+from sparsefs.formats.qcow2.runs import LRU
 from sparsefs.formats.qcow2.snapshots import SnapshotTable
 from sparsefs.options import OpenOptions
 from sparsefs.parents import check_regular_file as _check_regular_file
@@ -63,6 +64,29 @@ class Qcow2File(ClusterMap, CompressedClusters, SnapshotTable):
             locking.lock_file(raw.fd, raw.path, role)
 
     def _open(self, chain: tuple[str, ...]) -> None:
+        """Open and validate, in qemu's order (qcow2_do_open); every step may raise."""
+        head = self._read_header()
+        first_cluster = head[: self.cluster_size] if self.cluster_size <= len(head) else None
+        feature_names = self._read_extensions(first_cluster)
+        self._check_features(feature_names)
+        self._set_geometry()
+        ext = {e.ext_type: e for e in self.extensions}
+        self._read_names(ext)
+        # Snapshots: the table is read on first use (``snapshots``), so that the
+        # active disk never depends on it; a damaged table costs the snapshots only.
+        self._snapshot_table: tuple[list[L.Snapshot], str | None] | None = None
+        self._open_data_file()
+        # From here on, every read of the image file is of something its
+        # metadata places there: past the end of the file means truncated.
+        self.file.strict_end = True
+        # Backing chain
+        self.backing: SparseSource | None = None
+        self.backing_path: str | None = None
+        if self.backing_name and self.options.backing:
+            self.backing_path, self.backing = self._open_backing(chain)
+
+    def _read_header(self) -> bytes:
+        """Parse and check the header (spec, "Header"); return the file's first 4 KiB."""
         head = self.file.pread(0, 4096)
         if self.file.file_size < 4 or head[:4] != L.QCOW2_MAGIC:
             raise self._err("not a qcow2 image (no QFI\\xfb magic)")
@@ -110,7 +134,14 @@ class Qcow2File(ClusterMap, CompressedClusters, SnapshotTable):
             raise UnsupportedFeatureError(
                 f"{self.path}: encrypted image ({kind} encryption) is not supported"
             )
-        first_cluster = head[:cs] if cs <= len(head) else self.file.pread(0, cs)
+        return head
+
+    def _read_extensions(self, first_cluster: bytes | None) -> dict[tuple[int, int], str]:
+        """Read the header extensions; return the feature name table (spec, "Header extensions")."""
+        header = self.header
+        cs = self.cluster_size
+        if first_cluster is None:
+            first_cluster = self.file.pread(0, cs)
         ext_start = header.header_length if header.version >= 3 else L.V2_HEADER_LENGTH
         try:
             self.extensions = L.parse_extensions(
@@ -124,6 +155,11 @@ class Qcow2File(ClusterMap, CompressedClusters, SnapshotTable):
             if L.EXT_FEATURE_TABLE in ext
             else {}
         )
+        return feature_names
+
+    def _check_features(self, feature_names: dict[tuple[int, int], str]) -> None:
+        """Refuse unknown incompatible features, a corrupt mark, a mismatched compression type."""
+        header = self.header
         unknown = header.incompatible_features & ~L.INCOMPAT_KNOWN
         if unknown:
             bits = [b for b in range(64) if unknown >> b & 1]
@@ -154,15 +190,23 @@ class Qcow2File(ClusterMap, CompressedClusters, SnapshotTable):
                 f"{self.path}: unknown compression type {header.compression_type}"
             )
         self.compression_type = header.compression_type
-        # L2 geometry
+
+    def _set_geometry(self) -> None:
+        """L2 entry size, table span, subclusters, the caches."""
+        header = self.header
+        cs = self.cluster_size
         self.l2_entry_size = 16 if self.extended_l2 else 8
         self.l2_bits = header.cluster_bits - (4 if self.extended_l2 else 3)
         self.table_shift = header.cluster_bits + self.l2_bits  # guest bytes per L2 table, log2
         self.subcluster_bits = header.cluster_bits - (5 if self.extended_l2 else 0)
         self._zero_table = bytes(cs)
-        self._l2_cache = _LRU(max(self.options.l2_cache_bytes, 2 * cs))
+        self._l2_cache = LRU(max(self.options.l2_cache_bytes, 2 * cs))
         self._init_compression(self.options.compressed_cache_bytes)
-        # Names in the first cluster and extensions
+
+    def _read_names(self, ext: dict[int, L.HeaderExtension]) -> None:
+        """The backing file name and format and the data file name, as the image stores them."""
+        header = self.header
+        cs = self.cluster_size
         self.backing_name: str | None = None
         if header.backing_file_offset:
             if header.backing_file_size > L.MAX_BACKING_FILE_SIZE:
@@ -186,10 +230,10 @@ class Qcow2File(ClusterMap, CompressedClusters, SnapshotTable):
         if L.EXT_DATA_FILE in ext:
             self.data_file_name = ext[L.EXT_DATA_FILE].data.decode("utf-8", "replace")
         self.data_file_raw = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
-        # Snapshots: the table is read on first use (``snapshots``), so that the
-        # active disk never depends on it; a damaged table costs the snapshots only.
-        self._snapshot_table: tuple[list[L.Snapshot], str | None] | None = None
-        # External data file
+
+    def _open_data_file(self) -> None:
+        """Open the external data file when the image has one (else data is the image file)."""
+        header = self.header
         self.data: RawFile = self.file
         self.external_data = header.has_data_file
         if self.external_data:
@@ -207,14 +251,6 @@ class Qcow2File(ClusterMap, CompressedClusters, SnapshotTable):
                 ) from None
             self._closers.append(self.data)
             self._lock(self.data, locking.ROLE_DATA_FILE)
-        # From here on, every read of the image file is of something its
-        # metadata places there: past the end of the file means truncated.
-        self.file.strict_end = True
-        # Backing chain
-        self.backing: SparseSource | None = None
-        self.backing_path: str | None = None
-        if self.backing_name and self.options.backing:
-            self.backing_path, self.backing = self._open_backing(chain)
 
     def _resolve(self, name: str, *, what: str) -> str:
         """The path a backing or data file name from the image refers to.

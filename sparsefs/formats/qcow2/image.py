@@ -21,7 +21,10 @@ from collections.abc import Iterator
 from sparsefs.errors import ImageFormatError
 from sparsefs.extents import SparseSource
 from sparsefs.formats.qcow2 import layout as L
-from sparsefs.formats.qcow2.clustermap import (
+from sparsefs.formats.qcow2.file import MAX_TOTAL_L1_BYTES, Qcow2File
+from sparsefs.formats.qcow2.layer import Qcow2Layer
+from sparsefs.formats.qcow2.messages import past_end_text, size_text
+from sparsefs.formats.qcow2.runs import (
     RUN_COMPRESSED,
     RUN_DATA,
     RUN_ERROR,
@@ -31,9 +34,6 @@ from sparsefs.formats.qcow2.clustermap import (
     RUN_ZERO,
     Run,
 )
-from sparsefs.formats.qcow2.file import MAX_TOTAL_L1_BYTES, Qcow2File
-from sparsefs.formats.qcow2.layer import Qcow2Layer
-from sparsefs.formats.qcow2.messages import past_end_text, size_text
 from sparsefs.formats.qcow2.snapshots import snapshot_label
 from sparsefs.layered import MAX_CHAIN_LENGTH as MAX_CHAIN_LENGTH  # re-exported
 from sparsefs.layered import LayeredImage, MapEntry

@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sparsefs.formats.qcow2 import layout as L
-from sparsefs.formats.qcow2.clustermap import (
+from sparsefs.formats.qcow2.file import Qcow2File
+from sparsefs.formats.qcow2.runs import (
     RUN_DATA,
     RUN_UNALLOCATED,
     RUN_UNWRITTEN,
-    _TableRuns,
+    TableRuns,
 )
-from sparsefs.formats.qcow2.file import Qcow2File
 
 
 class _NotCached(LookupError):
@@ -70,14 +70,14 @@ class Qcow2Layer:
         """
         return self._walk(guest_start, guest_end, self._cached_table)
 
-    def _cached_table(self, l1_entry: int) -> _TableRuns:
+    def _cached_table(self, l1_entry: int) -> TableRuns:
         runs = self.qfile.cached_table_runs(l1_entry)
         if runs is None:
             raise _NotCached(l1_entry)
         return runs
 
     def _walk(
-        self, guest_offset: int, guest_end: int, tables: Callable[[int], _TableRuns]
+        self, guest_offset: int, guest_end: int, tables: Callable[[int], TableRuns]
     ) -> Iterator[tuple[int, int, int, Any]]:
         """The one walk of the cluster map, with ``tables`` decoding an L1 entry's table."""
         guest_end = min(guest_end, self.size)
