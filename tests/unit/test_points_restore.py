@@ -59,7 +59,7 @@ def test_restore_to_raw_and_qcow2_files(chain: tuple[Path, list[Path]], tmp_path
     proc = restore(dest, "vm", "--at", pts[0]["id"], qcow2)
     one_line_error(proc, str(qcow2), "--overwrite")
     assert qemu_compare(qcow2, refs[-1])
-    proc = restore(dest, "vm", "--at", pts[0]["id"][:-1], "--overwrite", qcow2)
+    proc = restore(dest, "vm", "--at", pts[0]["id"], "--overwrite", qcow2)
     assert proc.returncode == 0, proc.stderr
     assert qemu_compare(qcow2, refs[0])
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
