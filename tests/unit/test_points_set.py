@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from points_support import backup, list_json, manifest, points, qemu_compare
+from points_support import backup, list_json, manifest, points, qemu_check, qemu_compare
 from sparsefs.points.blocks import BlockDigests, BlocksFileError
 from sparsefs.points.engine import point_digest as real
 from sparsefs.points.set import BackupSet, SetError, id_time, point_id
@@ -201,3 +201,22 @@ def test_legacy_copy_stays_beside_the_set(tmp_path: Path) -> None:
     assert len(sums) == 2
     out = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout
     assert out.count(": OK") == 2
+
+
+def test_full_point_as_compressed_qcow2_then_a_delta(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "vm.qcow2", SIZE, seed=24, writes=8, max_len=MiB)
+    dest = tmp_path / "set"
+    dest.mkdir()
+    full = backup("--format", "qcow2", "--compress", "zstd", image, dest)["files"][0]
+    assert (full["kind"], full["format"]) == ("full", "qcow2")
+    qemu_check(dest / full["file"])
+    assert qemu_compare(dest / full["file"], qemu_raw(image, tmp_path / "ref0.raw"))
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(dest / full["file"])]).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert "backing-filename" not in info
+    qemu_io(image, "write -q -P 4 6M 64k")
+    delta = backup(image, dest)["files"][0]
+    assert (delta["kind"], delta["format"]) == ("delta", "qcow2")
+    qemu_check(dest / delta["file"])
+    assert qemu_compare(dest / delta["file"], qemu_raw(image, tmp_path / "ref1.raw"))
+    one_line_error(sparsefs("backup", "--compress", "zstd", str(image), str(dest)), "--format")
