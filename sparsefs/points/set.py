@@ -270,6 +270,10 @@ class BackupSet:
                 raise SetError(f"{self.path(MANIFEST)}: point {pid} has no full point below it")
         return points[start : index + 1]
 
+    def chain_files(self, disk: str, pid: str) -> list[str]:
+        """The files point ``pid`` reads, full point first, as paths (see :meth:`chain`)."""
+        return [self.path(p.file) for p in self.chain(disk, pid)]
+
     # -- changing (hold the lock) --------------------------------------------------
 
     def add_point(self, disk: str, point: Point) -> None:

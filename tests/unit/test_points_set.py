@@ -220,3 +220,22 @@ def test_full_point_as_compressed_qcow2_then_a_delta(tmp_path: Path) -> None:
     qemu_check(dest / delta["file"])
     assert qemu_compare(dest / delta["file"], qemu_raw(image, tmp_path / "ref1.raw"))
     one_line_error(sparsefs("backup", "--compress", "zstd", str(image), str(dest)), "--format")
+
+
+def test_remove_points_rewrites_manifest_and_sums(two_points: tuple[Path, Path]) -> None:
+    """The API prune builds on: dropping the newest point from the manifest, atomically."""
+    _, dest = two_points
+    first, second = points(dest, "vm")
+    with BackupSet.open(str(dest), lock=True) as bset:
+        assert bset.chain_files("vm", second["id"]) == [
+            str(dest / first["file"]),
+            str(dest / second["file"]),
+        ]
+        bset.remove_points("vm", [second["id"]])
+    assert [p["id"] for p in points(dest, "vm")] == [first["id"]]
+    sums = (dest / "SPARSEFS-SUMS").read_text()
+    assert first["file"] in sums
+    assert second["file"] not in sums
+    with BackupSet.open(str(dest)) as bset, pytest.raises(SetError, match="lock"):
+        bset.remove_points("vm", [first["id"]])
+    one_line_error(sparsefs("list", str(dest / "vm")), "no backup set here")
