@@ -163,7 +163,8 @@ def _source_file(source: SparseSource) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def _fd(text: str) -> int:
+def fd_number(text: str) -> int:
+    """argparse type: a file descriptor number (for --progress=FD)."""
     try:
         fd = int(text)
     except ValueError:
@@ -221,7 +222,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument(
         "--progress",
         dest="progress_fd",
-        type=_fd,
+        type=fd_number,
         metavar="FD",
         help="write progress as 'N/100' lines to file descriptor FD (as nbdcopy "
         "--progress=FD does), for wrappers and GUIs",
