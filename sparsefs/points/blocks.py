@@ -302,6 +302,6 @@ def _unpack(raw: bytes) -> tuple[array[int], bytearray]:
     index.frombytes(raw[: 8 * count])
     if sys.byteorder != "little":
         index.byteswap()
-    if any(index[i] >= index[i + 1] for i in range(count - 1)):
+    if index.tolist() != sorted(set(index)):  # increasing, no repeats
         raise BlocksFileError("block digests are not in increasing order")
     return index, bytearray(raw[8 * count :])
