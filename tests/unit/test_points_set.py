@@ -239,3 +239,28 @@ def test_remove_points_rewrites_manifest_and_sums(two_points: tuple[Path, Path])
     with BackupSet.open(str(dest)) as bset, pytest.raises(SetError, match="lock"):
         bset.remove_points("vm", [first["id"]])
     one_line_error(sparsefs("list", str(dest / "vm")), "no backup set here")
+
+
+def test_a_lost_manifest_is_never_taken_for_an_empty_set(two_points: tuple[Path, Path]) -> None:
+    image, dest = two_points
+    (dest / "SPARSEFS-SET.json").unlink()
+    before = dir_state(dest)
+    one_line_error(sparsefs("backup", str(image), str(dest)), "SPARSEFS-SET.json", "is missing")
+    assert dir_state(dest) == before
+
+
+def test_unrecorded_points_older_than_the_newest_are_left_alone(
+    two_points: tuple[Path, Path],
+) -> None:
+    """Only a killed run's point (newer than every recorded one) is removed as a stray."""
+    image, dest = two_points
+    second = points(dest, "vm")[-1]
+    old = dest / "vm" / "vm@20000101T000000Z.raw"
+    old.write_bytes(b"not ours to delete")
+    newer = dest / "vm" / "vm@29991231T235959Z.qcow2"
+    newer.write_bytes(b"left by a killed run")
+    partial = dest / "vm" / f".vm@{second['id']}-7.qcow2.partial-99999"
+    partial.write_bytes(b"")
+    entry = backup(image, dest)["files"][0]
+    assert sorted(entry["removed-strays"]) == sorted([newer.name, partial.name])
+    assert old.exists()
