@@ -26,13 +26,15 @@ COMMANDS = {
     "mount": "mount",
     "umount": "mount",
     "backup": "backup",
+    "list": "points",
+    "restore": "points",
     "map": "inspect",
     "info": "inspect",
     "checksum": "checksum",
     "verify": "checksum",
     "demo": "demo",
 }
-_MODULES = ("mount", "backup", "inspect", "checksum", "demo")
+_MODULES = ("mount", "backup", "points", "inspect", "checksum", "demo")
 
 DESCRIPTION = """\
 Present VM disk images (qcow2, vpc/VHD, vdi, raw; vmdk and vhdx where this

@@ -54,6 +54,9 @@ KERNEL_COPY_REFUSED = (
 )
 
 Advance = Callable[[int], None]
+DigestCopy = Callable[[SparseSource, Callable[[BlockRun], None]], DigestResult]
+"""``digest_copy(copy, on_run)``: the copy's digest, each block run given to ``on_run``
+in order (default: :func:`~sparsefs.checksum.block_digest`)."""
 
 
 class CopyFailed(SparsefsError):
@@ -324,8 +327,11 @@ class Outcome:
 class _Verifier(threading.Thread):
     """Digests the copy behind the watermark."""
 
-    def __init__(self, path: str, size: int, advance: Advance) -> None:
+    def __init__(
+        self, path: str, size: int, advance: Advance, digest_copy: DigestCopy | None = None
+    ) -> None:
         super().__init__(name="sparsefs-verify", daemon=True)
+        self._digest_copy = digest_copy
         self.watermark = Watermark()
         self._path = path
         self._size = size
@@ -342,7 +348,10 @@ class _Verifier(threading.Thread):
 
         try:
             with SettledCopy(self._path, self._size, self.watermark) as copy:
-                self.result = block_digest(copy, on_run=on_run)
+                if self._digest_copy is not None:
+                    self.result = self._digest_copy(copy, on_run)
+                else:
+                    self.result = block_digest(copy, on_run=on_run)
         except _Aborted:
             pass
         except BaseException as exc:  # handed to the caller by finish()
@@ -366,7 +375,13 @@ class _Verifier(threading.Thread):
 
 
 def copy_and_verify(
-    source: SparseSource, partial: str, *, kernel: bool, overlap: bool, advance: Advance
+    source: SparseSource,
+    partial: str,
+    *,
+    kernel: bool,
+    overlap: bool,
+    advance: Advance,
+    digest_copy: DigestCopy | None = None,
 ) -> Outcome:
     """Write ``source`` to the new file ``partial`` and digest the copy from the storage.
 
@@ -376,7 +391,9 @@ def copy_and_verify(
     to wait for, and two pipelines on two cores only contend (measured on
     tmpfs: up to 20% more time), so the backup turns it off there.
 
-    The caller compares ``image`` and ``copy`` of the outcome.
+    ``digest_copy`` digests the copy as it is read back (a backup set also
+    keeps finer digests from that same read).  The caller compares ``image``
+    and ``copy`` of the outcome.
 
     Raises:
         ImageReadError, OSError: reading the image, or writing or reading the copy, failed.
@@ -389,7 +406,7 @@ def copy_and_verify(
         image: DigestResult | None = None
         method = "read-hash-write"
         if kernel:
-            verifier = _Verifier(partial, source.size, advance)
+            verifier = _Verifier(partial, source.size, advance, digest_copy)
             verifier.start()
             try:
                 image = _kernel_pass(source, dst, advance, verifier, overlap)
@@ -400,7 +417,7 @@ def copy_and_verify(
                 os.ftruncate(dst, 0)  # start again, the other way
                 os.ftruncate(dst, source.size)
         if image is None:
-            verifier = _Verifier(partial, source.size, advance)
+            verifier = _Verifier(partial, source.size, advance, digest_copy)
             verifier.start()
             settler = _Settler(dst, source.size, verifier.watermark, overlap)
             image = copy_read_hash_write(source, dst, advance, settler)

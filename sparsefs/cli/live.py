@@ -204,23 +204,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]) -> int:
-    """Run ``backup`` with ``--since`` and ``--qmp`` applied; ``full`` is the plain backup.
+    """Run ``backup`` with ``--qmp`` applied; ``full`` is the backup run (``--since`` too).
 
     Raises:
         SparsefsError: bad option combination, or what the run raises.
     """
-    from sparsefs.cli import incremental
-    from sparsefs.cli.common import open_options
-
-    *images, dest = args.paths
-
-    def inner(ns: argparse.Namespace) -> int:
-        if getattr(ns, "since", None):
-            return incremental.run_since(
-                images, dest, ns.since, open_options(ns), quiet=ns.quiet, as_json=ns.json
-            )
-        return full(ns)
-
+    *images, _dest = args.paths
     if not images:
         raise SparsefsError("backup needs at least one IMAGE and a DEST_DIR")
     if getattr(args, "since", None) and getattr(args, "snapshots", False):
@@ -228,7 +217,7 @@ def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]
     if not getattr(args, "qmp", None):
         if getattr(args, "node", None):
             raise SparsefsError("--node needs --qmp")
-        return inner(args)
+        return full(args)
     if not args.node:
         raise SparsefsError("--qmp needs --node NODE (the block node of the image)")
     if len(images) != 1:
@@ -236,6 +225,6 @@ def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]
     if getattr(args, "snapshots", False):
         raise SparsefsError("--qmp cannot be combined with --snapshots")
     with snapshot_for_backup(args.qmp, args.node, images[0], args.since) as live:
-        status = inner(args)
+        status = full(args)
         live.rotate = bool(args.since) and status == 0
         return status

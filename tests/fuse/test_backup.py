@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from points_support import manifest, points, qemu_compare
 from sparsefs.cli import copier, main
 from sparsefs.formats.qcow2 import open_image
 from support import (
@@ -52,52 +53,61 @@ def test_backup_copies_verifies_and_writes_manifests(images: list[Path], tmp_pat
     assert len(lines) == 3
     assert "\r" not in proc.stdout
     assert "\r" not in proc.stderr
-    assert lines[-1].startswith("backup: 2 of 2 files copied and verified")
+    assert lines[-1].startswith("backup: 2 of 2 points added")
     for image in images:
-        name = image.name.replace(".qcow2", ".raw")
-        copy = dest / name
+        name = image.name.removesuffix(".qcow2")
+        (point,) = points(dest, name)
+        copy = dest / point["file"]
+        assert copy.name == f"{name}@{point['id']}.raw"
         assert files_equal(copy, qemu_raw(image, tmp_path / f"{name}.ref"))
         assert copy.stat().st_blocks * 512 <= oracle_data_bytes(image) + MiB
-        assert name in proc.stdout
+        assert point["file"] in proc.stdout
+        # The point and its block digests (hidden), for the next run's delta.
+        assert sorted(p.name for p in (dest / name).iterdir()) == [
+            f".{name}@{point['id']}.blocks",
+            copy.name,
+        ]
     # SPARSEFS-SUMS only by default (XXH128SUMS would hash every zero of the disk).
-    # (and the copies' block digests, hidden, for the next 'backup --since').
     assert sorted(p.name for p in dest.iterdir()) == [
-        ".db.raw.sparsefs1-blocks",
-        ".web.raw.sparsefs1-blocks",
+        ".SPARSEFS-SET.lock",
+        "SPARSEFS-SET.json",
         "SPARSEFS-SUMS",
-        "db.raw",
-        "web.raw",
+        "db",
+        "web",
     ]
     out = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout
     assert out.count(": OK") == 2
-    # With --xxh128sums, the standard tool checks XXH128SUMS from inside DEST too.
-    sparsefs("backup", "--quiet", "--xxh128sums", *map(str, images), str(dest), check=True)
+    # With --xxh128sums, new full raw points get lines the standard tool checks from DEST.
+    sparsefs(
+        "backup", "--quiet", "--full", "--xxh128sums", *map(str, images), str(dest), check=True
+    )
     out = run(["xxh128sum", "-c", "XXH128SUMS"], cwd=dest).stdout
     assert out.count(": OK") == 2
     assert _no_backup_mounts()
 
 
-def test_second_run_updates_manifests_in_place(images: list[Path], tmp_path: Path) -> None:
+def test_second_run_adds_a_delta_and_keeps_every_line(images: list[Path], tmp_path: Path) -> None:
     dest = tmp_path / "backup"
     dest.mkdir()
     sparsefs("backup", "--xxh128sums", *map(str, images), str(dest), check=True)
     before = (dest / "SPARSEFS-SUMS").read_text().splitlines()
+    first = qemu_raw(images[0], tmp_path / "web0.ref")
     run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x99 1M 1M", str(images[0])])
     sparsefs("backup", "--quiet", str(images[0]), str(dest), check=True)
     sums = (dest / "SPARSEFS-SUMS").read_text().splitlines()
-    assert len(sums) == 2  # web.raw replaced, db.raw kept
-    assert [line for line in sums if "db.raw" in line] == [
-        line for line in before if "db.raw" in line
-    ]
+    assert len(sums) == 3  # web's delta added; web's full point and db's kept
+    assert set(before) < set(sums)
     assert (
         sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout.count(": OK")
-        == 2
+        == 3
     )
-    # XXH128SUMS was not rewritten this time: it no longer vouches for web.raw.
-    xsums = (dest / "XXH128SUMS").read_text()
-    assert "web.raw" not in xsums
-    assert "db.raw" in xsums
-    assert files_equal(dest / "web.raw", qemu_raw(images[0], tmp_path / "web.ref"))
+    # XXH128SUMS still vouches for the two full points, which no run changes.
+    assert run(["xxh128sum", "-c", "XXH128SUMS"], cwd=dest).stdout.count(": OK") == 2
+    full, delta = points(dest, "web")
+    assert delta["kind"] == "delta"
+    assert delta["backing"] == full["file"]
+    assert files_equal(dest / full["file"], first)
+    assert qemu_compare(dest / delta["file"], qemu_raw(images[0], tmp_path / "web.ref"))
 
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
@@ -176,16 +186,13 @@ def test_failed_verification_leaves_no_final_file(
     err = capsys.readouterr().err
     assert flipped == [target]
     assert status == 1
-    assert "web.raw" in err
+    assert str(dest / "web") in err
     assert f"verification failed: the copy differs from the image at byte {target}" in err
-    names = sorted(p.name for p in dest.iterdir())
-    assert "web.raw" not in names
-    assert not any("partial" in n for n in names)
-    assert "db.raw" in names  # the other image is backed up
-    assert ".web.raw.sparsefs1-blocks" not in names
-    assert ".db.raw.sparsefs1-blocks" in names
-    assert "web.raw" not in (dest / "SPARSEFS-SUMS").read_text()
-    assert "db.raw" in (dest / "SPARSEFS-SUMS").read_text()
+    assert not (dest / "web").exists()  # no point, no partial file, no digests
+    assert list(manifest(dest)["disks"]) == ["db"]  # the other image is backed up
+    assert len(list((dest / "db").iterdir())) == 2
+    assert "web" not in (dest / "SPARSEFS-SUMS").read_text()
+    assert "db/db@" in (dest / "SPARSEFS-SUMS").read_text()
     assert _no_backup_mounts()
 
 
@@ -205,8 +212,9 @@ def test_read_error_fails_the_run_and_leaves_no_file(tmp_path: Path) -> None:
     proc = sparsefs("backup", str(image), str(dest))
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert "bad.raw" in proc.stderr
-    assert list(dest.iterdir()) == []
+    assert str(image) in proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == [".SPARSEFS-SET.lock", "SPARSEFS-SET.json"]
+    assert manifest(dest)["disks"] == {}
     assert _no_backup_mounts()
 
 
@@ -228,6 +236,8 @@ def test_help_is_complete() -> None:
         ["mount"],
         ["umount"],
         ["backup"],
+        ["list"],
+        ["restore"],
         ["checksum"],
         ["verify"],
         ["map"],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from points_support import latest_file, manifest
 from sparsefs.qmp import QMPClient, QMPError
 from support import (
     REPO,
@@ -272,7 +273,7 @@ def test_snapshot_backup_commit_while_writing(
         dest.mkdir()
         proc = sparsefs("backup", str(image), str(dest))  # no --force-share
         assert proc.returncode == 0, proc.stderr
-        assert files_equal(dest / "vm.raw", at_snapshot)
+        assert files_equal(latest_file(dest, "vm"), at_snapshot)
         writer.wait_rounds(2)
 
         # Commit while sparsefs has the base mounted: QEMU is refused, sparsefs unharmed.
@@ -345,7 +346,7 @@ def test_backup_qmp_snapshots_backs_up_and_commits(
     writer.wait_rounds(2)
     log = list(writer.log)
     # The copy is the disk at one instant: the start plus a prefix of the writes since.
-    got = (dest / "vm.raw").read_bytes()
+    got = latest_file(dest, "vm").read_bytes()
     prefixes = consistent_prefix((tmp_path / "start.raw").read_bytes(), log, got)
     assert prefixes, "the backup is not the disk at any one instant"
     assert prefixes[0] > 0, "the backup should hold some of the writes made before it"
@@ -426,10 +427,7 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
     image = make_image(tmp_path / "vm.qcow2", SIZE, seed=93, writes=10, max_len=MiB)
     dest = tmp_path / "backup"
     dest.mkdir()
-    copy = qemu_raw(image, dest / "vm.raw")
-    (dest / "SPARSEFS-SUMS").write_text(
-        run([sys.executable, "-m", "sparsefs", "checksum", "-f", "raw", "vm.raw"], cwd=dest).stdout
-    )
+    run([*LIVE, "-q", str(image), str(dest)])  # the full point, the VM not yet running
     run(["qemu-img", "bitmap", "--add", str(image), "nightly"])
     snapshot_at = 0  # writes issued before the last snapshot, at least
     with running(image, tmp_path) as (_, machine, writer):
@@ -461,10 +459,13 @@ def test_backup_qmp_since_bitmap_of_a_running_vm(tmp_path: Path) -> None:
             assert proc.returncode == 0, proc.stderr
             writer.wait_rounds(2)  # these writes must show up in the next night's bitmap
             log = list(writer.log)
+            (entry,) = json.loads(proc.stdout)["files"]
+            assert entry["changes"] == "bitmap"
+            copy = qemu_raw(latest_file(dest, "vm"), tmp_path / f"night{night}.raw", fmt="qcow2")
             prefixes = consistent_prefix(start.read_bytes(), log, copy.read_bytes())
             assert prefixes, f"night {night}: the copy is not the disk at any one instant"
             assert prefixes[-1] < len(log)
-            dirty = json.loads(proc.stdout)["files"][0]["dirty-bytes"]
+            dirty = entry["dirty-bytes"]
             if night == 1:
                 # Rotated: only writes after night 0's snapshot are dirty, not the older ones.
                 assert dirty <= BLOCK * (resumed_at + len(log) - snapshot_at), dirty
@@ -542,7 +543,9 @@ def test_backup_qmp_commits_on_interrupt(
         assert not [n for n in names if n.startswith("sparsefs-overlay")], names
         assert qmp.execute("query-jobs") == []
     assert not list(image.parent.glob(".vm.qcow2.sparsefs-overlay-*"))
-    assert not [p.name for p in dest.iterdir()], "no partial copy may be left"
+    names = sorted(p.name for p in dest.iterdir())
+    assert names == [".SPARSEFS-SET.lock", "SPARSEFS-SET.json"], "no partial point"
+    assert manifest(dest)["disks"] == {}
     writer.wait_rounds(1)
     writer.stop()
     final = tmp_path / "final.raw"

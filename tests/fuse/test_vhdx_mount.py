@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import vhdx_images as V
+from points_support import latest_file
 from sparsefs.formats.vhdx import layout as L
 from sparsefs.formats.vhdx import open_image
 from sparsefs.options import OpenOptions
@@ -105,7 +106,7 @@ def test_backup_of_vhdx(tmp_path: Path) -> None:
     proc = sparsefs("backup", "-q", str(dyn.image), str(diff.image), str(dest))
     assert proc.returncode == 0, proc.stderr
     for b in (dyn, diff):
-        copy = dest / (b.image.stem + ".raw")
+        copy = latest_file(dest, b.image.stem)
         assert files_equal(copy, _expected(b, b.image.parent)), b.image
     assert (dest / "SPARSEFS-SUMS").exists()
     shutil.rmtree(dest)

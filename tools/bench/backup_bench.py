@@ -123,8 +123,9 @@ def run_one(contender: str, image: Path, dest: Path, ref_copy: Path | None) -> f
 
 
 def output_of(contender: str, dest: Path, image: Path) -> Path | None:
-    if contender.startswith("backup"):
-        return dest / (image.name.removesuffix(".qcow2") + ".raw")
+    if contender.startswith("backup"):  # the set's one point of the one disk
+        disk = image.name.removesuffix(".qcow2")
+        return next((dest / disk).glob(f"{disk}@*.raw"))
     if contender in ("convert", "nbdcopy", "convert+compare"):
         return dest / "x.raw"
     return None

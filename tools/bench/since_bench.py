@@ -1,4 +1,4 @@
-"""Incremental backup cost: ``backup --since`` against a full ``backup`` and rsync.
+"""Delta points' cost: bitmap- and digest-driven deltas against a full ``backup`` and rsync.
 
 Measures wall time (run it alone on the machine), CPU time (user + system, of
 every process involved, the sparsefs mount daemon included for rsync) and the
@@ -6,17 +6,20 @@ bytes each contender read and wrote (``rchar``/``wchar``); medians over
 ``--nights`` nights.  The copies live on /dev/shm (no disk writeback in the
 timing).  Usage:
 
-    .venv/bin/python tools/bench/since_bench.py [--quick] [--nights N] [--workdir DIR]
+    .venv/bin/python tools/bench/since_bench.py [--quick] [--nights N] [--no-rsync] [--workdir DIR]
 
 The image is W1 (16 GiB virtual, ~600 MiB in 300 extents; ``--quick``: 2 GiB,
-~150 MiB), built by qemu-img/qemu-io.  After a full backup and a first rsync,
-``qemu-img bitmap --add`` starts the bitmap, 1% of the allocated clusters are
-rewritten, and ``backup --since`` brings its copy up to date (night 1); the
-bitmap is cleared, another 1% rewritten, and the contenders bring their copies
-up to date (nights 2, 3, ...):
+~150 MiB), built by qemu-img/qemu-io.  After a full point in two sets and a
+first rsync, ``qemu-img bitmap --add`` starts the bitmap, 1% of the allocated
+clusters are rewritten, and ``backup --since`` adds a delta point (night 1);
+the bitmap is cleared, another 1% rewritten, and the contenders bring their
+copies up to date (nights 2, 3, ...):
 
-- ``backup --since``: sparsefs backup --since nightly IMAGE DEST
-- ``backup`` (full): sparsefs backup IMAGE DEST2 (a new copy)
+- ``backup --since``: sparsefs backup --since nightly IMAGE DEST (a delta point
+  from the bitmap)
+- ``backup`` (digest delta): sparsefs backup IMAGE DEST3 (a delta point found by
+  comparing block digests)
+- ``backup`` (full): sparsefs backup IMAGE DEST2 (a new set, one full point)
 - rsync: ``rsync --inplace --no-whole-file --ignore-times`` of the mounted
   file onto its copy (the first copy made by ``rsync --sparse``)
 """
@@ -24,6 +27,7 @@ up to date (nights 2, 3, ...):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -110,6 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 GiB / 150 MiB instead of W1")
     parser.add_argument("--nights", type=int, default=5, help="measured nights (default 5)")
+    parser.add_argument("--no-rsync", action="store_true", help="leave rsync out (slow)")
     parser.add_argument("--workdir", default="/tmp/sparsefs-since-bench")
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -123,9 +128,12 @@ def main() -> int:
         shutil.rmtree(copies, ignore_errors=True)
 
 
-def _first_copies(image: Path, dest: Path, rdest: Path, mp: Path) -> None:
-    """The full backup into ``dest`` and the first ``rsync --sparse`` into ``rdest``."""
-    sh([*SPARSEFS, "backup", "-q", str(image), str(dest)])
+def _first_copies(image: Path, dests: list[Path], rdest: Path | None, mp: Path) -> None:
+    """A full point into each of ``dests`` and the first ``rsync --sparse`` into ``rdest``."""
+    for dest in dests:
+        sh([*SPARSEFS, "backup", "-q", str(image), str(dest)])
+    if rdest is None:
+        return
     sh([*SPARSEFS, "mount", str(image), str(mp)])
     try:
         sh(["rsync", "--sparse", str(mp / "w1.raw"), str(rdest)])
@@ -150,6 +158,26 @@ def _change(image: Path, rng: random.Random, clusters: list[int], pattern: int) 
 
 def _since(image: Path, dest: Path) -> dict[str, float]:
     return measured([*SPARSEFS, "backup", "-q", "--since", "nightly", str(image), str(dest)])
+
+
+def _digest(image: Path, dest3: Path) -> dict[str, float]:
+    return measured([*SPARSEFS, "backup", "-q", str(image), str(dest3)])
+
+
+def _newest(dest: Path) -> Path:
+    """The newest point's file of the one disk in the set at ``dest``."""
+    doc = json.loads((dest / "SPARSEFS-SET.json").read_text())
+    (disk,) = doc["disks"].values()
+    return dest / str(disk["points"][-1]["file"])
+
+
+def _check(dest: Path, dest2: Path, dest3: Path, rdest: Path | None) -> None:
+    """Every contender's newest copy equals the full point."""
+    full_point = _newest(dest2)
+    for point in (_newest(dest), _newest(dest3)):
+        sh(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(point), str(full_point)])
+    if rdest is not None:
+        sh(["cmp", str(rdest / "w1.raw"), str(full_point)])
 
 
 def _full(image: Path, dest2: Path) -> dict[str, float]:
@@ -202,37 +230,54 @@ def _print_report(
         f"target: backup --since <= 0.3x a full backup (wall): {ratio:.2f}x "
         f"{'pass' if ratio <= 0.3 else 'MISS'}"
     )
+    digest = med["backup (digest delta)"]
+    ratio = digest["wall"] / full["wall"]
+    print(
+        f"target: digest delta <= 1.0x a full backup (wall): {ratio:.2f}x "
+        f"{'pass' if ratio <= 1.0 else 'MISS'}"
+    )
+    ratio = digest["written"] / (changed * CLUSTER)
+    print(
+        f"target: digest delta writes <= 2x the changed data ({changed * CLUSTER >> 10} KiB): "
+        f"{ratio:.2f}x {'pass' if ratio <= 2.0 else 'MISS'} (every byte the run wrote: the "
+        "point file with its metadata, block digests, manifests)"
+    )
 
 
 def _run(args: argparse.Namespace, work: Path, copies: Path) -> int:
     size, extents = (2 * GiB, 150) if args.quick else (16 * GiB, 300)
     image = work / "w1.qcow2"
     clusters = build(image, size, extents, 1 * MiB if args.quick else 2 * MiB, seed=1)
-    dest, dest2, rdest, mp = (copies / "dest", copies / "dest2", copies / "rsync", work / "mnt")
-    for d in (dest, rdest, mp):
-        d.mkdir()
-    _first_copies(image, dest, rdest, mp)
+    dest, dest2, dest3, mp = (copies / "dest", copies / "dest2", copies / "dest3", work / "mnt")
+    rdest = None if args.no_rsync else copies / "rsync"
+    for d in (dest, dest3, rdest, mp):
+        if d is not None:
+            d.mkdir()
+    _first_copies(image, [dest, dest3], rdest, mp)
     sh(["qemu-img", "bitmap", "--add", str(image), "nightly"])
     rng = random.Random(2)
     samples: dict[str, list[dict[str, float]]] = {}
-    # Night 1: the first --since after the full backup (its block digests are trusted).
+    # Night 1: the first delta after the full point.
     changed = _change(image, rng, clusters, 0xEE)
     samples["backup --since (first night)"] = [_since(image, dest)]
     sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
     runs: dict[str, tuple[str, Callable[[], dict[str, float]]]] = {
         "since": ("backup --since", lambda: _since(image, dest)),
+        "digest": ("backup (digest delta)", lambda: _digest(image, dest3)),
         "full": ("backup (full)", lambda: _full(image, dest2)),
-        "rsync": ("rsync --inplace --no-whole-file", lambda: _rsync(image, rdest, mp)),
     }
+    if rdest is not None:
+        rsync_dest = rdest  # narrowed for the lambda
+        runs["rsync"] = ("rsync --inplace --no-whole-file", lambda: _rsync(image, rsync_dest, mp))
     for night in range(args.nights):
         changed = _change(image, rng, clusters, 0xD0 + night)
-        order = ["since", "full", "rsync"]
-        for who in order[night % 3 :] + order[: night % 3]:  # alternate who goes first
+        order = list(runs)
+        first = night % len(order)
+        for who in order[first:] + order[:first]:  # alternate who goes first
             name, contender = runs[who]
             samples.setdefault(name, []).append(contender())
         sh(["qemu-img", "bitmap", "--clear", str(image), "nightly"])
-        for copy in (dest / "w1.raw", rdest / "w1.raw"):
-            sh(["cmp", str(copy), str(dest2 / "w1.raw")])
+        _check(dest, dest2, dest3, rdest)
     med = {
         name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         for name, rs in samples.items()
