@@ -1,31 +1,4 @@
-"""The FUSE filesystem: a read-only directory of raw files over SparseSources.
-
-Knows nothing of any image format: each file is a
-:class:`~sparsefs.extents.SparseSource`.  At mount, one walk of each file's
-extents builds its :class:`~sparsefs.extents.DataIndex` (``st_blocks``, and
-the data extents as one sorted array).  ``lseek(SEEK_DATA/SEEK_HOLE)`` is
-answered from that index by bisection, on the event loop and without I/O (a
-file with too many extents for the index, or not yet surveyed, is answered in
-a worker thread, so a cold metadata read never blocks the loop); it needs
-pyfuse3 built with the lseek handler (tools/pyfuse3-lseek.patch).  Reads that
-fall entirely in a hole are answered from a shared zero buffer, found by the
-index; reads of data in memory (page cache, caches) on the event loop; the
-rest in worker threads (``os.pread`` and decompression release the GIL).
-
-Files are opened with ``direct_io`` (no page cache, no kernel readahead):
-the kernel sends each read(2) as one request of the reader's size (up to 1
-MiB) and copies the reply straight into the reader's buffer.  A full-stream
-reader (cat, rsync) gets its holes with one copy per byte and no page cache
-churn, and a seeking copier (cp) never has the kernel read ahead past a data
-extent into the hole behind it.  What readahead would give a sequential
-reader, the daemon does itself: after answering a read of data it reads the
-next range of the same size from memory while the reader is busy (see
-:meth:`SparseFS._want_ahead`).  ``page_cache`` serves every file through the
-page cache instead (``keep_cache``: kernel readahead, and shared maps work).
-
-Errors: a :class:`~sparsefs.errors.SparsefsError` from a source becomes EIO
-for that request (logged once per message); the mount keeps serving.
-"""
+"""The pyfuse3 Operations of a mount: a read-only directory of raw files over SparseSources."""
 
 from __future__ import annotations
 
@@ -33,105 +6,31 @@ import errno
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
 from sparsefs.errors import SparsefsError
-from sparsefs.extents import DataIndex, SparseSource, data_size, seek_data, seek_hole
-from sparsefs.prefetch import DEFAULT_WINDOW, shared_prefetcher
+from sparsefs.extents import SparseSource, seek_data, seek_hole
+from sparsefs.fusefs.ahead import ReadAhead
+from sparsefs.fusefs.node import (
+    _WRITE_FLAGS,
+    _ZEROS,
+    PREFERRED_IO_SIZE,
+    ROOT_INODE,
+    ZERO_BUFFER_SIZE,
+    Ahead,
+    FileNode,
+    _ReadNowait,
+)
+from sparsefs.prefetch import shared_prefetcher
 
 log = logging.getLogger(__name__)
 
-ROOT_INODE = pyfuse3.ROOT_INODE
-ZERO_BUFFER_SIZE = 4 * 1024 * 1024
-_ZEROS = memoryview(bytes(ZERO_BUFFER_SIZE))
-# What st_blksize tells copiers; cp and rsync size their reads by it.
-PREFERRED_IO_SIZE = 1024 * 1024
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-# Data extents a file's index may hold (16 bytes each); a file with more seeks
-# through its source, in a worker thread.
-MAX_INDEX_EXTENTS = 4 * 1024 * 1024
 
-
-# A source's optional ``read_nowait(guest_offset, length)``: the bytes from
-# memory, or None when they would have to wait (see Qcow2Image.read_nowait).
-_ReadNowait = Callable[[int, int], bytes | bytearray | memoryview | None]
-
-
-def has_lseek_support() -> bool:
-    """True when the installed pyfuse3 dispatches FUSE_LSEEK to ``Operations.lseek``."""
-    return "lseek" in vars(pyfuse3.Operations)
-
-
-@dataclass
-class _Ahead:
-    """A range read ahead: its bytes once ``done`` is set (None: not read, read it again)."""
-
-    start: int
-    length: int
-    data: bytes | bytearray | memoryview | None = None
-    in_thread: bool = False  # being read in a worker thread
-    done: trio.Event = field(default_factory=trio.Event)
-
-
-@dataclass
-class FileNode:
-    """One file in the mount."""
-
-    name: str
-    source: SparseSource
-    inode: int
-    mtime_ns: int
-    _blocks: int | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    index: DataIndex | None = field(default=None, repr=False)
-    # What is read ahead for a sequential reader of a direct_io file.
-    ahead: _Ahead | None = field(default=None, repr=False)
-    # The disk's read-ahead for a sequential reader (sparsefs.prefetch): the
-    # stream's key, where the reader goes next, and the window (bytes of data).
-    stream: int | None = field(default=None, repr=False)
-    next_off: int = field(default=-1, repr=False)
-    window: int = field(default=0, repr=False)
-
-    def blocks_nowait(self) -> int | None:
-        """``st_blocks`` when already known, else None."""
-        return self._blocks
-
-    def blocks(self) -> int:
-        """512-byte blocks of stored data (``st_blocks``), computed once."""
-        with self._lock:
-            if self._blocks is None:
-                self._blocks = (data_size(self.source) + 511) // 512
-            return self._blocks
-
-    def survey(self) -> tuple[int, int]:
-        """Walk the map once: (data bytes, data extents); sets ``st_blocks`` and the index.
-
-        The data bytes are :func:`~sparsefs.extents.data_size`, summed from
-        the same extents, so ``st_blocks`` is what :meth:`blocks` computes.
-        Touching data extents count as one.
-        """
-        index = DataIndex.build(self.source, MAX_INDEX_EXTENTS)
-        if index is None:  # too many extents to keep: count them only
-            data = extents = 0
-            for ext in self.source.iter_extents(0):
-                if ext.data:
-                    data += ext.length
-                    extents += 1
-        else:
-            data, extents = index.data_bytes, index.nb_extents
-        with self._lock:
-            self._blocks = (data + 511) // 512
-            self.index = index
-        return data, extents
-
-
-class SparseFS(pyfuse3.Operations):
+class SparseFS(ReadAhead, pyfuse3.Operations):
     """A read-only FUSE directory: ``name -> SparseSource``.
 
     Args:
@@ -175,7 +74,7 @@ class SparseFS(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(max_threads)
         self._logged: set[str] = set()
         # Read-ahead for direct_io files: wanted ranges by inode, and the task reading them.
-        self._ahead_wanted: dict[int, _Ahead] = {}
+        self._ahead_wanted: dict[int, Ahead] = {}
         self._prefetcher = shared_prefetcher()
         self._ahead_lot: trio.lowlevel.ParkingLot | None = None
         self.ahead_hits = 0  # reads answered from bytes read ahead
@@ -361,97 +260,6 @@ class SparseFS(pyfuse3.Operations):
         self.bytes_served += len(data)
         self._want_ahead(node, end, length)
         return data  # type: ignore[return-value]  # any buffer does for pyfuse3
-
-    # -- read-ahead for direct_io files ---------------------------------------------
-    #
-    # A direct_io file has no kernel readahead: a reader that reads sequentially
-    # (cp between two seeks, cat, rsync) waits for each request's bytes to be
-    # read from the image.  So after answering a read of data, the next range of
-    # the same size is read while the reader is busy with what it got: from
-    # memory on the event loop when it can be (read_nowait), else in a worker
-    # thread.  The next request for exactly that range is answered with those
-    # bytes (waiting for the thread if it is still reading).  The sources are
-    # immutable, so bytes read ahead never go stale; a read ahead that fails is
-    # forgotten, and the reader's own read reports the error.
-
-    def _want_ahead(self, node: FileNode, start: int, length: int) -> None:
-        """Read ``[start, start + length)`` of ``node`` ahead, when it holds data.
-
-        Also keeps the disk reading ahead of a sequential reader (the
-        prefetch stream, see :meth:`_prefetch`).
-        """
-        if self._page_cache:
-            return  # the kernel reads ahead itself
-        self._prefetch(node, start - length, start)
-        index = node.index
-        end = min(start + length, node.source.size)
-        if index is None or start >= end or index.is_hole(start, end):
-            return  # past the end, or a hole: answered from the zero buffer anyway
-        ahead = node.ahead = _Ahead(start, length)
-        self._ahead_wanted[node.inode] = ahead
-        lot = self._ahead_lot
-        if lot is None:
-            lot = self._ahead_lot = trio.lowlevel.ParkingLot()
-            trio.lowlevel.spawn_system_task(self._read_ahead_task, name="sparsefs-read-ahead")
-        lot.unpark_all()
-
-    def _prefetch(self, node: FileNode, off: int, end: int) -> None:
-        """The reader of ``node`` read ``[off, end)`` of data: keep the disk ahead of it.
-
-        Sequential (it goes on where it stopped, or skips only a hole, as
-        cp does between data extents): the window doubles from 4 reads up to
-        ``DEFAULT_WINDOW`` bytes of data.  A jump starts a new stream.
-        """
-        index = node.index
-        expected = node.next_off
-        node.next_off = end
-        if node.stream is not None and (
-            off == expected
-            or (index is not None and expected < off and index.is_hole(expected, off))
-        ):
-            if node.window < DEFAULT_WINDOW:
-                node.window = min(2 * node.window, DEFAULT_WINDOW)
-            self._prefetcher.advance(node.stream, end, node.window)
-            return
-        self._prefetcher.close_stream(node.stream)
-        node.window = 4 * (end - off)
-        node.stream = self._prefetcher.open_stream(node.source, off, node.source.size, node.window)
-
-    async def read_ahead_done(self, inode: int) -> None:
-        """Wait until what the file has wanted read ahead is read (or given up)."""
-        ahead = self._node(inode).ahead
-        if ahead is not None:
-            await ahead.done.wait()
-
-    async def _read_ahead_task(self) -> None:
-        """Read the wanted ranges ahead, one at a time, whenever the loop is free."""
-        lot = self._ahead_lot
-        assert lot is not None
-        wanted = self._ahead_wanted
-        while True:
-            while wanted:
-                inode, ahead = wanted.popitem()
-                node = self._nodes[inode]
-                if node.ahead is ahead:  # neither taken by a read nor replaced
-                    ahead.data = await self._read_ahead(node.source, ahead)
-                ahead.done.set()
-            await lot.park()
-
-    async def _read_ahead(
-        self, source: SparseSource, ahead: _Ahead
-    ) -> bytes | bytearray | memoryview | None:
-        """The bytes of a range from memory, else from a worker thread; None on any error."""
-        read_nowait: _ReadNowait | None = getattr(source, "read_nowait", None)
-        try:
-            data = None if read_nowait is None else read_nowait(ahead.start, ahead.length)
-            if data is None:
-                ahead.in_thread = True
-                data = await trio.to_thread.run_sync(
-                    source.read, ahead.start, ahead.length, limiter=self._limiter
-                )
-        except Exception:  # the reader's own read reports it; this task must not die
-            return None
-        return data
 
     async def lseek(
         self, inode: pyfuse3.InodeT, fh: pyfuse3.FileHandleT, offset: int, whence: int
