@@ -37,19 +37,19 @@ Plan = tuple[int, int, list[tuple[int, int]] | None]
 otherwise one block (count 1) and its data ranges as [guest start, guest end)."""
 
 
-def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
-    """Cut the source's extent map into blocks.
+def data_blocks(
+    source: SparseSource, block_size: int = BLOCK_SIZE, start_block: int = 0
+) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """(block, its data ranges) for every block holding data, in order, from one walk.
 
-    Yields zero runs and single data blocks in block order, covering every
-    block exactly once.  Extents marked ``zero`` (holes, known-zero data) need
-    no reading; every other extent is data.
+    Ranges are [guest start, guest end), merged where they touch.  Extents
+    marked ``zero`` (holes, known-zero data) need no reading and count as no
+    data.
     """
     size = source.size
-    nb_blocks = -(-size // block_size)
-    next_block = 0  # first block not yet yielded
     cur = -1  # block being collected
     ranges: list[tuple[int, int]] = []
-    for ext in source.iter_extents(0):
+    for ext in source.iter_extents(start_block * block_size):
         if not ext.data or ext.zero:
             continue
         pos, end = ext.guest_offset, min(ext.end, size)
@@ -58,19 +58,30 @@ def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
             stop = min((block + 1) * block_size, end)
             if block != cur:
                 if cur >= 0:
-                    yield (cur, 1, ranges)
-                    next_block = cur + 1
-                if block > next_block:
-                    yield (next_block, block - next_block, None)
-                cur, ranges, next_block = block, [], block
+                    yield cur, ranges
+                cur, ranges = block, []
             if ranges and ranges[-1][1] == pos:
                 ranges[-1] = (ranges[-1][0], stop)
             else:
                 ranges.append((pos, stop))
             pos = stop
     if cur >= 0:
-        yield (cur, 1, ranges)
-        next_block = cur + 1
+        yield cur, ranges
+
+
+def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
+    """Cut the source's extent map into blocks.
+
+    Yields zero runs and single data blocks in block order, covering every
+    block exactly once.
+    """
+    nb_blocks = -(-source.size // block_size)
+    next_block = 0  # first block not yet yielded
+    for block, ranges in data_blocks(source, block_size):
+        if block > next_block:
+            yield (next_block, block - next_block, None)
+        yield (block, 1, ranges)
+        next_block = block + 1
     if nb_blocks > next_block:
         yield (next_block, nb_blocks - next_block, None)
 
