@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
+from sparsefs.bulkread import fill_from_host, read_exact
 from sparsefs.checksum.digest import (
     BATCH_DATA_BYTES,
     BATCH_PLANS,
@@ -26,7 +27,6 @@ from sparsefs.checksum.digest import (
     zero_block_digest,
     zero_bytes,
 )
-from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
 
 # -- planning: which blocks hold data ------------------------------------------------
@@ -84,36 +84,6 @@ def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
         next_block = block + 1
     if nb_blocks > next_block:
         yield (next_block, nb_blocks - next_block, None)
-
-
-def fill_from_host(source: SparseSource, view: memoryview, offset: int) -> bool:
-    """Fill ``view`` with guest bytes from ``offset`` by positional reads of the host files.
-
-    For sources that name their host ranges (``iter_host_ranges``: qcow2,
-    raw): data goes straight into ``view`` (no intermediate bytes objects),
-    zeros fill the rest, pieces the source cannot name come from ``read()``.
-    Returns False (nothing done) for other sources.
-
-    Raises:
-        ImageReadError: a read failed (``RawFile.pread_into``'s rule).
-    """
-    host_ranges = getattr(source, "iter_host_ranges", None)
-    if host_ranges is None:
-        return False
-    end = offset + len(view)
-    pos = offset
-    for start, stop, raw, host in host_ranges(offset, end):
-        if start > pos:
-            view[pos - offset : start - offset] = zero_bytes(start - pos)
-        part = view[start - offset : stop - offset]
-        if raw is None:
-            part[:] = read_exact(source, start, stop - start)
-        else:
-            raw.pread_into_uncached(part, host)
-        pos = stop
-    if pos < end:
-        view[pos - offset :] = zero_bytes(end - pos)
-    return True
 
 
 def _iter_pieces(
@@ -366,12 +336,3 @@ def block_digest(
         finally:
             runs.close()
     return DigestResult(folder.hexdigest(), size, bytes_read)
-
-
-def read_exact(source: SparseSource, offset: int, length: int) -> bytes:
-    buf = source.read(offset, length)
-    if len(buf) != length:
-        raise ImageReadError(
-            f"short read of {length} bytes at guest offset {offset} ({len(buf)} bytes)"
-        )
-    return buf
