@@ -1,7 +1,8 @@
 """How bulk readers read a source: its host ranges straight into a buffer.
 
-Backup, checksum and verify read large ranges once.  For sources that name their host ranges (``iter_host_ranges``: raw
-files and every layered format), :func:`fill_from_host` reads the data
+Backup, checksum and verify read large ranges once.  For sources that name
+their host ranges (``iter_host_ranges``: raw files and every layered
+format), :func:`fill_from_host` reads the data
 straight into the caller's buffer with
 :meth:`~sparsefs.raw.RawFile.pread_into_uncached` (the page cache where it
 holds the range, O_DIRECT where it does not), zeros fill the rest, and only
