@@ -6,7 +6,7 @@ file with its tables are the package's own.
 """
 
 from sparsefs.formats.qcow2.bitmaps import BitmapError, dirty_ranges, find_bitmap, list_bitmaps
-from sparsefs.formats.qcow2.image import Qcow2Image, open_image
+from sparsefs.formats.qcow2.image import Qcow2Image, backing_name, open_image
 from sparsefs.formats.qcow2.info import describe_qcow2
 from sparsefs.formats.qcow2.writer import Compression, ImageWriteError, Qcow2Writer, WriterStats
 
@@ -17,6 +17,7 @@ __all__ = [
     "Qcow2Image",
     "Qcow2Writer",
     "WriterStats",
+    "backing_name",
     "describe_qcow2",
     "dirty_ranges",
     "find_bitmap",
