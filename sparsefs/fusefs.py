@@ -43,6 +43,7 @@ import trio
 
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import DataIndex, SparseSource, data_size, seek_data, seek_hole
+from sparsefs.prefetch import DEFAULT_WINDOW, shared_prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,11 @@ class FileNode:
     index: DataIndex | None = field(default=None, repr=False)
     # What is read ahead for a sequential reader of a direct_io file.
     ahead: _Ahead | None = field(default=None, repr=False)
+    # The disk's read-ahead for a sequential reader (sparsefs.prefetch): the
+    # stream's key, where the reader goes next, and the window (bytes of data).
+    stream: int | None = field(default=None, repr=False)
+    next_off: int = field(default=-1, repr=False)
+    window: int = field(default=0, repr=False)
 
     def blocks_nowait(self) -> int | None:
         """``st_blocks`` when already known, else None."""
@@ -170,6 +176,7 @@ class SparseFS(pyfuse3.Operations):
         self._logged: set[str] = set()
         # Read-ahead for direct_io files: wanted ranges by inode, and the task reading them.
         self._ahead_wanted: dict[int, _Ahead] = {}
+        self._prefetcher = shared_prefetcher()
         self._ahead_lot: trio.lowlevel.ParkingLot | None = None
         self.ahead_hits = 0  # reads answered from bytes read ahead
         self.bytes_served = 0  # bytes returned by read, data and zeros
@@ -368,9 +375,14 @@ class SparseFS(pyfuse3.Operations):
     # forgotten, and the reader's own read reports the error.
 
     def _want_ahead(self, node: FileNode, start: int, length: int) -> None:
-        """Read ``[start, start + length)`` of ``node`` ahead, when it holds data."""
+        """Read ``[start, start + length)`` of ``node`` ahead, when it holds data.
+
+        Also keeps the disk reading ahead of a sequential reader (the
+        prefetch stream, see :meth:`_prefetch`).
+        """
         if self._page_cache:
             return  # the kernel reads ahead itself
+        self._prefetch(node, start - length, start)
         index = node.index
         end = min(start + length, node.source.size)
         if index is None or start >= end or index.is_hole(start, end):
@@ -382,6 +394,28 @@ class SparseFS(pyfuse3.Operations):
             lot = self._ahead_lot = trio.lowlevel.ParkingLot()
             trio.lowlevel.spawn_system_task(self._read_ahead_task, name="sparsefs-read-ahead")
         lot.unpark_all()
+
+    def _prefetch(self, node: FileNode, off: int, end: int) -> None:
+        """The reader of ``node`` read ``[off, end)`` of data: keep the disk ahead of it.
+
+        Sequential (it goes on where it stopped, or skips only a hole, as
+        cp does between data extents): the window doubles from 4 reads up to
+        ``DEFAULT_WINDOW`` bytes of data.  A jump starts a new stream.
+        """
+        index = node.index
+        expected = node.next_off
+        node.next_off = end
+        if node.stream is not None and (
+            off == expected
+            or (index is not None and expected < off and index.is_hole(expected, off))
+        ):
+            if node.window < DEFAULT_WINDOW:
+                node.window = min(2 * node.window, DEFAULT_WINDOW)
+            self._prefetcher.advance(node.stream, end, node.window)
+            return
+        self._prefetcher.close_stream(node.stream)
+        node.window = 4 * (end - off)
+        node.stream = self._prefetcher.open_stream(node.source, off, node.source.size, node.window)
 
     async def read_ahead_done(self, inode: int) -> None:
         """Wait until what the file has wanted read ahead is read (or given up)."""
@@ -448,7 +482,10 @@ class SparseFS(pyfuse3.Operations):
         return result
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self._node(fh).ahead = None  # what a closed reader would have read next
+        node = self._node(fh)
+        node.ahead = None  # what a closed reader would have read next
+        self._prefetcher.close_stream(node.stream)
+        node.stream = None
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = pyfuse3.StatvfsData()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -138,6 +137,8 @@ class Progress:
         try:
             return os.get_terminal_size(self.stream.fileno()).columns or 80
         except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            import shutil  # rarely needed: not at every command's start-up
+
             return shutil.get_terminal_size((80, 24)).columns
 
     def _draw(self, now: float) -> None:

@@ -28,6 +28,7 @@ from sparsefs.checksum.digest import (
 )
 from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
+from sparsefs.prefetch import shared_prefetcher
 
 # -- planning: which blocks hold data ------------------------------------------------
 
@@ -288,12 +289,16 @@ def iter_block_digests(
         else:
             yield from item.result()
 
+    # The disk reads the data ahead of the workers (cold images: queue depth).
+    prefetcher = shared_prefetcher()
+    stream = prefetcher.open_stream(source, 0, size)
     try:
         busy = 0  # batches submitted and not drained
         for plans, has_data in _batches(source, block_size):
             if not has_data:
                 pending.append(plans)
             else:
+                prefetcher.advance(stream, plans[0][0] * block_size)
                 pending.append(
                     executor.submit(_digest_batch, source, plans, size, block_size, sink)
                 )
@@ -305,6 +310,7 @@ def iter_block_digests(
         while pending:
             yield from drain_one()
     finally:
+        prefetcher.close_stream(stream)
         for queued in pending:
             if not isinstance(queued, list):
                 queued.cancel()

@@ -163,7 +163,8 @@ def _source_file(source: SparseSource) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def _fd(text: str) -> int:
+def fd_number(text: str) -> int:
+    """argparse type: a file descriptor number (for --progress=FD)."""
     try:
         fd = int(text)
     except ValueError:
@@ -203,23 +204,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also back up each internal snapshot, as disk NAME@SNAPSHOT of the set",
     )
     b.add_argument(
-        "--full",
-        action="store_true",
-        help="write a full point even when the disk has points (starts a new chain)",
-    )
-    b.add_argument(
-        "--format",
-        choices=("raw", "qcow2"),
-        default="raw",
-        help="format of a full point: raw (sparse, the default) or qcow2 (compact: for "
-        "storage without sparse files); delta points are always qcow2",
-    )
-    b.add_argument(
-        "--compress",
-        choices=("zstd", "zlib"),
-        help="with --format qcow2: compress the full point's clusters",
-    )
-    b.add_argument(
         "--xxh128sums",
         action="store_true",
         help="also give each new full raw point a line in DEST_DIR/XXH128SUMS for "
@@ -238,7 +222,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument(
         "--progress",
         dest="progress_fd",
-        type=_fd,
+        type=fd_number,
         metavar="FD",
         help="write progress as 'N/100' lines to file descriptor FD (as nbdcopy "
         "--progress=FD does), for wrappers and GUIs",
@@ -252,13 +236,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument(
         "--json", action="store_true", help="print the results as JSON, with per-phase times"
     )
-    b.add_argument(
-        "--since",
-        metavar="BITMAP",
-        help="find the changes from the image's persistent dirty bitmap BITMAP (qcow2) "
-        "instead of by comparing block digests; clear it after a successful run (see README "
-        "'Restore points')",
-    )
+    setbackup.add_arguments(b)
     from sparsefs.cli import live
 
     live.add_arguments(b)

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from sparsefs.cli.backup import FdProgress, _fd
+from sparsefs.cli.backup import FdProgress, fd_number
 from sparsefs.cli.common import EXIT_FAILURE, EXIT_OK
 from sparsefs.errors import SparsefsError
 from sparsefs.points.check import Status, check_set
@@ -169,7 +169,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.add_argument(
         "--progress",
         dest="progress_fd",
-        type=_fd,
+        type=fd_number,
         metavar="FD",
         help="write progress as 'N/100' lines to file descriptor FD",
     )

@@ -274,3 +274,31 @@ def update_manifest(path: str, entries: dict[str, str | None]) -> None:
                 kept.append(line)
     lines = kept + [format_line(d, n) for n, d in sorted(entries.items()) if d is not None]
     write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    """The options of ``backup`` that choose the kind of point."""
+    b.add_argument(
+        "--full",
+        action="store_true",
+        help="write a full point even when the disk has points (starts a new chain)",
+    )
+    b.add_argument(
+        "--format",
+        choices=("raw", "qcow2"),
+        default="raw",
+        help="format of a full point: raw (sparse, the default) or qcow2 (compact: for "
+        "storage without sparse files); delta points are always qcow2",
+    )
+    b.add_argument(
+        "--compress",
+        choices=("zstd", "zlib"),
+        help="with --format qcow2: compress the full point's clusters",
+    )
+    b.add_argument(
+        "--since",
+        metavar="BITMAP",
+        help="find the changes from the image's persistent dirty bitmap BITMAP (qcow2) "
+        "instead of by comparing block digests; clear it after a successful run (see README "
+        "'Restore points')",
+    )

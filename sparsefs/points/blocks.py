@@ -29,12 +29,10 @@ checks the trailer, the counts, and that the MiB digests fold to the digest.
 from __future__ import annotations
 
 import bisect
-import heapq
 import json
 import os
 import sys
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import xxhash
@@ -147,24 +145,21 @@ class BlockDigests:
         every other block keeps its digests here.  Blocks at or past this
         stream's last (short) block must be in ``blocks`` or read as zeros.
         """
-        replaced = set(blocks)
         out = BlockDigests(size)
-        kept = (r for r in _records(self.block_index, self.block_digests) if r[0] not in replaced)
-        for index, digest in heapq.merge(
-            kept, _records(updates.block_index, updates.block_digests)
-        ):
-            if index * BLOCK_SIZE < size:
-                out.block_index.append(index)
-                out.block_digests += digest
-        kept = (
-            r
-            for r in _records(self.fine_index, self.fine_digests)
-            if r[0] // FINE_PER_BLOCK not in replaced
+        out.block_index, out.block_digests = _splice(
+            (self.block_index, self.block_digests),
+            (updates.block_index, updates.block_digests),
+            blocks,
+            1,
+            -(-size // BLOCK_SIZE),
         )
-        for index, digest in heapq.merge(kept, _records(updates.fine_index, updates.fine_digests)):
-            if index * FINE_SIZE < size:
-                out.fine_index.append(index)
-                out.fine_digests += digest
+        out.fine_index, out.fine_digests = _splice(
+            (self.fine_index, self.fine_digests),
+            (updates.fine_index, updates.fine_digests),
+            blocks,
+            FINE_PER_BLOCK,
+            -(-size // FINE_SIZE),
+        )
         return out
 
     def save(self, path: str, digest: str) -> None:
@@ -261,9 +256,37 @@ def _check_head(path: str, raw: bytes, digest: str, size: int) -> dict[str, int]
     return head
 
 
-def _records(index: array[int], digests: bytearray) -> Iterator[tuple[int, bytes]]:
-    for i in range(len(index)):
-        yield index[i], bytes(digests[16 * i : 16 * i + 16])
+Records = tuple["array[int]", bytearray]
+
+
+def _splice(prev: Records, new: Records, blocks: list[int], per: int, limit: int) -> Records:
+    """``prev``'s records with those of MiB blocks ``blocks`` (increasing) taken from ``new``.
+
+    Keys are MiB block indexes (``per`` 1) or 64 KiB block indexes (``per``
+    16); every key of ``new`` lies in one of ``blocks``.  Keys from ``limit``
+    on are dropped.  Slices are copied whole: O(len(blocks) log n).
+    """
+    (p_idx, p_dig), (n_idx, n_dig) = prev, new
+    out_idx: array[int] = array("Q")
+    out_dig = bytearray()
+    pos = npos = 0
+    for block in blocks:
+        lo, hi = block * per, (block + 1) * per
+        i = bisect.bisect_left(p_idx, lo, pos)
+        j = bisect.bisect_left(p_idx, hi, i)
+        k = bisect.bisect_left(n_idx, lo, npos)
+        m = bisect.bisect_left(n_idx, hi, k)
+        out_idx.extend(p_idx[pos:i])
+        out_dig += p_dig[16 * pos : 16 * i]
+        out_idx.extend(n_idx[k:m])
+        out_dig += n_dig[16 * k : 16 * m]
+        pos, npos = j, m
+    out_idx.extend(p_idx[pos:])
+    out_dig += p_dig[16 * pos :]
+    cut = bisect.bisect_left(out_idx, limit)
+    del out_idx[cut:]
+    del out_dig[16 * cut :]
+    return out_idx, out_dig
 
 
 def _pack(index: array[int], digests: bytearray) -> bytes:
@@ -279,6 +302,6 @@ def _unpack(raw: bytes) -> tuple[array[int], bytearray]:
     index.frombytes(raw[: 8 * count])
     if sys.byteorder != "little":
         index.byteswap()
-    if any(index[i] >= index[i + 1] for i in range(count - 1)):
+    if index.tolist() != sorted(set(index)):  # increasing, no repeats
         raise BlocksFileError("block digests are not in increasing order")
     return index, bytearray(raw[8 * count :])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import open_source
 from sparsefs.points.blocks import check_head
-from sparsefs.points.set import BackupSet, Point
+from sparsefs.points.set import BackupSet, Point, id_key
 
 
 def point_file(disk: str, pid: str, fmt: str) -> str:
@@ -127,9 +127,9 @@ def remove_strays(bset: BackupSet, disk: str) -> list[str]:
     """Remove what killed runs left in ``DEST_DIR/NAME/``; return the names removed.
 
     Only names of our own patterns go: partial points, temporary digest
-    files, and point or digest files the manifest does not name (a run
-    killed after its rename and before its manifest write).  Call with the
-    set's lock held.
+    files, and point or digest files the manifest does not name whose id is
+    newer than every recorded point's (a run killed after its rename and
+    before its manifest write).  Call with the set's lock held.
     """
     directory = bset.path(disk)
     try:
@@ -138,11 +138,20 @@ def remove_strays(bset: BackupSet, disk: str) -> list[str]:
         return []
     d = re.escape(disk)
     patterns = [re.compile(f"^{p.format(d=d)}$") for p in _STRAY]
-    known = {os.path.basename(p.file) for p in bset.disks.get(disk, [])}
-    known |= {os.path.basename(p.blocks) for p in bset.disks.get(disk, [])}
+    points = bset.disks.get(disk, [])
+    known = {os.path.basename(p.file) for p in points} | {
+        os.path.basename(p.blocks) for p in points
+    }
+    newest = id_key(points[-1].id) if points else None
     removed = []
     for name in sorted(names):
         if name in known or not any(p.match(name) for p in patterns):
+            continue
+        pid = name.split("@")[-1].split(".")[0]
+        unrecorded = not name.startswith(".") or name.endswith(".blocks")
+        # A point (or its digests) the manifest does not name: only one newer than
+        # every recorded point is a killed run's; older ones are left alone.
+        if unrecorded and newest is not None and id_key(pid) <= newest:
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))

@@ -26,10 +26,10 @@ import errno
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
+from sparsefs.formats.qcow2 import Qcow2Writer
 from sparsefs.points.blocks import BlockDigests
 from sparsefs.points.check import point_problem
 from sparsefs.points.engine import (
@@ -37,6 +37,7 @@ from sparsefs.points.engine import (
     DeviceSink,
     DeviceSource,
     RawFileSink,
+    Sink,
     all_digests,
     device_size,
     drop_pages,
@@ -137,7 +138,7 @@ def _check_digest(what: str, got: str, point: Point) -> None:
 
 
 def _write(
-    source: SparseSource, sink: Any, point: Point, result: RestoreResult, advance: Advance | None
+    source: SparseSource, sink: Sink, point: Point, result: RestoreResult, advance: Advance | None
 ) -> None:
     """Write the point's data into ``sink``; the point as read must match its digest."""
     t0 = time.monotonic()
@@ -159,10 +160,9 @@ def _to_file(
     partial = os.path.join(directory, f".{os.path.basename(target)}.partial-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)
+    sink: Qcow2Writer | RawFileSink
     if kind == "qcow2":
-        from sparsefs.formats.qcow2 import Qcow2Writer
-
-        sink: Any = Qcow2Writer(partial, source.size)
+        sink = Qcow2Writer(partial, source.size)
     else:
         sink = RawFileSink(partial, source.size)
     try:

@@ -28,11 +28,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
 from sparsefs.formats import open_source
+from sparsefs.formats.qcow2 import Compression, Qcow2Writer
 from sparsefs.points.blocks import BlockDigests, BlocksFileError
 from sparsefs.points.check import (
     blocks_file,
@@ -52,7 +52,6 @@ from sparsefs.points.engine import (
 from sparsefs.points.set import BackupSet, Point, SetError, check_disk_name, fsync_dir, id_time
 
 Advance = Callable[[int], None]
-Compression = Literal["zstd", "zlib"] | None
 
 
 class VerificationError(SparsefsError):
@@ -145,11 +144,9 @@ def opened(path: str, fmt: str) -> Iterator[SparseSource]:
 
 def _new_sink(
     path: str, size: int, fmt: str, backing: Point | None, compression: Compression
-) -> Any:
+) -> RawFileSink | Qcow2Writer:
     if fmt == "raw":
         return RawFileSink(path, size)
-    from sparsefs.formats.qcow2 import Qcow2Writer
-
     return Qcow2Writer(
         path,
         size,

@@ -182,11 +182,14 @@ class BackupSet:
             root: DEST_DIR (must exist).
             lock: take the set's exclusive lock (every run that changes it);
                 refused at once when another run holds it.
-            create: a directory without a manifest is an empty set (else refused).
+            create: a directory without a manifest becomes an empty set (with
+                ``lock``, its empty manifest is written at once, before any
+                point file exists); else it is refused.
 
         Raises:
             SetError: no directory, no set (without ``create``), a damaged
-                manifest, or the lock is held.
+                manifest, a directory holding points but no manifest (a lost
+                manifest is never taken for an empty set), or the lock is held.
         """
         if not os.path.isdir(root):
             raise SetError(f"{root}: destination directory does not exist")
@@ -195,7 +198,12 @@ class BackupSet:
             bset._lock_fd = _take_lock(os.path.join(root, LOCK))
             _remove_temporaries(root)
         try:
-            bset.disks = _read_manifest(os.path.join(root, MANIFEST), create)
+            path = os.path.join(root, MANIFEST)
+            if create and not os.path.exists(path):
+                _refuse_lost_manifest(root)
+            bset.disks = _read_manifest(path, create)
+            if create and lock and not os.path.exists(path):
+                bset._save()
         except BaseException:
             bset.close()
             raise
@@ -270,6 +278,10 @@ class BackupSet:
                 raise SetError(f"{self.path(MANIFEST)}: point {pid} has no full point below it")
         return points[start : index + 1]
 
+    def chain_files(self, disk: str, pid: str) -> list[str]:
+        """The files point ``pid`` reads, full point first, as paths (see :meth:`chain`)."""
+        return [self.path(p.file) for p in self.chain(disk, pid)]
+
     # -- changing (hold the lock) --------------------------------------------------
 
     def add_point(self, disk: str, point: Point) -> None:
@@ -313,10 +325,31 @@ class BackupSet:
         lines = kept + [
             f"{p.digest}  {p.file}" for name in sorted(self.disks) for p in self.disks[name]
         ]
-        write_atomic(path, "".join(line + "\n" for line in lines))
+        if lines or os.path.exists(path):
+            write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 _TEMPORARY = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(SUMS)}|XXH128SUMS)\.tmp-\d+$")
+
+
+def id_key(pid: str) -> tuple[str, int]:
+    """Sort key of a point id: its time, then its same-second suffix (``-2`` < ``-10``)."""
+    base, _, n = pid.partition("-")
+    return base, int(n) if n.isdigit() else 1
+
+
+def _refuse_lost_manifest(root: str) -> None:
+    """Raise when a directory without a manifest holds point files (the manifest was lost)."""
+    for name in os.listdir(root):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub) or name.startswith("."):
+            continue
+        pattern = re.compile(rf"^{re.escape(name)}@\d{{8}}T\d{{6}}Z(-\d+)?\.(raw|qcow2)$")
+        if any(pattern.match(entry) for entry in os.listdir(sub)):
+            raise SetError(
+                f"{os.path.join(root, MANIFEST)}: is missing, yet {sub} holds points; put the "
+                "manifest back (or move the points away) before the next run"
+            )
 
 
 def _remove_temporaries(root: str) -> None:

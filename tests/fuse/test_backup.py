@@ -213,7 +213,8 @@ def test_read_error_fails_the_run_and_leaves_no_file(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert str(image) in proc.stderr
-    assert [p.name for p in dest.iterdir()] == [".SPARSEFS-SET.lock"]
+    assert sorted(p.name for p in dest.iterdir()) == [".SPARSEFS-SET.lock", "SPARSEFS-SET.json"]
+    assert manifest(dest)["disks"] == {}
     assert _no_backup_mounts()
 
 

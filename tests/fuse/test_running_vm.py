@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from points_support import latest_file
+from points_support import latest_file, manifest
 from sparsefs.qmp import QMPClient, QMPError
 from support import (
     REPO,
@@ -543,7 +543,9 @@ def test_backup_qmp_commits_on_interrupt(
         assert not [n for n in names if n.startswith("sparsefs-overlay")], names
         assert qmp.execute("query-jobs") == []
     assert not list(image.parent.glob(".vm.qcow2.sparsefs-overlay-*"))
-    assert [p.name for p in dest.iterdir()] == [".SPARSEFS-SET.lock"], "no partial point"
+    names = sorted(p.name for p in dest.iterdir())
+    assert names == [".SPARSEFS-SET.lock", "SPARSEFS-SET.json"], "no partial point"
+    assert manifest(dest)["disks"] == {}
     writer.wait_rounds(1)
     writer.stop()
     final = tmp_path / "final.raw"

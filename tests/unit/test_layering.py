@@ -47,6 +47,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.formats": ("sparsefs.checksum", "sparsefs.points", *_UPPER),
     "sparsefs.points": _UPPER,
     "sparsefs.locking": ("sparsefs.formats", *_UPPER),
+    "sparsefs.prefetch": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
     "sparsefs.parents": (
         "sparsefs.formats",
         "sparsefs.layered",

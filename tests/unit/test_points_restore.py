@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from points_support import backup, latest_file, points, qemu_check, qemu_compare
-from support import MiB, make_image, one_line_error, qemu_io, qemu_raw, run, sparsefs
+from support import SPARSEFS, MiB, make_image, one_line_error, qemu_io, qemu_raw, run, sparsefs
 
 SIZE = 24 * MiB
 
@@ -59,7 +59,7 @@ def test_restore_to_raw_and_qcow2_files(chain: tuple[Path, list[Path]], tmp_path
     proc = restore(dest, "vm", "--at", pts[0]["id"], qcow2)
     one_line_error(proc, str(qcow2), "--overwrite")
     assert qemu_compare(qcow2, refs[-1])
-    proc = restore(dest, "vm", "--at", pts[0]["id"][:-1], "--overwrite", qcow2)
+    proc = restore(dest, "vm", "--at", pts[0]["id"], "--overwrite", qcow2)
     assert proc.returncode == 0, proc.stderr
     assert qemu_compare(qcow2, refs[0])
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
@@ -158,3 +158,27 @@ def test_checksum_and_verify_accept_a_point(chain: tuple[Path, list[Path]]) -> N
     assert out.split()[0] == points(dest, "vm")[-1]["digest"]
     assert sparsefs("verify", "-q", str(newest), str(refs[-1])).returncode == 0
     assert sparsefs("verify", "-q", str(newest), str(refs[0])).returncode == 1
+
+
+def test_restore_progress_for_wrappers(chain: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    dest, refs = chain
+    read_end, write_end = os.pipe()
+    try:
+        target = str(tmp_path / "p.raw")
+        proc = subprocess.run(
+            [*SPARSEFS, "restore", "-q", f"--progress={write_end}", str(dest), "vm", target],
+            capture_output=True,
+            text=True,
+            pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        lines = os.read(read_end, 65536).decode().split()
+    finally:
+        os.close(read_end)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    values = [int(line.split("/")[0]) for line in lines]
+    assert values == sorted(values)
+    assert values[-1] == 100
+    assert qemu_compare(tmp_path / "p.raw", refs[-1])
+    one_line_error(restore(dest, "vm", "--progress=97", tmp_path / "q.raw"), "--progress=97")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from points_support import backup, list_json, manifest, points, qemu_compare
+from points_support import backup, list_json, manifest, points, qemu_check, qemu_compare
 from sparsefs.points.blocks import BlockDigests, BlocksFileError
 from sparsefs.points.engine import point_digest as real
 from sparsefs.points.set import BackupSet, SetError, id_time, point_id
@@ -201,3 +201,66 @@ def test_legacy_copy_stays_beside_the_set(tmp_path: Path) -> None:
     assert len(sums) == 2
     out = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest, check=True).stdout
     assert out.count(": OK") == 2
+
+
+def test_full_point_as_compressed_qcow2_then_a_delta(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "vm.qcow2", SIZE, seed=24, writes=8, max_len=MiB)
+    dest = tmp_path / "set"
+    dest.mkdir()
+    full = backup("--format", "qcow2", "--compress", "zstd", image, dest)["files"][0]
+    assert (full["kind"], full["format"]) == ("full", "qcow2")
+    qemu_check(dest / full["file"])
+    assert qemu_compare(dest / full["file"], qemu_raw(image, tmp_path / "ref0.raw"))
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(dest / full["file"])]).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    assert "backing-filename" not in info
+    qemu_io(image, "write -q -P 4 6M 64k")
+    delta = backup(image, dest)["files"][0]
+    assert (delta["kind"], delta["format"]) == ("delta", "qcow2")
+    qemu_check(dest / delta["file"])
+    assert qemu_compare(dest / delta["file"], qemu_raw(image, tmp_path / "ref1.raw"))
+    one_line_error(sparsefs("backup", "--compress", "zstd", str(image), str(dest)), "--format")
+
+
+def test_remove_points_rewrites_manifest_and_sums(two_points: tuple[Path, Path]) -> None:
+    """The API prune builds on: dropping the newest point from the manifest, atomically."""
+    _, dest = two_points
+    first, second = points(dest, "vm")
+    with BackupSet.open(str(dest), lock=True) as bset:
+        assert bset.chain_files("vm", second["id"]) == [
+            str(dest / first["file"]),
+            str(dest / second["file"]),
+        ]
+        bset.remove_points("vm", [second["id"]])
+    assert [p["id"] for p in points(dest, "vm")] == [first["id"]]
+    sums = (dest / "SPARSEFS-SUMS").read_text()
+    assert first["file"] in sums
+    assert second["file"] not in sums
+    with BackupSet.open(str(dest)) as bset, pytest.raises(SetError, match="lock"):
+        bset.remove_points("vm", [first["id"]])
+    one_line_error(sparsefs("list", str(dest / "vm")), "no backup set here")
+
+
+def test_a_lost_manifest_is_never_taken_for_an_empty_set(two_points: tuple[Path, Path]) -> None:
+    image, dest = two_points
+    (dest / "SPARSEFS-SET.json").unlink()
+    before = dir_state(dest)
+    one_line_error(sparsefs("backup", str(image), str(dest)), "SPARSEFS-SET.json", "is missing")
+    assert dir_state(dest) == before
+
+
+def test_unrecorded_points_older_than_the_newest_are_left_alone(
+    two_points: tuple[Path, Path],
+) -> None:
+    """Only a killed run's point (newer than every recorded one) is removed as a stray."""
+    image, dest = two_points
+    second = points(dest, "vm")[-1]
+    old = dest / "vm" / "vm@20000101T000000Z.raw"
+    old.write_bytes(b"not ours to delete")
+    newer = dest / "vm" / "vm@29991231T235959Z.qcow2"
+    newer.write_bytes(b"left by a killed run")
+    partial = dest / "vm" / f".vm@{second['id']}-7.qcow2.partial-99999"
+    partial.write_bytes(b"")
+    entry = backup(image, dest)["files"][0]
+    assert sorted(entry["removed-strays"]) == sorted([newer.name, partial.name])
+    assert old.exists()

@@ -160,7 +160,7 @@ def _once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--virtual-gib", type=int, default=16)
@@ -173,8 +173,91 @@ def main() -> int:
         help="also time the engine in-process for 1, 2, 4, 8 MiB blocks",
     )
     parser.add_argument("--micro", action="store_true", help="also time zero tests")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+Contenders = dict[str, tuple[list[str], tuple[int, ...]]]
+
+
+def contenders(image: Path, copy: Path) -> Contenders:
+    """Each contender's command line and the exit codes that mean success."""
+    return {
+        "sparsefs verify IMAGE COPY": (
+            [*SPARSEFS, "verify", "-q", str(image), str(copy)],
+            (0,),
+        ),
+        "qemu-img compare IMAGE COPY": (
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(copy)],
+            (0,),
+        ),
+        "sparsefs checksum COPY": ([*SPARSEFS, "checksum", "-q", str(copy)], (0,)),
+        "xxh128sum COPY": (["xxh128sum", str(copy)], (0,)),
+        "sparsefs checksum IMAGE": ([*SPARSEFS, "checksum", "-q", str(image)], (0,)),
+        "sparsefs checksum --stream-xxh128 COPY": (
+            [*SPARSEFS, "checksum", "-q", "--stream-xxh128", str(copy)],
+            (0,),
+        ),
+    }
+
+
+def run_rounds(cmds: Contenders, rounds: int) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Every contender once a round, alternating the order; times and first outputs."""
+    times: dict[str, list[float]] = {name: [] for name in cmds}
+    outputs: dict[str, str] = {}
+    for r in range(rounds):
+        order = list(cmds)
+        if r % 2:
+            order.reverse()
+        for name in order:
+            cmd, ok = cmds[name]
+            seconds, out = timed(cmd, ok)
+            times[name].append(seconds)
+            outputs.setdefault(name, out)
+        log(f"round {r + 1}/{rounds} done")
+    return times, outputs
+
+
+def check_answers(outputs: dict[str, str]) -> tuple[str, str]:
+    """The answers must agree before the times mean anything: (sparsefs1 digest, xxh128)."""
+    digest_copy = outputs["sparsefs checksum COPY"].split()[0]
+    digest_image = outputs["sparsefs checksum IMAGE"].split()[0]
+    stream = outputs["sparsefs checksum --stream-xxh128 COPY"].split()[0]
+    xxh = outputs["xxh128sum COPY"].split()[0]
+    if (
+        digest_copy != digest_image
+        or stream != xxh
+        or digest_copy not in outputs["sparsefs verify IMAGE COPY"]
+    ):
+        raise SystemExit(f"bench: answers disagree: {outputs}")
+    return digest_copy, xxh
+
+
+def print_report(
+    args: argparse.Namespace, data: int, times: dict[str, list[float]], digests: tuple[str, str]
+) -> None:
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"\nchecksum benchmark: {args.virtual_gib} GiB virtual, {data / MiB:.0f} MiB "
+        f"data in {args.extents} extents, files on {args.workdir}, "
+        f"{args.rounds} rounds, wall-clock medians (min..max)"
+    )
+    for name in times:
+        print(f"  {name:40s} {fmt_s(med[name])}   ({min(times[name]):.3f}..{max(times[name]):.3f})")
+    verify_ratio = med["sparsefs verify IMAGE COPY"] / med["qemu-img compare IMAGE COPY"]
+    sum_ratio = med["xxh128sum COPY"] / med["sparsefs checksum COPY"]
+    print(
+        f"\n  verify / qemu-img compare       = {verify_ratio:5.2f}x the time "
+        f"(target <= 2x): {'met' if verify_ratio <= 2 else 'MISSED'}"
+    )
+    print(
+        f"  xxh128sum / sparsefs checksum   = {sum_ratio:5.1f}x faster "
+        f"(target >= 5x): {'met' if sum_ratio >= 5 else 'MISSED'}"
+    )
+    print(f"  digest {digests[0]}; xxh128 {digests[1]}")
+
+
+def main() -> int:
+    args = parse_args()
     for tool in ("qemu-img", "qemu-io", "xxh128sum"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is not installed")
@@ -188,71 +271,8 @@ def main() -> int:
             f"{data / MiB:.0f} MiB data in {args.extents} extents; copy stores "
             f"{os.stat(copy).st_blocks * 512 / MiB:.0f} MiB"
         )
-
-        contenders: dict[str, tuple[list[str], tuple[int, ...]]] = {
-            "sparsefs verify IMAGE COPY": (
-                [*SPARSEFS, "verify", "-q", str(image), str(copy)],
-                (0,),
-            ),
-            "qemu-img compare IMAGE COPY": (
-                ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(copy)],
-                (0,),
-            ),
-            "sparsefs checksum COPY": ([*SPARSEFS, "checksum", "-q", str(copy)], (0,)),
-            "xxh128sum COPY": (["xxh128sum", str(copy)], (0,)),
-            "sparsefs checksum IMAGE": ([*SPARSEFS, "checksum", "-q", str(image)], (0,)),
-            "sparsefs checksum --stream-xxh128 COPY": (
-                [*SPARSEFS, "checksum", "-q", "--stream-xxh128", str(copy)],
-                (0,),
-            ),
-        }
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        outputs: dict[str, str] = {}
-        for r in range(args.rounds):
-            order = list(contenders)
-            if r % 2:
-                order.reverse()
-            for name in order:
-                cmd, ok = contenders[name]
-                seconds, out = timed(cmd, ok)
-                times[name].append(seconds)
-                outputs.setdefault(name, out)
-            log(f"round {r + 1}/{args.rounds} done")
-
-        # The answers must agree before the times mean anything.
-        digest_copy = outputs["sparsefs checksum COPY"].split()[0]
-        digest_image = outputs["sparsefs checksum IMAGE"].split()[0]
-        stream = outputs["sparsefs checksum --stream-xxh128 COPY"].split()[0]
-        xxh = outputs["xxh128sum COPY"].split()[0]
-        if (
-            digest_copy != digest_image
-            or stream != xxh
-            or digest_copy not in outputs["sparsefs verify IMAGE COPY"]
-        ):
-            raise SystemExit(f"bench: answers disagree: {outputs}")
-
-        med = {name: statistics.median(t) for name, t in times.items()}
-        print(
-            f"\nchecksum benchmark: {args.virtual_gib} GiB virtual, {data / MiB:.0f} MiB "
-            f"data in {args.extents} extents, files on {args.workdir}, "
-            f"{args.rounds} rounds, wall-clock medians (min..max)"
-        )
-        for name in contenders:
-            print(
-                f"  {name:40s} {fmt_s(med[name])}   "
-                f"({min(times[name]):.3f}..{max(times[name]):.3f})"
-            )
-        verify_ratio = med["sparsefs verify IMAGE COPY"] / med["qemu-img compare IMAGE COPY"]
-        sum_ratio = med["xxh128sum COPY"] / med["sparsefs checksum COPY"]
-        print(
-            f"\n  verify / qemu-img compare       = {verify_ratio:5.2f}x the time "
-            f"(target <= 2x): {'met' if verify_ratio <= 2 else 'MISSED'}"
-        )
-        print(
-            f"  xxh128sum / sparsefs checksum   = {sum_ratio:5.1f}x faster "
-            f"(target >= 5x): {'met' if sum_ratio >= 5 else 'MISSED'}"
-        )
-        print(f"  digest {digest_copy}; xxh128 {xxh}")
+        times, outputs = run_rounds(contenders(image, copy), args.rounds)
+        print_report(args, data, times, check_answers(outputs))
         if args.block_sizes:
             block_size_table(copy, (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB), args.rounds)
         if args.micro:

@@ -334,6 +334,24 @@ class Qcow2Writer:
                 f"{exc.strerror}"
             ) from exc
 
+    def _pwrite_sparse(self, host_offset: int, data: bytes | bytearray) -> None:
+        """:meth:`_pwrite` but for the all-zero 4 KiB pages of ``data``: holes of the new file.
+
+        An L2 table or refcount block holding a few entries then stores one
+        page, not a cluster (deltas stay near the data they hold).
+        """
+        page, zero, start = 4096, bytes(4096), -1
+        for pos in range(0, len(data) + page, page):
+            is_zero = pos >= len(data) or data[pos : pos + page] == zero[: len(data) - pos]
+            if not is_zero and start < 0:
+                start = pos
+            elif is_zero and start >= 0:
+                self._pwrite(host_offset + start, memoryview(data)[start:pos])
+                start = -1
+        assert self._fd is not None
+        if os.fstat(self._fd).st_size < host_offset + len(data):
+            os.ftruncate(self._fd, host_offset + len(data))  # the file ends with the tables
+
     # -- finishing -------------------------------------------------------------------
 
     def close(self) -> WriterStats:
@@ -392,9 +410,9 @@ class Qcow2Writer:
             block.extend(array("H", [0]) * (block_entries - len(block)))
             out += _big_endian(block)
         out += _big_endian(l1)
-        self._pwrite(meta_cluster * cs, out)
+        self._pwrite_sparse(meta_cluster * cs, out)
         l1_offset = l1_cluster * cs if l1_clusters else 0  # as qemu-img writes an empty disk
-        self._pwrite(0, self._header_cluster(l1_offset, rt_cluster * cs, rt_clusters))
+        self._pwrite_sparse(0, self._header_cluster(l1_offset, rt_cluster * cs, rt_clusters))
         try:
             os.fsync(self._fd)  # type: ignore[arg-type]  # open until close() returns
         except OSError as exc:
