@@ -22,7 +22,10 @@ content the same at every instant:
    before and after.  P1..Pk are still intact and still in the manifest.
 4. The manifest (and SPARSEFS-SUMS) is replaced atomically without P1..Pk,
    S recorded with its new backing file (or as full).
-5. P1..Pk's files and block digests are deleted.
+5. P1..Pk's files and block digests are deleted: listed first in
+   ``NAME/.NAME.pruned`` (before step 4), so a prune killed after step 4
+   leaves the list, and the next prune deletes what it names that the
+   manifest no longer does (:func:`finish_deletions`).
 
 A prune killed at any moment leaves every kept point reading as before.
 Killed between 3 and 4, S's file is backed by P1's backing file while the
@@ -51,7 +54,7 @@ from sparsefs.points.check import partial_file, point_problem, remove_strays
 from sparsefs.points.engine import all_digests, drop_pages, point_digest
 from sparsefs.points.policy import Rules, decide
 from sparsefs.points.run import VerificationError, opened
-from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir
+from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir, write_atomic
 
 CLUSTER_SIZE = 64 * 1024  # the clusters of the merged file (as every point's)
 _BATCH_CLUSTERS = 64  # clusters read and written at once (4 MiB)
@@ -119,6 +122,7 @@ def prune(bset: BackupSet, rules: Rules, *, dry_run: bool = False) -> list[DiskP
     for disk in sorted(bset.disks):
         result = DiskPrune(disk)
         if not dry_run:
+            result.removed += finish_deletions(bset, disk)
             result.finished = finish_interrupted(bset, disk, result.removed)
             result.removed += [f"{disk}/{name}" for name in remove_strays(bset, disk)]
         result.decisions = plan(bset.points(disk), rules)
@@ -147,15 +151,34 @@ def _groups(decisions: list[Decision]) -> Iterator[tuple[list[Point], Point | No
 def _apply(bset: BackupSet, disk: str, result: DiskPrune) -> None:
     for dropped, into in _groups(result.decisions):
         if into is None:
-            bset.remove_points(disk, [p.id for p in dropped])
-        else:
-            t0 = time.monotonic()
-            merged, new_into = merge_into(bset, disk, dropped, into)
-            _record(bset, disk, dropped, new_into)
-            result.merges.append(
-                Merge(into.id, [p.id for p in dropped], merged, time.monotonic() - t0)
-            )
-        result.removed += _delete_files(bset, disk, dropped)
+            result.removed += _drop(bset, disk, dropped, None)
+            continue
+        t0 = time.monotonic()
+        merged, new_into = merge_into(bset, disk, dropped, into)
+        result.removed += _drop(bset, disk, dropped, new_into)
+        result.merges.append(Merge(into.id, [p.id for p in dropped], merged, time.monotonic() - t0))
+
+
+def pruned_list(disk: str) -> str:
+    """The list of files a prune is deleting, relative to the set: ``NAME/.NAME.pruned``."""
+    return f"{disk}/.{disk}.pruned"
+
+
+def _drop(bset: BackupSet, disk: str, dropped: list[Point], into: Point | None) -> list[str]:
+    """Record the manifest without ``dropped`` (and ``into``'s new entry), then delete them.
+
+    The files to delete are listed in ``NAME/.NAME.pruned`` first, so a prune
+    killed after the manifest write and before the deletions leaves a list
+    the next prune finishes (:func:`finish_deletions`); no file the manifest
+    does not name is ever deleted otherwise.
+    """
+    files = [rel for p in dropped for rel in (p.file, p.blocks)]
+    write_atomic(bset.path(pruned_list(disk)), "".join(f"{rel}\n" for rel in files))
+    if into is not None:
+        _record(bset, disk, dropped, into)
+    else:
+        bset.remove_points(disk, [p.id for p in dropped])
+    return finish_deletions(bset, disk)
 
 
 def _record(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> None:
@@ -164,13 +187,28 @@ def _record(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> No
     bset.remove_points(disk, [p.id for p in dropped])
 
 
-def _delete_files(bset: BackupSet, disk: str, dropped: list[Point]) -> list[str]:
+def finish_deletions(bset: BackupSet, disk: str) -> list[str]:
+    """Delete the files ``NAME/.NAME.pruned`` lists that the manifest no longer names.
+
+    Files the manifest still names stay (the prune was killed before its
+    manifest write: they are points still).  Then the list goes.  Lock held.
+    """
+    listing = bset.path(pruned_list(disk))
+    try:
+        with open(listing, encoding="utf-8") as f:
+            files = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    named = {rel for p in bset.disks.get(disk, []) for rel in (p.file, p.blocks)}
     removed = []
-    for p in dropped:
-        for rel in (p.file, p.blocks):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(bset.path(rel))
-                removed.append(rel)
+    for rel in files:
+        if rel in named or not rel.startswith(f"{disk}/") or "/" in rel[len(disk) + 1 :]:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bset.path(rel))
+            removed.append(rel)
+    fsync_dir(bset.path(disk))
+    os.unlink(listing)
     fsync_dir(bset.path(disk))
     return removed
 
@@ -389,8 +427,7 @@ def finish_interrupted(bset: BackupSet, disk: str, removed: list[str]) -> list[M
         first = start if name is None else start + names.index(name) + 1
         below = None if name is None else points[first - 1]
         dropped = points[first:pos]
-        _record(bset, disk, dropped, _new_entry(bset, point, below))
-        removed += _delete_files(bset, disk, dropped)
+        removed += _drop(bset, disk, dropped, _new_entry(bset, point, below))
         finished.append(Merge(point.id, [p.id for p in dropped]))
         index = first + 1
     return finished
