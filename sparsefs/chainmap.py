@@ -20,10 +20,11 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from sparsefs.errors import ImageReadError
-from sparsefs.layer import BELOW, DATA, OTHER, UNWRITTEN, ZERO
+from sparsefs.layer import BELOW, DATA, OTHER, UNWRITTEN, ZERO, split_unwritten
 
 REGION_BITS = 26  # 64 MiB of guest space per resolved region
 MAX_REGIONS = 4096  # resolved regions kept (then the cache is emptied)
@@ -133,6 +134,46 @@ class ChainMap:
             else:
                 raise ImageReadError(str(host))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def host_ranges(self, guest_offset: int, end: int) -> Iterator[tuple[int, int, Any, int]]:
+        """``LayeredImage.iter_host_ranges`` of ``[guest_offset, end)``, from the resolved runs.
+
+        (start, end, raw file, host offset) of what a copy must read, in order;
+        raw None where the bytes must come from ``read`` (decoded and broken
+        runs, a source below that cannot say); ranges reading as zeros (and
+        host bytes the file stores as nothing) are left out.
+        """
+        for s, e, (rs, _, kind, host, owner) in self._pieces(guest_offset, end, False):
+            if kind == DATA:
+                split = split_unwritten(iter([(s, e, DATA, (host[0], host[1] + s - rs))]))
+                for s2, e2, k2, h2 in split:
+                    if k2 == DATA:
+                        yield (s2, e2, h2[0], h2[1])
+            elif kind in (ZERO, UNWRITTEN, HOLE):
+                continue
+            elif kind == SOURCE:
+                deeper = getattr(owner, "iter_host_ranges", None)
+                if deeper is None:
+                    yield (s, e, None, 0)
+                else:
+                    yield from deeper(s, e)
+            else:
+                yield (s, e, None, 0)
+
+    def reads_zeros(self, guest_offset: int, end: int) -> bool:
+        """True when ``[guest_offset, end)`` is known to read as zeros, from memory only."""
+        for piece in self._pieces(guest_offset, end, True):
+            if piece is None:
+                return False
+            s, e, (_, _, kind, _, owner) = piece
+            if kind in (ZERO, UNWRITTEN, HOLE):
+                continue
+            if kind != SOURCE:
+                return False
+            deeper = getattr(owner, "_reads_zeros", None)
+            if deeper is None or not deeper(s, e):
+                return False
+        return True
 
     def read_nowait_into(self, view: memoryview, guest_offset: int, end: int) -> bool:
         """Fill ``view`` (zeroed) with ``[guest_offset, end)`` from memory only; False if not.

@@ -191,6 +191,11 @@ class LayeredImage:
 
     def _reads_zeros(self, guest_offset: int, end: int) -> bool:
         """True when ``[guest_offset, end)`` reads as zeros in every layer; never blocks."""
+        if self._flat is not None:
+            try:
+                return self._flat.reads_zeros(guest_offset, end)
+            except Exception:
+                return False
         try:
             for s, e, kind, _ in self._nowait_runs(guest_offset, end):
                 if kind == ZERO or kind == UNWRITTEN:  # noqa: SIM109 (hot path)
@@ -258,6 +263,9 @@ class LayeredImage:
         runs with nothing below, and DATA over host bytes the file stores as
         nothing (:meth:`sparsefs.raw.RawFile.written_map`).
         """
+        if self._flat is not None:
+            yield from self._flat.host_ranges(guest_offset, min(guest_end, self.size))
+            return
         below = self._below
         # Split by the host file's holes for every layer, asked or not: a copy
         # never reads what the file stores as nothing (the map may call it data).

@@ -127,5 +127,16 @@ def test_cost_does_not_grow_with_the_depth(chain: list[Path]) -> None:
         assert calls[0] == 0  # resolved regions: no layer is asked again
         got = source.read_nowait(0, source.size)
         assert got is None or bytes(got) == whole
+        # What a copy and the prefetcher read (iter_host_ranges), from the resolved runs.
+        copy = bytearray(source.size)
+        for start, stop, raw, host in source.iter_host_ranges(0, source.size):
+            copy[start:stop] = (
+                source.read(start, stop - start) if raw is None else raw.pread(host, stop - start)
+            )
+        assert bytes(copy) == whole
+        for start in range(0, source.size, 64 * KiB):
+            if source._reads_zeros(start, start + 64 * KiB):
+                assert not any(whole[start : start + 64 * KiB]), start
+        assert calls[0] == 0
     finally:
         source.close()
