@@ -396,9 +396,10 @@ def finish_interrupted(bset: BackupSet, disk: str, removed: list[str]) -> list[M
 
     A delta point whose file is backed by an earlier point of its chain than
     the one right below it in the manifest (or by none, above the chain's full
-    point) was merged and replaced: the points in between are dropped from the
-    manifest and deleted, as the killed prune would have done.  Anything else
-    that does not match is left for ``list`` to report.  Lock held.
+    point) and that reads its recorded digest through that chain was merged
+    and replaced: the points in between are dropped from the manifest and
+    deleted, as the killed prune would have done.  Anything else that does not
+    match is left for ``list`` to report.  Lock held.
     """
     from sparsefs.formats.qcow2 import backing_name
 
@@ -426,11 +427,22 @@ def finish_interrupted(bset: BackupSet, disk: str, removed: list[str]) -> list[M
             continue
         first = start if name is None else start + names.index(name) + 1
         below = None if name is None else points[first - 1]
+        if not _reads_its_digest(bset, point):
+            continue  # not a merged file (a damaged header?): leave it for list to report
         dropped = points[first:pos]
         removed += _drop(bset, disk, dropped, _new_entry(bset, point, below))
         finished.append(Merge(point.id, [p.id for p in dropped]))
         index = first + 1
     return finished
+
+
+def _reads_its_digest(bset: BackupSet, point: Point) -> bool:
+    """True when ``point``'s file, read through its chain as it is now, has its digest."""
+    try:
+        with opened(bset.path(point.file), point.format) as source:
+            return all_digests(source).fold() == point.digest
+    except (SparsefsError, OSError):
+        return False
 
 
 def result_dict(result: DiskPrune) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from sparsefs.points.policy import Rules
 from sparsefs.points.prune import plan
 from sparsefs.points.run import RunOptions, add_point, opened
 from sparsefs.points.set import BackupSet
-from support import MiB, make_image, qemu_io, qemu_raw, sparsefs
+from support import MiB, make_image, qemu_io, qemu_raw, run, sparsefs
 
 SIZE = 32 * MiB
 # (day of December 2026, hour, options of the run)
@@ -262,3 +262,19 @@ def test_backing_name_reads_the_header_only(nights: Path, tmp_path: Path) -> Non
     lone = tmp_path / "lone.qcow2"
     shutil.copy(nights / "set" / pts[2]["file"], lone)
     assert backing_name(lone) == Path(pts[1]["file"]).name
+
+
+def test_a_rebased_point_that_does_not_read_its_digest_is_left_alone(
+    nights: Path, tmp_path: Path
+) -> None:
+    """Only a merged file (it reads its digest) is taken for a killed prune's work."""
+    dest = _copy(nights, tmp_path)
+    pts = manifest(dest)["disks"]["vm"]["points"]
+    first = Path(pts[0]["file"]).name
+    run(["qemu-img", "rebase", "-u", "-b", first, "-F", "raw", str(dest / pts[2]["file"])])
+    assert _prune(dest, "--keep-last", "20") == 0
+    assert [p["id"] for p in manifest(dest)["disks"]["vm"]["points"]] == [p["id"] for p in pts]
+    assert all((dest / p["file"]).exists() for p in pts)
+    status, doc = list_json(dest)
+    assert status == 1
+    assert [p["status"] for p in doc["disks"][0]["points"]][1:3] == ["ok", "damaged"]
