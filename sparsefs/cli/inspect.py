@@ -13,9 +13,6 @@ from sparsefs.extents import SparseSource, data_size
 from sparsefs.formats import FORMAT_NAMES, open_source
 from sparsefs.formats.qcow2 import (
     Qcow2Image,
-    describe_qcow2,
-    dirty_ranges,
-    find_bitmap,
     open_image,
 )
 from sparsefs.layered import MapEntry, below_map
@@ -49,6 +46,8 @@ def _map_bitmap(args: argparse.Namespace) -> int:
         raise SparsefsError(f"{args.image}: --bitmap and --snapshot cannot be combined")
     if args.format not in (None, "qcow2"):
         raise SparsefsError(f"{args.image}: persistent bitmaps exist only in qcow2 images")
+    from sparsefs.formats.qcow2 import dirty_ranges, find_bitmap  # only map --bitmap
+
     with open_image(args.image, open_options(args)) as image:
         ranges = list(dirty_ranges(image, find_bitmap(image, args.bitmap)))
     if args.output == "json":
@@ -94,6 +93,8 @@ def _find_snapshot(image: Qcow2Image, key: str) -> Qcow2Image:
 def describe(image: SparseSource) -> dict[str, Any]:
     """Everything ``sparsefs info`` prints, as a JSON-ready dict."""
     if isinstance(image, Qcow2Image):
+        from sparsefs.formats.qcow2 import describe_qcow2  # info alone
+
         return describe_qcow2(image)
     return _describe_other(image)
 

@@ -161,10 +161,14 @@ def _to_file(
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)
     sink: Qcow2Writer | RawFileSink
-    if kind == "qcow2":
-        sink = Qcow2Writer(partial, source.size)
-    else:
-        sink = RawFileSink(partial, source.size)
+    try:
+        if kind == "qcow2":
+            sink = Qcow2Writer(partial, source.size)
+        else:
+            sink = RawFileSink(partial, source.size)
+    except (OSError, SparsefsError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc).split(": ")[-1]
+        raise RestoreError(f"{target}: cannot be written: {why}") from None
     try:
         try:
             _write(source, sink, point, result, advance)

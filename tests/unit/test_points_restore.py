@@ -74,6 +74,8 @@ def test_point_names(chain: tuple[Path, list[Path]], tmp_path: Path) -> None:
     one_line_error(restore(dest, "vm", "--at", "2", target), "matches several points")
     one_line_error(restore(dest, "vm", "--at", "1999", target), "names no point")
     one_line_error(restore(dest, "nosuch", target), "no disk named 'nosuch'")
+    missing = tmp_path / "no-dir" / "x.raw"
+    one_line_error(restore(dest, "vm", missing), str(missing), "cannot be written")
     assert not target.exists()
 
 
