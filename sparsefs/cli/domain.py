@@ -276,7 +276,9 @@ def _freeze_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) 
             say(f"domain {ctx.dom.name}: the guest agent did not freeze the filesystems: {problem}")
     else:
         say(f"domain {ctx.dom.name}: no guest agent: the guest's filesystems were not frozen")
-    ctx.dom.suspend()
+    was_paused = ctx.dom.is_paused()  # a domain paused by its owner stays paused
+    if not was_paused:
+        ctx.dom.suspend()
     try:
         if checkpoint is not None:
             ctx.dom.checkpoint_create(_checkpoint_xml(ctx, checkpoint))
@@ -287,7 +289,8 @@ def _freeze_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) 
                 ctx.dom.checkpoint_delete(checkpoint)
             raise
     finally:
-        ctx.dom.resume()
+        if not was_paused:
+            ctx.dom.resume()
         if frozen == "guest-agent":
             ctx.dom.fs_thaw()
     return frozen
@@ -302,7 +305,8 @@ def _live(ctx: Ctx) -> int:
         overlays[d.target] = overlay_path(d.path, run_id)
     checkpoint = CHECKPOINT_PREFIX + run_id if any(d.fmt == "qcow2" for d in ctx.todo) else None
     pairs = {d.target: [d.path, overlays[d.target]] for d in ctx.todo}
-    write_state(ctx.runs, {"run": run_id, "checkpoint": checkpoint, "overlays": pairs})
+    state = {"run": run_id, "checkpoint": checkpoint, "overlays": pairs}
+    write_state(ctx.runs, {**state, "owner_paused": ctx.dom.is_paused()})
     guardian = Guardian(ctx.dest, ctx.dom.name, ctx.args.connect, ctx.bset._lock_fd)
     ok = False
     outcomes: list[setbackup.DiskOutcome] = []

@@ -5,7 +5,7 @@ A run of a running domain moves every disk onto an overlay
 ``sparsefs-RUN``.  Its own ``finally`` commits and pivots back; when the
 process is killed outright (SIGKILL, OOM), :func:`repair` does it instead:
 
-1. a paused domain whose run was under way is resumed;
+1. a domain the killed run paused is resumed (one its owner paused stays paused);
 2. a disk still on a sparsefs overlay is committed back (the running commit
    job is waited for, or one is started) and pivoted;
 3. overlay files of that pattern beside the domain's images are removed;
@@ -117,7 +117,7 @@ def repair(dom: Domain, runs: DomainRuns, say: Say) -> None:
     """
     state = read_state(runs)
     if dom.is_active():
-        if state is not None and dom.is_paused():
+        if state is not None and state.get("owner_paused") is False and dom.is_paused():
             say(f"domain {dom.name}: was left paused by a killed run: resumed")
             dom.resume()
         commit_back(dom, say)
