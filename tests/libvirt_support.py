@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -23,7 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import run
+from points_support import latest_file, qemu_compare
+from support import SPARSEFS, MiB, make_image, qemu_io, run
 
 START_TIMEOUT = 30.0
 
@@ -199,3 +202,85 @@ def wait_unlocked(dest: Path, timeout: float = 60.0) -> None:
                 time.sleep(0.05)
     finally:
         os.close(fd)
+
+
+TARGETS = {"vda": 0, "vdb": 1}
+
+
+def make_disks(tmp: Path) -> tuple[Path, Path]:
+    """vda: a 128 MiB qcow2 with random data; vdb: a 64 MiB sparse raw file with some."""
+    qcow2 = make_image(tmp / "vm-a.qcow2", 128 * MiB, seed=3, writes=40, max_len=4 * MiB)
+    raw = tmp / "vm-b.raw"
+    run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(64 * MiB)])
+    qemu_io(raw, "write -q -P 0x21 0 3M", "write -q -P 0x22 40M 5M", fmt="raw")
+    return qcow2, raw
+
+
+def write_round(daemon: Libvirtd, name: str, rng: random.Random) -> None:
+    """Random data and zero writes on both disks through the monitor, then flush."""
+    for disk, size in ((0, 128 * MiB), (1, 64 * MiB)):
+        for _ in range(6):
+            length = rng.choice((4096, 65536, 300 * 1024, MiB))
+            offset = rng.randrange(0, size - length) // 512 * 512
+            zero = rng.random() < 0.25
+            what = "-z" if zero else f"-P {rng.randrange(1, 256)}"
+            monitor_write(daemon, name, disk, f"write {what} {offset} {length}")
+        monitor_write(daemon, name, disk, "flush")
+
+
+def reference(daemon: Libvirtd, name: str, out: Path) -> dict[str, Path]:
+    """Each disk as it is now: paused, flushed, ``qemu-img convert -U``, resumed."""
+    out.mkdir()
+    daemon.virsh("suspend", name)
+    refs = {}
+    try:
+        for target, source in blklist(daemon, name):
+            if target in TARGETS:
+                monitor_write(daemon, name, TARGETS[target], "flush")
+                refs[target] = out / f"{target}.raw"
+                run(["qemu-img", "convert", "-U", "-O", "raw", source, str(refs[target])])
+    finally:
+        daemon.virsh("resume", name)
+    return refs
+
+
+def backup_run(
+    daemon: Libvirtd, name: str, dest: Path, rng: random.Random | None
+) -> tuple[subprocess.CompletedProcess[str], bool]:
+    """``backup --domain``; with ``rng``, write while the domain is on its overlays."""
+    cmd = [*SPARSEFS, "backup", "--domain", name, "--connect", daemon.uri, str(dest)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    windowed = False
+    while rng is not None and proc.poll() is None and not windowed:
+        if any(".sparsefs-" in source for _, source in blklist(daemon, name)):
+            write_round(daemon, name, rng)
+            windowed = True
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), windowed
+
+
+def check_points(dest: Path, name: str, refs: dict[str, Path]) -> None:
+    for target, ref in refs.items():
+        point = latest_file(dest, f"{name}-{target}")
+        assert qemu_compare(point, ref), f"{point} differs from the disk at its instant"
+
+
+def runs(dest: Path, name: str) -> list[dict[str, object]]:
+    doc = json.loads((dest / f"{name}.libvirt.json").read_text())
+    out: list[dict[str, object]] = doc["runs"]
+    return out
+
+
+def stderr_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    assert "Traceback" not in proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def check_domain_state(daemon: Libvirtd, name: str, dest: Path, before: object) -> None:
+    """On its original files, running, no overlay file, checkpoints = the newest run's."""
+    assert blklist(daemon, name) == before
+    assert daemon.virsh("domstate", name).stdout.strip() == "running"
+    newest = runs(dest, name)[-1]["checkpoint"]
+    assert checkpoints(daemon, name) == ([newest] if newest else [])
+    disk_dir = Path(dict(blklist(daemon, name))["vda"]).parent
+    assert not list(disk_dir.glob(".*.sparsefs-*"))

@@ -1,0 +1,64 @@
+"""SIGKILL of ``backup --domain`` at random moments (10 seeds).
+
+After each kill, once the run's guardian has let the set's lock go, the
+domain runs on its original files with no overlay left; the next run
+succeeds and its points equal the disks at its instant; every earlier point
+stays intact (``sparsefs list``, and ``checksum --check SPARSEFS-SUMS`` at
+the end reads them all).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from pathlib import Path
+
+from libvirt_support import (
+    Libvirtd,
+    backup_run,
+    blklist,
+    check_domain_state,
+    check_points,
+    define_domain,
+    make_disks,
+    reference,
+    wait_unlocked,
+    write_round,
+)
+from support import SPARSEFS, sparsefs
+
+
+def test_sigkill_at_random_moments(daemon: Libvirtd, tmp_path: Path) -> None:
+    name = "sfs-kill"
+    qcow2, raw = make_disks(tmp_path)
+    define_domain(daemon, name, qcow2, raw)
+    before = blklist(daemon, name)
+    dest = tmp_path / "set"
+    dest.mkdir()
+    assert backup_run(daemon, name, dest, None)[0].returncode == 0
+    write_round(daemon, name, random.Random(99))
+    t0 = time.monotonic()
+    assert backup_run(daemon, name, dest, None)[0].returncode == 0
+    duration = time.monotonic() - t0
+    cmd = [*SPARSEFS, "backup", "--domain", name, "--connect", daemon.uri, str(dest)]
+    for seed in range(10):
+        rng = random.Random(seed)
+        write_round(daemon, name, rng)
+        refs = reference(daemon, name, tmp_path / f"ref{seed}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.0, duration))
+        proc.kill()
+        proc.communicate()  # EOF once the guardian (which shares stderr) is done too
+        wait_unlocked(dest)
+        assert blklist(daemon, name) == before, f"seed {seed}"
+        assert daemon.virsh("domstate", name).stdout.strip() == "running"
+        assert not list(tmp_path.glob(".*.sparsefs-*")), f"seed {seed}: overlay left"
+        after, _ = backup_run(daemon, name, dest, None)
+        assert after.returncode == 0, f"seed {seed}: {after.stderr}"
+        assert "Traceback" not in after.stderr
+        check_points(dest, name, refs)
+        check_domain_state(daemon, name, dest, before)
+        assert sparsefs("list", str(dest)).returncode == 0, f"seed {seed}"
+    check = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest)
+    assert check.returncode == 0, check.stdout + check.stderr
