@@ -106,7 +106,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise SparsefsError("--connect needs --domain NAME")
         from sparsefs.cli import domain
 
-        return domain.cmd_backup_domain(args)
+        return domain.cmd_backup_domain(args, _raw_point_copier(args.paths[-1], args.reflink))
     if args.since or args.qmp or args.node:  # option checks; live.py
         from sparsefs.cli import live
 

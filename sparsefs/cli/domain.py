@@ -50,6 +50,7 @@ from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
 from sparsefs.formats import open_source
 from sparsefs.options import OpenOptions
+from sparsefs.points.run import RawCopier
 from sparsefs.points.set import BackupSet, point_id
 
 AGENT = "org.qemu.guest_agent.0"
@@ -71,10 +72,11 @@ class Ctx:
     dom: Domain
     todo: list[domxml.DomainDisk]
     all_disks: list[domxml.DomainDisk]
+    copier: RawCopier
 
 
-def cmd_backup_domain(args: argparse.Namespace) -> int:
-    """``backup --domain``; see the module docstring."""
+def cmd_backup_domain(args: argparse.Namespace, copier: RawCopier) -> int:
+    """``backup --domain``; see the module docstring (``copier`` makes full raw points)."""
     if len(args.paths) != 1:
         raise SparsefsError("backup --domain takes only DEST_DIR (the disks come from the domain)")
     for flag in ("since", "qmp", "node", "snapshots"):
@@ -95,7 +97,7 @@ def cmd_backup_domain(args: argparse.Namespace) -> int:
             todo = [d for d in all_disks if d.skip is None]
             if not todo:
                 raise SparsefsError(f"domain {dom.name}: has no disk to back up")
-            ctx = Ctx(args, dest, bset, runs, dom, todo, all_disks)
+            ctx = Ctx(args, dest, bset, runs, dom, todo, all_disks, copier)
             if dom.is_active():
                 return _live(ctx)
             return _stopped(ctx)
@@ -151,9 +153,7 @@ def _dirty(source: SparseSource, bitmap: str | None, name: str) -> list[tuple[in
 
 def _backup_disks(ctx: Ctx, force_share: bool) -> tuple[list[setbackup.DiskOutcome], set[str]]:
     """One point per disk to do; the outcomes and the checkpoints whose bitmaps were used."""
-    from sparsefs.cli.backup import _raw_point_copier
-
-    run = setbackup.Run(ctx.bset, ctx.args, None, _raw_point_copier(ctx.dest, ctx.args.reflink))
+    run = setbackup.Run(ctx.bset, ctx.args, None, ctx.copier)
     outcomes, used = [], set()
     for disk in ctx.todo:
         assert disk.path is not None

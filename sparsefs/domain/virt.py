@@ -42,7 +42,7 @@ class VirtError(SparsefsError):
 
 def _binding() -> Any:
     try:
-        import libvirt  # type: ignore[import-untyped]
+        import libvirt
     except ImportError:
         raise VirtError(INSTALL_HINT) from None
     return libvirt
