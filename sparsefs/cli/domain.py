@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -54,6 +55,7 @@ from sparsefs.points.run import RawCopier
 from sparsefs.points.set import BackupSet, point_id
 
 AGENT = "org.qemu.guest_agent.0"
+log = logging.getLogger(__name__)
 
 
 def say(line: str) -> None:
@@ -277,6 +279,7 @@ def _freeze_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) 
     else:
         say(f"domain {ctx.dom.name}: no guest agent: the guest's filesystems were not frozen")
     was_paused = ctx.dom.is_paused()  # a domain paused by its owner stays paused
+    t0 = time.monotonic()
     if not was_paused:
         ctx.dom.suspend()
     try:
@@ -291,6 +294,9 @@ def _freeze_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) 
     finally:
         if not was_paused:
             ctx.dom.resume()
+        log.info(
+            "domain %s: paused %.3f s (checkpoint, snapshot)", ctx.dom.name, time.monotonic() - t0
+        )
         if frozen == "guest-agent":
             ctx.dom.fs_thaw()
     return frozen
