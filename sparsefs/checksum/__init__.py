@@ -36,7 +36,7 @@ Imports flow one way: this package knows sources only through
 :class:`~sparsefs.extents.SparseSource`; never FUSE, never qcow2.
 """
 
-from sparsefs.checksum.blocks import block_digest, iter_block_digests
+from sparsefs.checksum.blocks import block_digest, data_blocks, iter_block_digests
 from sparsefs.checksum.compare import Difference, compare
 from sparsefs.checksum.digest import (
     BLOCK_SIZE,
@@ -64,6 +64,7 @@ __all__ = [
     "ProgressCallback",
     "block_digest",
     "compare",
+    "data_blocks",
     "iter_block_digests",
     "stream_xxh128",
     "zero_block_digest",

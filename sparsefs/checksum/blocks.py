@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
+from sparsefs.bulkread import fill_from_host, read_exact
 from sparsefs.checksum.digest import (
     BATCH_DATA_BYTES,
     BATCH_PLANS,
@@ -26,7 +27,6 @@ from sparsefs.checksum.digest import (
     zero_block_digest,
     zero_bytes,
 )
-from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
 
 # -- planning: which blocks hold data ------------------------------------------------
@@ -37,19 +37,19 @@ Plan = tuple[int, int, list[tuple[int, int]] | None]
 otherwise one block (count 1) and its data ranges as [guest start, guest end)."""
 
 
-def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
-    """Cut the source's extent map into blocks.
+def data_blocks(
+    source: SparseSource, block_size: int = BLOCK_SIZE, start_block: int = 0
+) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """(block, its data ranges) for every block holding data, in order, from one walk.
 
-    Yields zero runs and single data blocks in block order, covering every
-    block exactly once.  Extents marked ``zero`` (holes, known-zero data) need
-    no reading; every other extent is data.
+    Ranges are [guest start, guest end), merged where they touch.  Extents
+    marked ``zero`` (holes, known-zero data) need no reading and count as no
+    data.
     """
     size = source.size
-    nb_blocks = -(-size // block_size)
-    next_block = 0  # first block not yet yielded
     cur = -1  # block being collected
     ranges: list[tuple[int, int]] = []
-    for ext in source.iter_extents(0):
+    for ext in source.iter_extents(start_block * block_size):
         if not ext.data or ext.zero:
             continue
         pos, end = ext.guest_offset, min(ext.end, size)
@@ -58,51 +58,32 @@ def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
             stop = min((block + 1) * block_size, end)
             if block != cur:
                 if cur >= 0:
-                    yield (cur, 1, ranges)
-                    next_block = cur + 1
-                if block > next_block:
-                    yield (next_block, block - next_block, None)
-                cur, ranges, next_block = block, [], block
+                    yield cur, ranges
+                cur, ranges = block, []
             if ranges and ranges[-1][1] == pos:
                 ranges[-1] = (ranges[-1][0], stop)
             else:
                 ranges.append((pos, stop))
             pos = stop
     if cur >= 0:
-        yield (cur, 1, ranges)
-        next_block = cur + 1
+        yield cur, ranges
+
+
+def _plan_blocks(source: SparseSource, block_size: int) -> Iterator[Plan]:
+    """Cut the source's extent map into blocks.
+
+    Yields zero runs and single data blocks in block order, covering every
+    block exactly once.
+    """
+    nb_blocks = -(-source.size // block_size)
+    next_block = 0  # first block not yet yielded
+    for block, ranges in data_blocks(source, block_size):
+        if block > next_block:
+            yield (next_block, block - next_block, None)
+        yield (block, 1, ranges)
+        next_block = block + 1
     if nb_blocks > next_block:
         yield (next_block, nb_blocks - next_block, None)
-
-
-def fill_from_host(source: SparseSource, view: memoryview, offset: int) -> bool:
-    """Fill ``view`` with guest bytes from ``offset`` by positional reads of the host files.
-
-    For sources that name their host ranges (``iter_host_ranges``: qcow2,
-    raw): data goes straight into ``view`` (no intermediate bytes objects),
-    zeros fill the rest, pieces the source cannot name come from ``read()``.
-    Returns False (nothing done) for other sources.
-
-    Raises:
-        ImageReadError: a read failed (``RawFile.pread_into``'s rule).
-    """
-    host_ranges = getattr(source, "iter_host_ranges", None)
-    if host_ranges is None:
-        return False
-    end = offset + len(view)
-    pos = offset
-    for start, stop, raw, host in host_ranges(offset, end):
-        if start > pos:
-            view[pos - offset : start - offset] = zero_bytes(start - pos)
-        part = view[start - offset : stop - offset]
-        if raw is None:
-            part[:] = read_exact(source, start, stop - start)
-        else:
-            raw.pread_into_uncached(part, host)
-        pos = stop
-    if pos < end:
-        view[pos - offset :] = zero_bytes(end - pos)
-    return True
 
 
 def _iter_pieces(
@@ -355,12 +336,3 @@ def block_digest(
         finally:
             runs.close()
     return DigestResult(folder.hexdigest(), size, bytes_read)
-
-
-def read_exact(source: SparseSource, offset: int, length: int) -> bytes:
-    buf = source.read(offset, length)
-    if len(buf) != length:
-        raise ImageReadError(
-            f"short read of {length} bytes at guest offset {offset} ({len(buf)} bytes)"
-        )
-    return buf

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsefs.checksum.blocks import iter_block_digests, new_executor, read_exact
+from sparsefs.bulkread import read_exact
+from sparsefs.checksum.blocks import iter_block_digests, new_executor
 from sparsefs.checksum.digest import (
     BLOCK_SIZE,
     DEFAULT_WORKERS,

@@ -28,7 +28,7 @@ READ_PIECE_SIZE = 1024 * 1024
 # read with O_DIRECT (RawFile.pread_into_uncached), so the threads blocked in
 # reads are what keeps the disk's queue full.
 DEFAULT_WORKERS = 8
-DEFAULT_IN_FLIGHT = 8
+DEFAULT_IN_FLIGHT = 16
 
 # A batch of data blocks (one task for a worker) closes at this much data, or
 # at this many plans.

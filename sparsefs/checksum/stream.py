@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
-from sparsefs.checksum.blocks import fill_from_host, read_exact
+from sparsefs.bulkread import fill_from_host, read_exact
 from sparsefs.checksum.digest import (
     DEFAULT_IN_FLIGHT,
     STREAM_CHUNK_SIZE,

@@ -40,7 +40,7 @@ from sparsefs.cli.common import (
 )
 from sparsefs.errors import MissingFileError, SparsefsError
 from sparsefs.extents import SparseSource
-from sparsefs.formats import FORMAT_NAMES, format_by_suffix, open_source
+from sparsefs.formats import FORMAT_NAMES, format_by_suffix, opened
 from sparsefs.options import OpenOptions
 from sparsefs.progress import Progress
 
@@ -79,13 +79,8 @@ def open_checked(path: str, fmt: Format, options: OpenOptions) -> Iterator[Spars
         raise SparsefsError(f"{path}: is a directory")
     if not stat.S_ISREG(st.st_mode):
         raise SparsefsError(f"{path}: not a regular file (devices and pipes are not supported)")
-    source = open_source(path, fmt, options)
-    try:
+    with opened(path, fmt, options) as source:
         yield source
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
 
 
 def _progress(path: str, total: int, quiet: bool) -> Progress:

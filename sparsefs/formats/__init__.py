@@ -17,10 +17,11 @@ Format modules never import each other, nor sparsefs.formats.qcow2.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -251,6 +252,22 @@ def open_source(
     return spec.opener(path, options, chain)
 
 
+@contextlib.contextmanager
+def opened(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    options: OpenOptions | None = None,
+) -> Iterator[SparseSource]:
+    """:func:`open_source` as a context manager: the source (and its chain) closed after."""
+    source = open_source(path, fmt, options)
+    try:
+        yield source
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
 def open_parent(
     referrer: str,
     referrer_fd: int,
@@ -308,6 +325,7 @@ __all__ = [
     "format_by_suffix",
     "open_parent",
     "open_source",
+    "opened",
     "spec_for",
     "strip_suffix",
 ]

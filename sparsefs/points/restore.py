@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
+from sparsefs.formats import opened
 from sparsefs.formats.qcow2 import Qcow2Writer
 from sparsefs.points.blocks import BlockDigests
 from sparsefs.points.check import point_problem
@@ -44,7 +45,6 @@ from sparsefs.points.engine import (
     is_block_device,
     write_changes,
 )
-from sparsefs.points.run import opened
 from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
-from sparsefs.formats import open_source
+from sparsefs.formats import opened
 from sparsefs.formats.qcow2 import Compression, Qcow2Writer
 from sparsefs.points.blocks import BlockDigests, BlocksFileError
 from sparsefs.points.check import (
@@ -128,18 +128,6 @@ def _previous(
         )
     digests.save(bset.path(prev.blocks), prev.digest)
     return prev, digests, True
-
-
-@contextlib.contextmanager
-def opened(path: str, fmt: str) -> Iterator[SparseSource]:
-    """A point file opened through the registry (its backing chain too), closed after."""
-    source = open_source(path, fmt)
-    try:
-        yield source
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
 
 
 def _new_sink(

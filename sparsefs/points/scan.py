@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from sparsefs.checksum import BLOCK_SIZE, zero_bytes
+from sparsefs.checksum import BLOCK_SIZE, data_blocks, zero_bytes
 from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
 from sparsefs.points.blocks import FINE_PER_BLOCK, FINE_SIZE, zero_digest
@@ -68,31 +68,6 @@ class BlockScan:
             self.data = None
             self._pool.put(self._buf)
             self._buf = None
-
-
-def data_blocks(source: SparseSource, start_block: int = 0) -> Iterator[tuple[int, Ranges]]:
-    """(MiB block, its data ranges) for every block holding data, in order, from one walk."""
-    size = source.size
-    cur = -1
-    ranges: Ranges = []
-    for ext in source.iter_extents(start_block * BLOCK_SIZE):
-        if not ext.data or ext.zero:
-            continue
-        pos, end = ext.guest_offset, min(ext.end, size)
-        while pos < end:
-            block = pos // BLOCK_SIZE
-            stop = min((block + 1) * BLOCK_SIZE, end)
-            if block != cur:
-                if cur >= 0:
-                    yield cur, ranges
-                cur, ranges = block, []
-            if ranges and ranges[-1][1] == pos:
-                ranges[-1] = (ranges[-1][0], stop)
-            else:
-                ranges.append((pos, stop))
-            pos = stop
-    if cur >= 0:
-        yield cur, ranges
 
 
 def ranges_in(source: SparseSource, start: int, end: int) -> Ranges:

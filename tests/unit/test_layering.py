@@ -56,6 +56,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.domain": ("sparsefs.checksum", *_UPPER),
     "sparsefs.locking": ("sparsefs.formats", *_UPPER),
     "sparsefs.prefetch": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
+    "sparsefs.bulkread": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
     "sparsefs.parents": (
         "sparsefs.formats",
         "sparsefs.layered",

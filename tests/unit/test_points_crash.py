@@ -24,7 +24,7 @@ import pytest
 from points_support import manifest, qemu_check, qemu_compare
 from sparsefs.checksum import block_digest
 from sparsefs.cli import main
-from sparsefs.points.run import opened
+from sparsefs.formats import opened
 from support import MiB, make_image, qemu_io, qemu_raw, run
 
 SIZE = 16 * MiB
