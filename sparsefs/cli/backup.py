@@ -202,7 +202,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "paths",
         nargs="+",
         metavar="IMAGE... DEST_DIR",
-        help="images, then an existing destination directory (with --domain: DEST_DIR alone)",
+        help="images, then an existing destination directory (for a domain: DEST_DIR alone)",
     )
     b.add_argument(
         "--snapshots",

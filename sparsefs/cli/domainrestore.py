@@ -75,8 +75,8 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--domain",
         metavar="NAME",
-        help="restore every disk of libvirt domain NAME's run (--at: a run id) into "
-        "TARGET_DIR (then: restore DEST_DIR --domain NAME TARGET_DIR)",
+        help="restore every disk of a run of libvirt domain NAME into TARGET_DIR, the word "
+        "after NAME; --at names the run by its id",
     )
     r.add_argument(
         "--define",
