@@ -98,6 +98,17 @@ def _stopped(daemon: Libvirtd, name: str, dest: Path, tmp: Path, qcow2: Path, ra
     assert runs(dest, name)[-1]["state"] == "stopped"
     # The stopped run read the bitmap the last running run's checkpoint left in the image.
     assert points(dest, f"{name}-vda")[-1]["changes"] == "bitmap"
+    # Running again: that checkpoint, kept, still gives an exact bitmap delta.
+    before = blklist(daemon, name)
+    daemon.virsh("start", name)
+    write_round(daemon, name, random.Random(5))
+    refs = reference(daemon, name, tmp / "ref-restarted")
+    proc, _ = backup_run(daemon, name, dest, None)
+    assert proc.returncode == 0, proc.stderr
+    assert points(dest, f"{name}-vda")[-1]["changes"] == "bitmap"
+    check_points(dest, name, refs)
+    check_domain_state(daemon, name, dest, before)
+    daemon.virsh("destroy", name)
 
 
 def _restore_define(daemon: Libvirtd, name: str, dest: Path, tmp: Path) -> None:

@@ -10,6 +10,7 @@ the end reads them all).
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -62,3 +63,34 @@ def test_sigkill_at_random_moments(daemon: Libvirtd, tmp_path: Path) -> None:
         assert sparsefs("list", str(dest)).returncode == 0, f"seed {seed}"
     check = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_sigterm_and_sigint_clean_up_in_the_run(daemon: Libvirtd, tmp_path: Path) -> None:
+    """SIGTERM/SIGINT: the run itself commits back (no guardian needed), exits 130 or 0."""
+    name = "sfs-term"
+    qcow2, raw = make_disks(tmp_path)
+    define_domain(daemon, name, qcow2, raw)
+    before = blklist(daemon, name)
+    dest = tmp_path / "set"
+    dest.mkdir()
+    assert backup_run(daemon, name, dest, None)[0].returncode == 0
+    cmd = [*SPARSEFS, "backup", "--domain", name, "--connect", daemon.uri, str(dest)]
+    for seed in range(4):
+        rng = random.Random(100 + seed)
+        write_round(daemon, name, rng)
+        refs = reference(daemon, name, tmp_path / f"ref{seed}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not any(".sparsefs-" in s for _, s in blklist(daemon, name)) and proc.poll() is None:
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGTERM if seed % 2 else signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, 130), err
+        assert "Traceback" not in err
+        assert "guardian" not in err, err
+        assert blklist(daemon, name) == before
+        assert not list(tmp_path.glob(".*.sparsefs-*"))
+        after, _ = backup_run(daemon, name, dest, None)
+        assert after.returncode == 0, after.stderr
+        check_points(dest, name, refs)
+        check_domain_state(daemon, name, dest, before)
