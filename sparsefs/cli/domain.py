@@ -278,6 +278,16 @@ def _freeze_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) 
             say(f"domain {ctx.dom.name}: the guest agent did not freeze the filesystems: {problem}")
     else:
         say(f"domain {ctx.dom.name}: no guest agent: the guest's filesystems were not frozen")
+    try:
+        _paused_instant(ctx, overlays, checkpoint)
+    finally:
+        if frozen == "guest-agent":
+            ctx.dom.fs_thaw()
+    return frozen
+
+
+def _paused_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) -> None:
+    """Pause, checkpoint, snapshot, resume; no checkpoint survives a failed snapshot."""
     was_paused = ctx.dom.is_paused()  # a domain paused by its owner stays paused
     t0 = time.monotonic()
     if not was_paused:
@@ -294,12 +304,8 @@ def _freeze_instant(ctx: Ctx, overlays: dict[str, str], checkpoint: str | None) 
     finally:
         if not was_paused:
             ctx.dom.resume()
-        log.info(
-            "domain %s: paused %.3f s (checkpoint, snapshot)", ctx.dom.name, time.monotonic() - t0
-        )
-        if frozen == "guest-agent":
-            ctx.dom.fs_thaw()
-    return frozen
+        paused = time.monotonic() - t0
+        log.info("domain %s: paused %.3f s (checkpoint, snapshot)", ctx.dom.name, paused)
 
 
 def _live(ctx: Ctx) -> int:

@@ -21,6 +21,7 @@ from libvirt_support import (
     blklist,
     check_domain_state,
     check_points,
+    checkpoints,
     define_domain,
     make_disks,
     reference,
@@ -94,3 +95,16 @@ def test_sigterm_and_sigint_clean_up_in_the_run(daemon: Libvirtd, tmp_path: Path
         assert after.returncode == 0, after.stderr
         check_points(dest, name, refs)
         check_domain_state(daemon, name, dest, before)
+    # A point that fails (its directory is taken by a file), in a second set: exit 1,
+    # the domain back on its files, and no checkpoint left (this run's is deleted; the
+    # first set's was deleted at the start, as one that no run of this set keeps).
+    dest2 = tmp_path / "set2"
+    dest2.mkdir()
+    (dest2 / f"{name}-vdb").write_text("in the way\n")
+    failed, _ = backup_run(daemon, name, dest2, None)
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr
+    assert f"{name}-vdb" in failed.stderr
+    assert blklist(daemon, name) == before
+    assert checkpoints(daemon, name) == []
+    assert not list(tmp_path.glob(".*.sparsefs-*"))
