@@ -15,6 +15,11 @@ every night's writes go to both, the same offsets and patterns:
   then ``-l inc`` (pull-mode ``backup-begin``, read over NBD into its stream
   format).
 
+On night 0 the sparsefs domain is also copied in libvirt's pull mode, with
+no checkpoint (``virsh backup-begin`` exporting a point-in-time view over NBD,
+``nbdcopy`` of it to a raw file, ``virsh domjobabort``): what a pull-mode
+reader with a fast NBD client would pay for a full copy.
+
 Each night 1% of the data (6 MiB: 96 writes of 64 KiB at random offsets in
 the data) is rewritten through the monitor, then each contender runs.
 Backups go to /dev/shm (no disk writeback in the timing).  Wall seconds per
@@ -82,6 +87,23 @@ def night(daemon: Libvirtd, names: list[str], offsets: list[int], rng: random.Ra
         monitor_write(daemon, name, 0, "flush")
 
 
+def pull_full(daemon: Libvirtd, name: str, work: Path, out: Path) -> float:
+    """Seconds for a pull-mode full copy: backup-begin, nbdcopy of the export, domjobabort."""
+    sock, scratch = work / "nbd.sock", work / "scratch.qcow2"
+    (work / "pull.xml").write_text(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{sock}'/><disks>"
+        f"<disk name='vda' backup='yes' type='file'><scratch file='{scratch}'/></disk>"
+        "</disks></domainbackup>"
+    )
+    t0 = time.monotonic()
+    daemon.virsh("backup-begin", name, str(work / "pull.xml"))
+    try:
+        sh(["nbdcopy", f"nbd+unix:///vda?socket={sock}", str(out)])
+    finally:
+        daemon.virsh("domjobabort", name)
+    return time.monotonic() - t0
+
+
 def timed(cmd: list[str]) -> tuple[float, str]:
     t0 = time.monotonic()
     proc = sh(cmd)
@@ -101,6 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     offsets = make_image(image, size, extents, rng)
     results: dict[str, list[float]] = {"sparsefs": [], "virtnbdbackup": []}
     pauses: list[float] = []
+    pull = 0.0
     try:
         with libvirtd() as daemon:
             names = ["sfs-bench", "vnb-bench"]
@@ -118,6 +141,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 seconds, err = timed([*cmd, "--connect", daemon.uri, str(shm / "sparsefs")])
                 results["sparsefs"].append(seconds)
                 pauses += [float(p) for p in re.findall(r"paused ([0-9.]+) s", err)]
+                if n == 0:
+                    pull = pull_full(daemon, names[0], work, shm / "pull.raw")
+                    (shm / "pull.raw").unlink()
                 level = "full" if n == 0 else "inc"
                 vnb = ["virtnbdbackup", "-U", daemon.uri, "-d", names[1], "-l", level, "-n"]
                 seconds, _ = timed([*vnb, "-o", str(shm / "virtnbdbackup")])
@@ -136,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         },
         "incremental_seconds": {k: [round(x, 2) for x in v[1:]] for k, v in results.items()},
         "sparsefs_domain_paused_seconds": [round(p, 3) for p in pauses],
+        "pull_mode_full_seconds": round(pull, 2),
     }
 
 
