@@ -158,6 +158,8 @@ class RawFile:
         Raises:
             ImageReadError: on an I/O error, or when the file shrank.
         """
+        if self._direct_fd is None:
+            self._open_direct()
         if (
             self._direct_fd == -1
             or _all_cached(self._fd, host_offset, len(view))
@@ -165,20 +167,21 @@ class RawFile:
         ):
             self.pread_into(view, host_offset)
 
+    def _open_direct(self) -> None:
+        """Open the O_DIRECT descriptor, or note (-1) that the filesystem refuses it."""
+        with self._map_lock:
+            if self._direct_fd is None:
+                try:
+                    self._direct_fd = os.open(
+                        self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT | os.O_NONBLOCK
+                    )
+                except OSError:
+                    self._direct_fd = -1
+
     def _read_direct(self, view: memoryview, host_offset: int) -> bool:
         """Fill ``view`` by one O_DIRECT read through an aligned buffer; False if it cannot."""
         fd = self._direct_fd
-        if fd is None:
-            with self._map_lock:
-                if self._direct_fd is None:
-                    try:
-                        self._direct_fd = os.open(
-                            self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT | os.O_NONBLOCK
-                        )
-                    except OSError:
-                        self._direct_fd = -1
-                fd = self._direct_fd
-        if fd < 0:
+        if fd is None or fd < 0:
             return False
         start = host_offset - host_offset % _DIRECT_ALIGN
         end = -(-(host_offset + len(view)) // _DIRECT_ALIGN) * _DIRECT_ALIGN
@@ -262,25 +265,31 @@ _NR_CACHESTAT = 451
 _cachestat: list[object] = []
 
 
+def cached_bytes(fd: int, offset: int, length: int) -> int | None:
+    """Bytes of the range the page cache holds (whole pages), or None without cachestat(2)."""
+    if not _cachestat:
+        _cachestat.append(_load_cachestat())
+    call = _cachestat[0]
+    if call is None:
+        return None
+    import ctypes  # loaded by _load_cachestat already
+
+    first = offset // _PAGE
+    pages = (offset + length + _PAGE - 1) // _PAGE - first
+    stats = (ctypes.c_uint64 * 5)()
+    span = (ctypes.c_uint64 * 2)(first * _PAGE, pages * _PAGE)
+    if call(fd, span, stats, 0) != 0:  # type: ignore[operator]
+        return None
+    return min(int(stats[0]) * _PAGE, length)
+
+
 def _all_cached(fd: int, offset: int, length: int) -> bool:
     """True when the page cache holds every page of the range; True without cachestat(2).
 
     (True means "read it buffered", the right answer where nothing can tell.)
     """
-    if not _cachestat:
-        _cachestat.append(_load_cachestat())
-    call = _cachestat[0]
-    if call is None:
-        return True
-    first = offset // _PAGE
-    pages = (offset + length + _PAGE - 1) // _PAGE - first
-    import ctypes  # loaded by _load_cachestat already
-
-    stats = (ctypes.c_uint64 * 5)()
-    span = (ctypes.c_uint64 * 2)(first * _PAGE, pages * _PAGE)
-    if call(fd, span, stats, 0) != 0:  # type: ignore[operator]
-        return True
-    return bool(stats[0] >= pages)
+    got = cached_bytes(fd, offset, length)
+    return got is None or got >= length
 
 
 def _load_cachestat() -> object:

@@ -139,6 +139,7 @@ def _digest_block(
     ranges: list[tuple[int, int]],
     block_size: int,
     sink: DataSink | None = None,
+    fine_size: int = 0,
 ) -> BlockRun:
     """The run of one block with data: read, zero-checked, hashed (in a worker thread).
 
@@ -160,7 +161,10 @@ def _digest_block(
             return BlockRun(index, 1, zero_block_digest(length), nbytes)
         if sink is not None:
             sink(start, data)
-        return BlockRun(index, 1, xxhash.xxh3_128_digest(data), nbytes)
+        fines = _fines(data, start, fine_size) if fine_size else ()
+        return BlockRun(index, 1, xxhash.xxh3_128_digest(data), nbytes, fines)
+    if fine_size:
+        return _digest_assembled(source, index, start, length, ranges, sink, fine_size)
     zeros = memoryview(zero_bytes(block_size))
     h = xxhash.xxh3_128()
     pos = start
@@ -179,6 +183,47 @@ def _digest_block(
     return BlockRun(index, 1, h.digest(), nbytes)
 
 
+def _fines(
+    data: bytes | bytearray | memoryview, start: int, fine_size: int
+) -> tuple[tuple[int, bytes], ...]:
+    """(sub-block index, digest) of each sub-block of ``data`` (at guest ``start``) not all zero."""
+    out = []
+    view = memoryview(data)
+    for rel in range(0, len(view), fine_size):
+        piece = view[rel : rel + fine_size]
+        digest = xxhash.xxh3_128_digest(piece)
+        if digest != zero_block_digest(len(piece)):
+            out.append(((start + rel) // fine_size, digest))
+    return tuple(out)
+
+
+def _digest_assembled(
+    source: SparseSource,
+    index: int,
+    start: int,
+    length: int,
+    ranges: list[tuple[int, int]],
+    sink: DataSink | None,
+    fine_size: int,
+) -> BlockRun:
+    """:func:`_digest_block` for a block with holes when sub-block digests are wanted:
+    the block is put together in a buffer (data read, holes zeroed), then hashed."""
+    block = bytearray(length)
+    piece_buf = _thread_buffer(length)
+    with memoryview(block) as view:
+        for lo, hi in ranges:
+            pos = lo
+            for piece in _iter_pieces(source, lo, hi - lo, piece_buf):
+                if sink is not None:
+                    sink(pos, piece)
+                view[pos - start : pos - start + len(piece)] = piece
+                pos += len(piece)
+    nbytes = sum(hi - lo for lo, hi in ranges)
+    return BlockRun(
+        index, 1, xxhash.xxh3_128_digest(block), nbytes, _fines(block, start, fine_size)
+    )
+
+
 # -- sparsefs1 -----------------------------------------------------------------------
 
 
@@ -188,6 +233,7 @@ def _digest_batch(
     size: int,
     block_size: int,
     sink: DataSink | None,
+    fine_size: int = 0,
 ) -> list[BlockRun]:
     """The runs of consecutive plans, in order (in a worker thread)."""
     runs: list[BlockRun] = []
@@ -197,7 +243,9 @@ def _digest_batch(
         else:
             start = index * block_size
             length = min(block_size, size - start)
-            runs.append(_digest_block(source, index, start, length, ranges, block_size, sink))
+            runs.append(
+                _digest_block(source, index, start, length, ranges, block_size, sink, fine_size)
+            )
     return runs
 
 
@@ -247,6 +295,7 @@ def iter_block_digests(
     block_size: int = BLOCK_SIZE,
     in_flight: int = DEFAULT_IN_FLIGHT,
     sink: DataSink | None = None,
+    fine_size: int = 0,
 ) -> Generator[BlockRun, None, None]:
     """Yield the block digests of ``source`` in block order, as runs.
 
@@ -276,7 +325,7 @@ def iter_block_digests(
                 pending.append(plans)
             else:
                 pending.append(
-                    executor.submit(_digest_batch, source, plans, size, block_size, sink)
+                    executor.submit(_digest_batch, source, plans, size, block_size, sink, fine_size)
                 )
                 busy += 1
             while pending and (busy >= in_flight or isinstance(pending[0], list)):
@@ -303,6 +352,7 @@ def block_digest(
     workers: int = DEFAULT_WORKERS,
     sink: DataSink | None = None,
     on_run: Callable[[BlockRun], None] | None = None,
+    fine_size: int = 0,
 ) -> DigestResult:
     """The sparsefs1 digest of ``source`` (see the module docstring).
 
@@ -315,6 +365,8 @@ def block_digest(
             it reads, see :data:`DataSink`).
         on_run: called with each block run in order, in the calling thread
             (its ``bytes_read`` is the data read for it).
+        fine_size: also digest each data block's sub-blocks of this many bytes
+            (a divisor of ``block_size``; 0: none): ``BlockRun.fines``.
 
     Raises:
         ImageReadError: a data block cannot be read.
@@ -324,7 +376,9 @@ def block_digest(
     folder = Folder(size, block_size)
     bytes_read = 0
     with new_executor(workers) as executor:
-        runs = iter_block_digests(source, executor, block_size=block_size, sink=sink)
+        runs = iter_block_digests(
+            source, executor, block_size=block_size, sink=sink, fine_size=fine_size
+        )
         try:
             for run in runs:
                 folder.add(run)

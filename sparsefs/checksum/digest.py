@@ -69,12 +69,17 @@ class BlockRun:
         digest: the 16-byte canonical XXH3-128 of each block's bytes.
         bytes_read: bytes read from storage for the run (the data ranges of a
             data block; 0 for blocks known to be zero from the source's map).
+        fines: with a fine size asked for (:func:`~sparsefs.checksum.block_digest`),
+            (sub-block index, XXH3-128 digest) of each sub-block of a data
+            block that is not all zeros; sub-block k covers guest bytes
+            [k*F, min((k+1)*F, size)).
     """
 
     index: int
     count: int
     digest: bytes
     bytes_read: int = 0
+    fines: tuple[tuple[int, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

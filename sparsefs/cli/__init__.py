@@ -28,13 +28,14 @@ COMMANDS = {
     "backup": "backup",
     "list": "points",
     "restore": "points",
+    "prune": "prune",
     "map": "inspect",
     "info": "inspect",
     "checksum": "checksum",
     "verify": "checksum",
     "demo": "demo",
 }
-_MODULES = ("mount", "backup", "points", "inspect", "checksum", "demo")
+_MODULES = ("mount", "backup", "points", "prune", "inspect", "checksum", "demo")
 
 DESCRIPTION = """\
 Present VM disk images (qcow2, vpc/VHD, vdi, raw; vmdk and vhdx where this

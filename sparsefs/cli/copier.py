@@ -54,9 +54,6 @@ KERNEL_COPY_REFUSED = (
 )
 
 Advance = Callable[[int], None]
-DigestCopy = Callable[[SparseSource, Callable[[BlockRun], None]], DigestResult]
-"""``digest_copy(copy, on_run)``: the copy's digest, each block run given to ``on_run``
-in order (default: :func:`~sparsefs.checksum.block_digest`)."""
 
 
 class CopyFailed(SparsefsError):
@@ -233,12 +230,18 @@ class SettledCopy:
 
 
 def copy_read_hash_write(
-    source: SparseSource, dst: int, advance: Advance, settler: _Settler
+    source: SparseSource,
+    dst: int,
+    advance: Advance,
+    settler: _Settler,
+    fine_size: int = 0,
+    fines: list[tuple[int, bytes]] | None = None,
 ) -> DigestResult:
     """Copy the data of ``source`` into ``dst`` (already sized); return the image digest.
 
     Each data block is read once, hashed and written; all-zero blocks are
-    not written (holes).
+    not written (holes).  With ``fine_size``, the blocks' sub-block digests
+    are appended to ``fines``.
 
     Raises:
         ImageReadError: a data range of the image cannot be read.
@@ -252,9 +255,11 @@ def copy_read_hash_write(
         # In block order, after the run's writes: everything before its end is final.
         if run.bytes_read:
             advance(run.bytes_read)
+        if fines is not None:
+            fines.extend(run.fines)
         settler.reached((run.index + run.count) * BLOCK_SIZE, run.bytes_read)
 
-    return block_digest(source, sink=sink, on_run=on_run)
+    return block_digest(source, sink=sink, on_run=on_run, fine_size=fine_size)
 
 
 def copy_kernel(source: SparseSource, dst: int, advance: Advance, settler: _Settler) -> None:
@@ -312,6 +317,8 @@ class Outcome:
         image: the image's sparsefs1 digest (computed while copying).
         copy: the copy's, read back from the storage.
         block_digests: the copy's block digests, one per block.
+        image_fines: with ``fine_size``, the image's sub-block digests (every
+            data block's non-zero sub-blocks, in order; see ``BlockRun.fines``).
         method: "copy_file_range" or "read-hash-write".
         phases: seconds: "copy" (until the copy is on the storage) and
             "verify" (what the verification took beyond that).
@@ -321,17 +328,15 @@ class Outcome:
     copy: DigestResult
     block_digests: list[bytes]
     method: str
+    image_fines: list[tuple[int, bytes]] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
 
 
 class _Verifier(threading.Thread):
     """Digests the copy behind the watermark."""
 
-    def __init__(
-        self, path: str, size: int, advance: Advance, digest_copy: DigestCopy | None = None
-    ) -> None:
+    def __init__(self, path: str, size: int, advance: Advance) -> None:
         super().__init__(name="sparsefs-verify", daemon=True)
-        self._digest_copy = digest_copy
         self.watermark = Watermark()
         self._path = path
         self._size = size
@@ -348,10 +353,7 @@ class _Verifier(threading.Thread):
 
         try:
             with SettledCopy(self._path, self._size, self.watermark) as copy:
-                if self._digest_copy is not None:
-                    self.result = self._digest_copy(copy, on_run)
-                else:
-                    self.result = block_digest(copy, on_run=on_run)
+                self.result = block_digest(copy, on_run=on_run)
         except _Aborted:
             pass
         except BaseException as exc:  # handed to the caller by finish()
@@ -381,7 +383,7 @@ def copy_and_verify(
     kernel: bool,
     overlap: bool,
     advance: Advance,
-    digest_copy: DigestCopy | None = None,
+    fine_size: int = 0,
 ) -> Outcome:
     """Write ``source`` to the new file ``partial`` and digest the copy from the storage.
 
@@ -391,9 +393,10 @@ def copy_and_verify(
     to wait for, and two pipelines on two cores only contend (measured on
     tmpfs: up to 20% more time), so the backup turns it off there.
 
-    ``digest_copy`` digests the copy as it is read back (a backup set also
-    keeps finer digests from that same read).  The caller compares ``image``
-    and ``copy`` of the outcome.
+    ``fine_size``: also digest the image's sub-blocks of that size while
+    copying (a backup set keeps them; once the copy's digest equals the
+    image's, they are the copy's too).  The caller compares ``image`` and
+    ``copy`` of the outcome.
 
     Raises:
         ImageReadError, OSError: reading the image, or writing or reading the copy, failed.
@@ -404,30 +407,37 @@ def copy_and_verify(
     try:
         os.ftruncate(dst, source.size)
         image: DigestResult | None = None
+        fines: list[tuple[int, bytes]] = []
         method = "read-hash-write"
         if kernel:
-            verifier = _Verifier(partial, source.size, advance, digest_copy)
+            verifier = _Verifier(partial, source.size, advance)
             verifier.start()
             try:
-                image = _kernel_pass(source, dst, advance, verifier, overlap)
+                image = _kernel_pass(source, dst, advance, verifier, overlap, fine_size, fines)
                 method = "copy_file_range"
             except KernelCopyRefused:
                 verifier.stop()  # what it read is about to be redone
                 verifier = None
+                fines.clear()
                 os.ftruncate(dst, 0)  # start again, the other way
                 os.ftruncate(dst, source.size)
         if image is None:
-            verifier = _Verifier(partial, source.size, advance, digest_copy)
+            verifier = _Verifier(partial, source.size, advance)
             verifier.start()
             settler = _Settler(dst, source.size, verifier.watermark, overlap)
-            image = copy_read_hash_write(source, dst, advance, settler)
+            image = copy_read_hash_write(source, dst, advance, settler, fine_size, fines)
             settler.finish()
         t1 = time.monotonic()
         assert verifier is not None  # started by whichever path copied
         copy = verifier.finish()
         t2 = time.monotonic()
         return Outcome(
-            image, copy, verifier.block_digests, method, {"copy": t1 - t0, "verify": t2 - t1}
+            image,
+            copy,
+            verifier.block_digests,
+            method,
+            fines,
+            {"copy": t1 - t0, "verify": t2 - t1},
         )
     finally:
         if verifier is not None and verifier.is_alive():
@@ -436,7 +446,13 @@ def copy_and_verify(
 
 
 def _kernel_pass(
-    source: SparseSource, dst: int, advance: Advance, verifier: _Verifier, overlap: bool
+    source: SparseSource,
+    dst: int,
+    advance: Advance,
+    verifier: _Verifier,
+    overlap: bool,
+    fine_size: int,
+    fines: list[tuple[int, bytes]],
 ) -> DigestResult:
     """copy_file_range the source while another thread digests the image; its digest.
 
@@ -447,7 +463,9 @@ def _kernel_pass(
 
     def hash_image() -> None:
         try:
-            box["digest"] = block_digest(source)
+            box["digest"] = block_digest(
+                source, fine_size=fine_size, on_run=lambda run: fines.extend(run.fines)
+            )
         except BaseException as exc:  # re-raised below
             box["error"] = exc
 

@@ -22,7 +22,7 @@ from sparsefs.cli.common import (
     mount_table,
     open_options,
 )
-from sparsefs.cli.mountset import open_mount_set
+from sparsefs.cli.mountset import is_backup_set, open_mount_set, open_set_mount
 from sparsefs.cli.serve import (
     INSTALL_HINT,
     MountError,
@@ -117,9 +117,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not has_lseek_support():
         raise SparsefsError(INSTALL_HINT)
     check_mountpoint(mountpoint)
-    files = open_mount_set(
-        images, open_options(args), snapshots=not args.no_snapshots, fmt=args.format
-    )
+    if len(images) == 1 and is_backup_set(images[0]):
+        files = open_set_mount(images[0], open_options(args))
+    else:
+        files = open_mount_set(
+            images, open_options(args), snapshots=not args.no_snapshots, fmt=args.format
+        )
     try:
         if args.foreground:
             serve(files, mountpoint, allow_other=args.allow_other, **serve_tuning(args))
@@ -226,8 +229,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="mount images as sparse raw files",
         description="Mount images (qcow2, vmdk, vhdx, vpc, vdi, raw) read-only as a directory "
         "holding one raw file per image (NAME.qcow2 -> NAME.raw) and one per internal qcow2 "
-        "snapshot (NAME@SNAPSHOT.raw). SEEK_DATA/SEEK_HOLE on the files come from the "
-        "image's allocation metadata and st_blocks counts "
+        "snapshot (NAME@SNAPSHOT.raw); or, given a backup set's directory (DEST_DIR), one "
+        "raw file per point of every disk (NAME@ID.raw) and the newest as NAME.raw. "
+        "SEEK_DATA/SEEK_HOLE on the files come from the image's allocation metadata and "
+        "st_blocks counts "
         "the stored data, so hole-aware copiers skip what is not stored. Returns once the "
         "mount is ready; unmount with 'sparsefs umount MOUNTPOINT'.",
     )

@@ -1,6 +1,7 @@
 """The files a mount presents: one raw file per image (``NAME.raw``) and per
 readable internal snapshot (``NAME@SNAPSHOT.raw``), opened and validated
-before anything is mounted.
+before anything is mounted; or, for a backup set's directory, one raw file per
+point (``NAME@ID.raw``) and the newest point of each disk (``NAME.raw``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from sparsefs.extents import SparseSource
 from sparsefs.formats import open_source
 from sparsefs.formats.qcow2 import Qcow2Image
 from sparsefs.options import OpenOptions
+from sparsefs.points.check import check_set
+from sparsefs.points.set import MANIFEST, BackupSet, Point
 
 log = logging.getLogger("sparsefs")
 
@@ -130,3 +133,75 @@ def open_mount_set(
     for _, message in mset.damaged:
         log.warning("%s", message)
     return mset
+
+
+def is_backup_set(path: str) -> bool:
+    """True when ``path`` is a directory holding a backup set's manifest."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def open_set_mount(root: str, options: OpenOptions) -> MountSet:
+    """Every point of every disk of the backup set in ``root``, as ``NAME@ID.raw``.
+
+    ``NAME.raw`` is the disk's newest point.  A chain is opened once, at its
+    newest readable point, and every point below is that chain's layer (each
+    reads as its own point, chain and all).  Damaged points, and the points
+    depending on them, are left out with a one-line warning each (as damaged
+    snapshots are), ``NAME.raw`` too when the newest point is one of them.
+
+    Raises:
+        SparsefsError: the set cannot be read, or a point cannot be opened.
+    """
+    mset = MountSet()
+    try:
+        with BackupSet.open(root) as bset:
+            statuses = check_set(bset)
+            for disk in sorted(bset.disks):
+                points = bset.disks[disk]
+                good = [p for p in points if statuses[(disk, p.id)].status == "ok"]
+                for p in points:
+                    problem = statuses[(disk, p.id)].problem
+                    if problem is not None:
+                        name = f"{disk}@{p.id}.raw"
+                        mset.damaged.append((name, f"{disk}@{p.id}: {problem}; skipped {name}"))
+                for chain in _chains(good):
+                    _add_chain(mset, bset, disk, chain, options)
+                if points and points[-1] in good:
+                    mset.files[f"{disk}.raw"] = mset.files[f"{disk}@{points[-1].id}.raw"]
+                    mset.mtime_ns[f"{disk}.raw"] = mset.mtime_ns[f"{disk}@{points[-1].id}.raw"]
+    except BaseException:
+        mset.close()
+        raise
+    for _, message in mset.damaged:
+        log.warning("%s", message)
+    return mset
+
+
+def _chains(points: list[Point]) -> list[list[Point]]:
+    """``points`` (oldest first) cut into chains, each starting at a full point."""
+    out: list[list[Point]] = []
+    for p in points:
+        if p.kind == "full" or not out:
+            out.append([])
+        out[-1].append(p)
+    return out
+
+
+def _add_chain(
+    mset: MountSet, bset: BackupSet, disk: str, chain: list[Point], options: OpenOptions
+) -> None:
+    """Open ``chain``'s newest point once; its layers are the older points."""
+    top = chain[-1]
+    image = open_source(bset.path(top.file), top.format, options)
+    mset.images.append(image)
+    layer: SparseSource | None = image
+    for p in reversed(chain):
+        path = bset.path(p.file)
+        if layer is None or os.path.realpath(str(getattr(layer, "path", ""))) != (
+            os.path.realpath(path)
+        ):
+            raise SparsefsError(f"{path}: its backing chain does not match the set's manifest")
+        name = f"{disk}@{p.id}.raw"
+        mset.files[name] = layer
+        mset.mtime_ns[name] = os.stat(path).st_mtime_ns
+        layer = getattr(layer, "backing", None)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sparsefs.checksum import BlockRun, DigestResult, compare, stream_xxh128
+from sparsefs.checksum import compare, stream_xxh128
 from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.cli.common import EXIT_FAILURE, EXIT_OK, fail_message, raw_name
 from sparsefs.cli.copier import CopyFailed, copy_and_verify
@@ -35,14 +35,31 @@ from sparsefs.cli.mountset import MountSet
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource, data_size
 from sparsefs.formats.qcow2 import Qcow2Image, dirty_ranges, find_bitmap
-from sparsefs.points.blocks import BlockDigests
-from sparsefs.points.engine import all_digests
+from sparsefs.points.blocks import FINE_PER_BLOCK, FINE_SIZE, BlockDigests
 from sparsefs.points.run import RawCopier, RawCopy, RunOptions, RunResult, add_point
 from sparsefs.points.set import BackupSet, write_atomic
 from sparsefs.progress import Progress, human_bytes, human_duration
 from sparsefs.raw import RawFile
 
 XXH128_SUMS = "XXH128SUMS"
+
+
+def _point_digests(
+    size: int, block_digests: list[bytes], fines: list[tuple[int, bytes]]
+) -> BlockDigests:
+    """A full point's block digests: the copy's MiB digests read back, the image's fines.
+
+    The fines were taken from the image while copying; the copy's MiB
+    digests, read back from the storage, equal the image's (the caller
+    checked the folded digests), so the fines describe the copy too.
+    """
+    out = BlockDigests(size)
+    by_block: dict[int, list[tuple[int, bytes]]] = {}
+    for fine, digest in fines:
+        by_block.setdefault(fine // FINE_PER_BLOCK, []).append((fine, digest))
+    for index, digest in enumerate(block_digests):
+        out.add_block(index, digest, by_block.get(index, []))
+    return out
 
 
 def raw_copier(
@@ -53,26 +70,13 @@ def raw_copier(
     def copier(
         source: SparseSource, partial: str, advance: Callable[[int], None] | None
     ) -> RawCopy:
-        box: dict[str, BlockDigests] = {}
-
-        def digest_copy(copy: SparseSource, on_run: Callable[[BlockRun], None]) -> DigestResult:
-            read = [0]
-
-            def run(index: int, count: int, digest: bytes, nbytes: int) -> None:
-                read[0] += nbytes
-                on_run(BlockRun(index, count, digest, nbytes))
-
-            digests = all_digests(copy, on_run=run)
-            box["digests"] = digests
-            return DigestResult(digests.fold(), copy.size, read[0])
-
         outcome = copy_and_verify(
             source,
             partial,
             kernel=kernel_allowed(source, dest),
             overlap=overlap,
             advance=advance or (lambda n: None),
-            digest_copy=digest_copy,
+            fine_size=FINE_SIZE,
         )
         if outcome.copy.digest != outcome.image.digest:
             with RawFile(partial) as copy:
@@ -85,7 +89,8 @@ def raw_copier(
             raise CopyFailed(
                 f"verification failed: the copy differs from the image {where}; no point written"
             )
-        return RawCopy(box["digests"], outcome.image.bytes_read, outcome.method, outcome.phases)
+        digests = _point_digests(source.size, outcome.block_digests, outcome.image_fines)
+        return RawCopy(digests, outcome.image.bytes_read, outcome.method, outcome.phases)
 
     return copier
 

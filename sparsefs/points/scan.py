@@ -24,13 +24,15 @@ from dataclasses import dataclass
 
 import xxhash
 
+from sparsefs.bulkread import fill_from_host, read_exact
 from sparsefs.checksum import BLOCK_SIZE, data_blocks, zero_bytes
-from sparsefs.errors import ImageReadError
 from sparsefs.extents import SparseSource
 from sparsefs.points.blocks import FINE_PER_BLOCK, FINE_SIZE, zero_digest
 
-DEFAULT_WORKERS = 2
-DEFAULT_IN_FLIGHT = 6
+# As the checksum walk: cold images are read with O_DIRECT, and the readers
+# blocked in reads keep the disk busy.
+DEFAULT_WORKERS = 8
+DEFAULT_IN_FLIGHT = 16
 
 Ranges = list[tuple[int, int]]
 
@@ -109,30 +111,13 @@ def _plan(
 
 
 def _fill(source: SparseSource, view: memoryview, offset: int) -> None:
-    """Fill ``view`` with the guest bytes from ``offset`` (a data range of the source)."""
-    end = offset + len(view)
-    host_ranges = getattr(source, "iter_host_ranges", None)
-    if host_ranges is None:
-        got = source.read(offset, len(view))
-        if len(got) != len(view):
-            raise ImageReadError(f"short read of {len(view)} bytes at guest offset {offset}")
-        view[:] = got
-        return
-    pos = offset
-    for start, stop, raw, host in host_ranges(offset, end):
-        if start > pos:
-            view[pos - offset : start - offset] = zero_bytes(start - pos)
-        part = view[start - offset : stop - offset]
-        if raw is None:
-            got = source.read(start, stop - start)
-            if len(got) != stop - start:
-                raise ImageReadError(f"short read at guest offset {start}")
-            part[:] = got
-        else:
-            raw.pread_into(part, host)
-        pos = stop
-    if pos < end:
-        view[pos - offset :] = zero_bytes(end - pos)
+    """Fill ``view`` with the guest bytes from ``offset`` (a data range of the source).
+
+    Host ranges straight into ``view``, uncached where the page cache lacks
+    them (:func:`sparsefs.bulkread.fill_from_host`); else ``read()``.
+    """
+    if not fill_from_host(source, view, offset):
+        view[:] = read_exact(source, offset, len(view))
 
 
 def fill_ranges(source: SparseSource, view: memoryview, start: int, ranges: Ranges) -> int:

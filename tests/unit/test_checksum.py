@@ -26,6 +26,7 @@ from sparsefs import checksum as C
 from sparsefs.cli.checksum import format_line, parse_manifest_line
 from sparsefs.errors import ImageReadError
 from sparsefs.extents import Extent
+from sparsefs.formats import opened
 from sparsefs.progress import Progress, human_bytes, human_duration
 from sparsefs.raw import RawFile
 from support import (
@@ -782,3 +783,36 @@ def test_check_quiet_prints_only_failures(tmp_path: Path) -> None:
     proc = sparsefs("checksum", "--quiet", "--check", str(manifest))
     assert proc.returncode == 1
     assert proc.stdout == f"{bad}: FAILED\n"
+
+
+def test_sub_block_digests_are_those_of_the_bytes(tmp_path: Path) -> None:
+    """block_digest(fine_size=F): each data block's non-zero F-byte pieces, digested as
+    xxh3_128 of the raw bytes, whatever the block's mix of data and holes."""
+    image = tmp_path / "fines.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "5M"])
+    run(
+        [
+            "qemu-io",
+            "-c",
+            "write -P 0x11 0 1M",  # a whole data block
+            "-c",
+            "write -P 0x22 1088k 64k",  # data and holes in one block
+            "-c",
+            "write -z 2M 64k",  # zeros stored as zeros
+            "-c",
+            "write -P 0x33 4032k 4k",  # the last piece of the last block
+            str(image),
+        ]
+    )
+    raw = qemu_raw(image, tmp_path / "fines.raw").read_bytes()
+    fine = 64 * 1024
+    want = []
+    for k in range(0, len(raw), fine):
+        piece = raw[k : k + fine]
+        if piece.count(0) != len(piece):
+            want.append((k // fine, xxhash.xxh3_128_digest(piece)))
+    got: list[tuple[int, bytes]] = []
+    with opened(image, "qcow2") as src:
+        result = C.block_digest(src, fine_size=fine, on_run=lambda r: got.extend(r.fines))
+        assert result.digest == C.block_digest(src).digest
+    assert got == want

@@ -42,6 +42,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sparsefs.qmp": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
     "sparsefs.layered": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),
     "sparsefs.layer": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),
+    "sparsefs.chainmap": (
+        "sparsefs.formats",
+        "sparsefs.layered",
+        "sparsefs.checksum",
+        "sparsefs.points",
+        *_UPPER,
+    ),
     "sparsefs.imagemap": (
         "sparsefs.formats",
         "sparsefs.layer",

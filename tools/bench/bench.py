@@ -43,6 +43,9 @@ Workloads (full size; ``--quick`` shrinks them):
     P2  the same with ``preallocation=falloc`` (unwritten extents)
     V1  W1's data as a monolithicSparse VMDK (``qemu-img convert -O vmdk``)
     X1  W1's data as a dynamic VHDX with 1 MiB blocks
+    R   restore points over nights (issue 21): its own script,
+        tools/bench/points_bench.py (backups, the newest point of a chain through
+        the set mount and by restore, prune)
 
 Cold mode (``--cold``, issue 22; root; W1 and W7 only): ``sync; echo 3 >
 /proc/sys/vm/drop_caches`` before every contender's round, the images on the disk

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sparsefs.formats.qcow2.bitmaps import find_bitmap as find_bitmap
     from sparsefs.formats.qcow2.bitmaps import list_bitmaps as list_bitmaps
     from sparsefs.formats.qcow2.image import Qcow2Image as Qcow2Image
+    from sparsefs.formats.qcow2.image import backing_name as backing_name
     from sparsefs.formats.qcow2.image import open_image as open_image
     from sparsefs.formats.qcow2.info import describe_qcow2 as describe_qcow2
     from sparsefs.formats.qcow2.writer import Compression as Compression
@@ -31,6 +32,7 @@ _WHERE = {
     "find_bitmap": "bitmaps",
     "list_bitmaps": "bitmaps",
     "Qcow2Image": "image",
+    "backing_name": "image",
     "open_image": "image",
     "describe_qcow2": "info",
     "Compression": "writer",
@@ -46,6 +48,7 @@ __all__ = [
     "Qcow2Image",
     "Qcow2Writer",
     "WriterStats",
+    "backing_name",
     "describe_qcow2",
     "dirty_ranges",
     "find_bitmap",

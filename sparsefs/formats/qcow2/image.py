@@ -53,6 +53,7 @@ __all__ = [
     "Qcow2File",
     "Qcow2Image",
     "Run",
+    "backing_name",
     "open_image",
     "past_end_text",
     "size_text",
@@ -214,3 +215,17 @@ def _share_cache_bounds(image: Qcow2Image) -> None:
         qfile._compressed_cache.set_max_cost(
             max(options.compressed_cache_bytes // len(files), floor)
         )
+
+
+def backing_name(path: str | os.PathLike[str]) -> str | None:
+    """The backing file name ``path``'s header records (as stored), or None; opens no backing file.
+
+    Raises:
+        ImageFormatError: not qcow2, or invalid metadata.
+        UnsupportedFeatureError, MissingFileError: as :func:`open_image`.
+    """
+    image = open_image(path, OpenOptions(backing=False))
+    try:
+        return image.qfile.backing_name
+    finally:
+        image.close()

@@ -1,0 +1,485 @@
+"""Prune a backup set: drop the points the policy does not keep, merging their blocks upward.
+
+Which points stay is :mod:`sparsefs.points.policy`'s answer, per disk.  A
+dropped point that no kept point reads (the end of an older chain) is simply
+removed.  A run of dropped points P1..Pk directly below a kept delta S of the
+same chain is **merged into S**, in an order that keeps every kept point's
+content the same at every instant:
+
+1. A new file S' is written as ``NAME/.NAME@SID.qcow2.partial-PID``: for every
+   64 KiB cluster, what S reads there, taken from the topmost layer of S,
+   Pk, ..., P1 that has anything of its own in the cluster (data, or a zero
+   cluster that hides what is below); clusters none of them has stay
+   unallocated.  S' is backed by P1's backing file (a kept point) with its
+   format, or, when P1 was the chain's full point, has no backing file and
+   becomes the chain's full point (qcow2, under S's name, so the point above
+   it, which names S by file name, still finds it).
+2. S' is synced, its cached pages dropped, and read back through its chain:
+   the MiB blocks holding a merged cluster are hashed, the others taken from
+   S's block digests (which hold for S' too: same content); the folded
+   sparsefs1 digest must equal S's recorded digest.
+3. ``os.replace(S', S)`` and an fsync of the directory: S reads the same
+   before and after.  P1..Pk are still intact and still in the manifest.
+4. The manifest (and SPARSEFS-SUMS) is replaced atomically without P1..Pk,
+   S recorded with its new backing file (or as full).
+5. P1..Pk's files and block digests are deleted: listed first in
+   ``NAME/.NAME.pruned`` (before step 4), so a prune killed after step 4
+   leaves the list, and the next prune deletes what it names that the
+   manifest no longer does (:func:`finish_deletions`).
+
+A prune killed at any moment leaves every kept point reading as before.
+Killed between 3 and 4, S's file is backed by P1's backing file while the
+manifest still lists P1..Pk below it (``list`` reports that chain as not
+matching the manifest, and a backup run refuses to add to it); the next
+prune finishes that merge first (:func:`finish_interrupted`), then removes
+what killed runs left (:func:`~sparsefs.points.check.remove_strays`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sparsefs.checksum import BLOCK_SIZE
+from sparsefs.errors import ImageReadError, SparsefsError
+from sparsefs.extents import SparseSource
+from sparsefs.layered import BELOW, DATA, ERROR, OTHER, UNWRITTEN, ZERO, LayeredImage
+from sparsefs.points.blocks import BlockDigests, BlocksFileError
+from sparsefs.points.check import partial_file, point_problem, remove_strays
+from sparsefs.points.engine import all_digests, drop_pages, point_digest
+from sparsefs.points.policy import Rules, decide
+from sparsefs.points.run import VerificationError, opened
+from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir, write_atomic
+
+CLUSTER_SIZE = 64 * 1024  # the clusters of the merged file (as every point's)
+_BATCH_CLUSTERS = 64  # clusters read and written at once (4 MiB)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One point and what prune does with it: ``rule`` keeps it, or None drops it."""
+
+    point: Point
+    rule: str | None
+
+    @property
+    def keep(self) -> bool:
+        return self.rule is not None
+
+
+@dataclass
+class Merge:
+    """One merge: ``dropped`` (oldest first) merged into the kept point ``into``."""
+
+    into: str
+    dropped: list[str]
+    merged_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class DiskPrune:
+    """What prune decided and did for one disk."""
+
+    disk: str
+    decisions: list[Decision] = field(default_factory=list)
+    merges: list[Merge] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # files removed (relative to the set)
+    finished: list[Merge] = field(default_factory=list)  # interrupted merges completed
+
+
+def point_seconds(point: Point) -> float:
+    """A point's time (``2026-12-03T19:05:00Z``) in seconds since the epoch."""
+    return float(calendar.timegm(time.strptime(point.time, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def plan(points: list[Point], rules: Rules) -> list[Decision]:
+    """The policy's decision for each point of one disk, oldest first.
+
+    Raises:
+        PolicyError: the rules keep nothing.
+    """
+    why = decide([point_seconds(p) for p in points], rules)
+    return [Decision(p, w) for p, w in zip(points, why, strict=True)]
+
+
+def prune(bset: BackupSet, rules: Rules, *, dry_run: bool = False) -> list[DiskPrune]:
+    """Apply ``rules`` to every disk of the set (held with its lock unless ``dry_run``).
+
+    Raises:
+        PolicyError: the rules keep nothing.
+        SetError: a chain a merge needs is damaged.
+        VerificationError: a merged file read back differs; nothing changed for it.
+        SparsefsError, OSError: reading a point or writing failed.
+    """
+    rules.check()
+    out = []
+    for disk in sorted(bset.disks):
+        result = DiskPrune(disk)
+        if not dry_run:
+            result.removed += finish_deletions(bset, disk)
+            result.finished = finish_interrupted(bset, disk, result.removed)
+            result.removed += [f"{disk}/{name}" for name in remove_strays(bset, disk)]
+        result.decisions = plan(bset.points(disk), rules)
+        if not dry_run:
+            _apply(bset, disk, result)
+        out.append(result)
+    return out
+
+
+def _groups(decisions: list[Decision]) -> Iterator[tuple[list[Point], Point | None]]:
+    """(dropped points, the kept point of their chain right above them, or None)."""
+    run: list[Point] = []
+    for d in decisions:
+        if d.point.kind == "full" and run:
+            yield run, None  # the end of a chain: nothing reads them
+            run = []
+        if not d.keep:
+            run.append(d.point)
+        elif run:
+            yield run, d.point
+            run = []
+    if run:
+        yield run, None
+
+
+def _apply(bset: BackupSet, disk: str, result: DiskPrune) -> None:
+    for dropped, into in _groups(result.decisions):
+        if into is None:
+            result.removed += _drop(bset, disk, dropped, None)
+            continue
+        t0 = time.monotonic()
+        merged, new_into = merge_into(bset, disk, dropped, into)
+        result.removed += _drop(bset, disk, dropped, new_into)
+        result.merges.append(Merge(into.id, [p.id for p in dropped], merged, time.monotonic() - t0))
+
+
+def pruned_list(disk: str) -> str:
+    """The list of files a prune is deleting, relative to the set: ``NAME/.NAME.pruned``."""
+    return f"{disk}/.{disk}.pruned"
+
+
+def _drop(bset: BackupSet, disk: str, dropped: list[Point], into: Point | None) -> list[str]:
+    """Record the manifest without ``dropped`` (and ``into``'s new entry), then delete them.
+
+    The files to delete are listed in ``NAME/.NAME.pruned`` first, so a prune
+    killed after the manifest write and before the deletions leaves a list
+    the next prune finishes (:func:`finish_deletions`); no file the manifest
+    does not name is ever deleted otherwise.
+    """
+    files = [rel for p in dropped for rel in (p.file, p.blocks)]
+    write_atomic(bset.path(pruned_list(disk)), "".join(f"{rel}\n" for rel in files))
+    if into is not None:
+        _record(bset, disk, dropped, into)
+    else:
+        bset.remove_points(disk, [p.id for p in dropped])
+    return finish_deletions(bset, disk)
+
+
+def _record(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> None:
+    """The manifest without ``dropped`` and with ``into``'s new entry, in one atomic write."""
+    bset.disks[disk] = [into if p.id == into.id else p for p in bset.points(disk)]
+    bset.remove_points(disk, [p.id for p in dropped])
+
+
+def finish_deletions(bset: BackupSet, disk: str) -> list[str]:
+    """Delete the files ``NAME/.NAME.pruned`` lists that the manifest no longer names.
+
+    Files the manifest still names stay (the prune was killed before its
+    manifest write: they are points still).  Then the list goes.  Lock held.
+    """
+    listing = bset.path(pruned_list(disk))
+    try:
+        with open(listing, encoding="utf-8") as f:
+            files = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    named = {rel for p in bset.disks.get(disk, []) for rel in (p.file, p.blocks)}
+    removed = []
+    for rel in files:
+        if rel in named or not rel.startswith(f"{disk}/") or "/" in rel[len(disk) + 1 :]:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bset.path(rel))
+            removed.append(rel)
+    fsync_dir(bset.path(disk))
+    os.unlink(listing)
+    fsync_dir(bset.path(disk))
+    return removed
+
+
+# -- the merge ---------------------------------------------------------------------
+
+
+def _layers(top: SparseSource, count: int) -> list[SparseSource]:
+    """``top`` and the ``count - 1`` sources below it (each reads its own chain's view)."""
+    out = [top]
+    while len(out) < count:
+        below = getattr(out[-1], "backing", None)
+        if below is None:
+            raise SetError(f"{getattr(out[-1], 'path', '?')}: its backing chain is too short")
+        out.append(below)
+    return out
+
+
+def _own_runs(layer: SparseSource, bottom_full: bool) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, zero) of what ``layer`` holds itself: data (False) or zeros hiding below.
+
+    The full point at the bottom of a merge holds its data only (nothing is below
+    it, so its holes and zero clusters are what an unallocated cluster reads).
+    """
+    if bottom_full:
+        for ext in layer.iter_extents(0):
+            if ext.data:
+                yield ext.guest_offset, ext.end, False
+        return
+    if not isinstance(layer, LayeredImage):
+        raise SetError(f"{getattr(layer, 'path', '?')}: a delta point that is not a layered image")
+    for s, e, kind, host in layer.layer.runs(0, layer.size):
+        if kind == BELOW:
+            continue
+        if kind == ERROR:
+            raise ImageReadError(str(host))
+        if kind not in (DATA, OTHER, ZERO, UNWRITTEN):
+            raise SetError(f"{layer.path}: a run of unknown kind {kind}")
+        yield s, e, kind in (ZERO, UNWRITTEN)
+
+
+def _owners(layers: list[SparseSource], size: int, bottom_full: bool) -> tuple[bytearray, bytes]:
+    """Per 64 KiB cluster of ``size``: 1 + the topmost layer holding anything of it (0: none).
+
+    Also which clusters read as zeros in that layer throughout (write a zero cluster).
+    """
+    cs = CLUSTER_SIZE
+    nb = -(-size // cs)
+    owner = bytearray(nb)
+    zero = bytearray(nb)
+    for index, layer in enumerate(layers):
+        mark = index + 1
+        bottom = bottom_full and index == len(layers) - 1
+        for s, e, is_zero in _own_runs(layer, bottom):
+            first, last = s // cs, -(-min(e, size) // cs)
+            for c in range(first, last):
+                whole = s <= c * cs and min(e, size) >= min((c + 1) * cs, size)
+                if owner[c] == 0:
+                    owner[c] = mark
+                    zero[c] = 1 if is_zero and whole else 0
+                elif owner[c] == mark and not (is_zero and whole):
+                    zero[c] = 0  # partly data, or partly below: read the layer's view
+    return owner, bytes(zero)
+
+
+def _batches(owner: bytearray, zero: bytes) -> Iterator[tuple[int, int, int, bool]]:
+    """(first cluster, count, owner, zero) of consecutive clusters alike, at most a batch."""
+    c, nb = 0, len(owner)
+    while c < nb:
+        if owner[c] == 0:
+            c += 1
+            continue
+        first, mark, z = c, owner[c], zero[c]
+        c += 1
+        while c < nb and owner[c] == mark and zero[c] == z and c - first < _BATCH_CLUSTERS:
+            c += 1
+        yield first, c - first, mark, bool(z)
+
+
+def _write_merged(
+    path: str, size: int, layers: list[SparseSource], below: Point | None
+) -> tuple[int, list[int]]:
+    """Write S' at ``path`` (module docstring); return the data bytes and the MiB blocks touched."""
+    from sparsefs.formats.qcow2 import Qcow2Writer
+
+    owner, zero = _owners(layers, size, bottom_full=below is None)
+    writer = Qcow2Writer(
+        path,
+        size,
+        backing_file=os.path.basename(below.file) if below is not None else None,
+        backing_format=below.format if below is not None else None,
+    )
+    cs = CLUSTER_SIZE
+    written = 0
+    touched: set[int] = set()
+    try:
+        for first, count, mark, is_zero in _batches(owner, zero):
+            start = first * cs
+            length = min(count * cs, size - start)
+            touched.update(range(start // BLOCK_SIZE, (start + length - 1) // BLOCK_SIZE + 1))
+            if is_zero:
+                if below is not None:  # without a backing file, unallocated reads zeros
+                    writer.write_zeroes(start, length)
+                continue
+            data = layers[mark - 1].read(start, length)
+            if len(data) < length:  # past the end of a smaller (older) layer: zeros
+                data += bytes(length - len(data))
+            writer.write(start, data)
+            written += length
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return written, sorted(touched)
+
+
+def merge_into(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> tuple[int, Point]:
+    """Merge ``dropped`` (consecutive, oldest first) into ``into``, the point right above them.
+
+    Steps 1-3 of the module docstring; the caller records the result
+    (step 4) and deletes the dropped files (step 5).  Returns the data bytes
+    written and ``into``'s new manifest entry.
+
+    Raises:
+        SetError: the chain is damaged.
+        VerificationError: S' read back differs from S (removed; S untouched).
+    """
+    problem = point_problem(bset, disk, into)
+    if problem is not None:
+        raise SetError(f"{problem}; not pruned: the chain of point {into.id} is damaged")
+    chain = bset.chain(disk, into.id)
+    below = None if chain[0].id == dropped[0].id else chain[chain.index(dropped[0]) - 1]
+    partial = bset.path(partial_file(disk, into.id, into.format))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)
+    try:
+        with opened(bset.path(into.file), into.format) as top:
+            layers = _layers(top, len(dropped) + 1)
+            written, touched = _write_merged(partial, into.size, layers, below)
+        _verify(bset, into, partial, touched)
+        os.replace(partial, bset.path(into.file))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    fsync_dir(bset.path(disk))
+    return written, _new_entry(bset, into, below)
+
+
+def _new_entry(bset: BackupSet, into: Point, below: Point | None) -> Point:
+    return replace(
+        into,
+        kind="delta" if below is not None else "full",
+        backing=below.file if below is not None else None,
+        data_bytes=os.stat(bset.path(into.file)).st_blocks * 512,
+    )
+
+
+def _verify(bset: BackupSet, into: Point, partial: str, touched: list[int]) -> None:
+    """S' read back (through its chain) must have S's digest."""
+    drop_pages(partial)
+    try:
+        digests: BlockDigests | None = BlockDigests.load(
+            bset.path(into.blocks), into.digest, into.size
+        )
+    except BlocksFileError:
+        digests = None
+    with opened(partial, "qcow2") as readback:
+        if digests is None:
+            got = all_digests(readback).fold()
+        else:
+            got = point_digest(readback, digests, touched)
+    if got != into.digest:
+        raise VerificationError(
+            f"{partial}: verification failed: the merged point read back has digest {got}, "
+            f"point {into.id} has {into.digest}; nothing changed"
+        )
+
+
+# -- finishing a prune that was killed -----------------------------------------------
+
+
+def finish_interrupted(bset: BackupSet, disk: str, removed: list[str]) -> list[Merge]:
+    """Finish merges a killed prune left between its file replace and its manifest write.
+
+    A delta point whose file is backed by an earlier point of its chain than
+    the one right below it in the manifest (or by none, above the chain's full
+    point) and that reads its recorded digest through that chain was merged
+    and replaced: the points in between are dropped from the manifest and
+    deleted, as the killed prune would have done.  Anything else that does not
+    match is left for ``list`` to report.  Lock held.
+    """
+    from sparsefs.formats.qcow2 import backing_name
+
+    finished = []
+    index = 1
+    while index < len(points := bset.disks.get(disk, [])):
+        point = points[index]
+        index += 1
+        if point.kind != "delta":
+            continue
+        try:
+            name = backing_name(bset.path(point.file))
+        except (SparsefsError, OSError):
+            continue
+        pos = index - 1
+        if name == os.path.basename(points[pos - 1].file):
+            continue
+        start = pos - 1
+        while start > 0 and points[start].kind != "full":
+            start -= 1
+        if points[start].kind != "full":
+            continue
+        names = [os.path.basename(p.file) for p in points[start : pos - 1]]
+        if name is not None and name not in names:
+            continue
+        first = start if name is None else start + names.index(name) + 1
+        below = None if name is None else points[first - 1]
+        if not _reads_its_digest(bset, point):
+            continue  # not a merged file (a damaged header?): leave it for list to report
+        dropped = points[first:pos]
+        removed += _drop(bset, disk, dropped, _new_entry(bset, point, below))
+        finished.append(Merge(point.id, [p.id for p in dropped]))
+        index = first + 1
+    return finished
+
+
+def _reads_its_digest(bset: BackupSet, point: Point) -> bool:
+    """True when ``point``'s file, read through its chain as it is now, has its digest."""
+    try:
+        with opened(bset.path(point.file), point.format) as source:
+            return all_digests(source).fold() == point.digest
+    except (SparsefsError, OSError):
+        return False
+
+
+def result_dict(result: DiskPrune) -> dict[str, Any]:
+    """The JSON form of one disk's prune."""
+    return {
+        "name": result.disk,
+        "points": [
+            {
+                "id": d.point.id,
+                "time": d.point.time,
+                "kind": d.point.kind,
+                "action": "keep" if d.keep else "prune",
+                "rule": d.rule,
+            }
+            for d in result.decisions
+        ],
+        "merges": [
+            {
+                "into": m.into,
+                "dropped": m.dropped,
+                "merged_bytes": m.merged_bytes,
+                "seconds": round(m.seconds, 3),
+            }
+            for m in result.merges
+        ],
+        "finished": [{"into": m.into, "dropped": m.dropped} for m in result.finished],
+        "removed": result.removed,
+    }
+
+
+__all__ = [
+    "Decision",
+    "DiskPrune",
+    "Merge",
+    "finish_interrupted",
+    "merge_into",
+    "plan",
+    "prune",
+    "result_dict",
+]
