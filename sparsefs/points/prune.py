@@ -48,12 +48,13 @@ from typing import Any
 from sparsefs.checksum import BLOCK_SIZE
 from sparsefs.errors import ImageReadError, SparsefsError
 from sparsefs.extents import SparseSource
+from sparsefs.formats import opened
 from sparsefs.layered import BELOW, DATA, ERROR, OTHER, UNWRITTEN, ZERO, LayeredImage
 from sparsefs.points.blocks import BlockDigests, BlocksFileError
 from sparsefs.points.check import partial_file, point_problem, remove_strays
 from sparsefs.points.engine import all_digests, drop_pages, point_digest
 from sparsefs.points.policy import Rules, decide
-from sparsefs.points.run import VerificationError, opened
+from sparsefs.points.run import VerificationError
 from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir, write_atomic
 
 CLUSTER_SIZE = 64 * 1024  # the clusters of the merged file (as every point's)

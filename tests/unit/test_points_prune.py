@@ -28,9 +28,10 @@ import pytest
 from points_support import list_json, manifest, qemu_check, qemu_compare
 from sparsefs.checksum import block_digest
 from sparsefs.cli import main
+from sparsefs.formats import opened
 from sparsefs.points.policy import Rules
 from sparsefs.points.prune import plan
-from sparsefs.points.run import RunOptions, add_point, opened
+from sparsefs.points.run import RunOptions, add_point
 from sparsefs.points.set import BackupSet
 from support import MiB, make_image, qemu_io, qemu_raw, run, sparsefs
 
