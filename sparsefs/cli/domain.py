@@ -92,6 +92,7 @@ def cmd_backup_domain(args: argparse.Namespace, copier: RawCopier) -> int:
         with BackupSet.open(dest, lock=True, create=True) as bset:
             runs = DomainRuns.load(dest, dom.name)
             repair(dom, runs, say)
+            runs.forget_pruned(bset)
             all_disks = domxml.disks(dom.xml())
             for d in all_disks:
                 if d.skip is not None:

@@ -20,17 +20,19 @@ The runs file::
 ``checkpoint`` names the libvirt checkpoint whose bitmaps hold every write
 made since the run's points (or more): only the newest run keeps one; older
 runs lose theirs (``null``) as the checkpoint is deleted.  A run is recorded
-only after every disk's point is recorded in the set's manifest.
+only after every disk's point is recorded in the set's manifest; a run
+whose points were all pruned is forgotten by the next run (``forget_pruned``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sparsefs.points.set import LATEST, SetError, fsync_dir, id_time, write_atomic
+from sparsefs.points.set import LATEST, BackupSet, SetError, fsync_dir, id_time, write_atomic
 
 FORMAT = "sparsefs-domain"
 VERSION = 1
@@ -169,6 +171,26 @@ class DomainRuns:
         }
         text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
         write_atomic(self.path(runs_file(self.domain)), text)
+
+    def forget_pruned(self, bset: BackupSet) -> list[str]:
+        """Drop the runs none of whose points the set still has (pruned), and their XML.
+
+        Returns the ids of the runs dropped.  Call with the set's lock held.
+        """
+        keep: list[Run] = []
+        gone: list[Run] = []
+        for r in self.runs:
+            alive = any(
+                any(p.id == d.point for p in bset.disks.get(d.disk, [])) for d in r.disks.values()
+            )
+            (keep if alive else gone).append(r)
+        if gone:
+            self.runs = keep
+            self.save()
+            for r in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(r.xml))
+        return [r.id for r in gone]
 
     def kept_checkpoints(self) -> set[str]:
         """The checkpoints the runs say libvirt keeps."""
