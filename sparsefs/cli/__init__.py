@@ -99,7 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list = mount.rewrite_mount_helper_form(args_list, COMMANDS)
     command = _command_of(args_list)
     parser = build_parser(command)
-    args = parser.parse_args(args_list)
+    if command == "restore":
+        # 'restore DEST_DIR --domain NAME TARGET_DIR': argparse gives out optional
+        # positionals before the options; the points module places the words left over.
+        from sparsefs.cli import points
+
+        args, extra = parser.parse_known_args(args_list)
+        points.place_positionals(args, extra, parser)
+    else:
+        args = parser.parse_args(args_list)
     _configure_logging(args.verbose)
     error_exit = getattr(args, "error_exit", EXIT_ERROR)
     try:

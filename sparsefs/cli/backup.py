@@ -101,6 +101,12 @@ def _kernel_copy_allowed(source_file: str | None, dest_dir: str, reflink: str) -
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Run a backup; see the subcommand help."""
+    if args.domain or args.connect:
+        if not args.domain:
+            raise SparsefsError("--connect needs --domain NAME")
+        from sparsefs.cli import domain
+
+        return domain.cmd_backup_domain(args, _raw_point_copier(args.paths[-1], args.reflink))
     if args.since or args.qmp or args.node:  # option checks; live.py
         from sparsefs.cli import live
 
@@ -196,7 +202,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "paths",
         nargs="+",
         metavar="IMAGE... DEST_DIR",
-        help="images, then an existing destination directory",
+        help="images, then an existing destination directory (for a domain: DEST_DIR alone)",
     )
     b.add_argument(
         "--snapshots",
@@ -240,5 +246,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     from sparsefs.cli import live
 
     live.add_arguments(b)
+    from sparsefs.cli import domain
+
+    domain.add_arguments(b)
     add_open_options(b)
     b.set_defaults(func=cmd_backup)

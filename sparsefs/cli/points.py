@@ -80,6 +80,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Restore a point; see the subcommand help."""
+    if args.domain is not None:
+        from sparsefs.cli import domainrestore
+
+        return domainrestore.cmd_restore_domain(args)
+    if args.define is not None or args.connect is not None:
+        raise SparsefsError("--define and --connect need --domain NAME")
+    if args.name is None or args.target is None:
+        raise SparsefsError("restore needs DEST_DIR NAME TARGET (or DEST_DIR --domain NAME DIR)")
     if args.progress_fd is not None:
         try:
             os.fstat(args.progress_fd)
@@ -128,6 +136,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def place_positionals(
+    args: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser
+) -> None:
+    """Give ``restore``'s NAME and TARGET the words argparse left after the options."""
+    for word in extra:
+        if word.startswith("-") and word != "-":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.name is None:
+            args.name = word
+        elif args.target is None:
+            args.target = word
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``list`` and ``restore``."""
     p = sub.add_parser(
@@ -155,8 +178,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "digest. Damaged points, and points depending on them, are refused.",
     )
     r.add_argument("dest", metavar="DEST_DIR", help="the backup set")
-    r.add_argument("name", metavar="NAME", help="the disk")
-    r.add_argument("target", metavar="TARGET", help="raw file, .qcow2 file, or block device")
+    r.add_argument("name", metavar="NAME", nargs="?", help="the disk (with --domain: TARGET_DIR)")
+    r.add_argument(
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="raw file, .qcow2 file, or block device",
+    )
     r.add_argument(
         "--at",
         metavar="POINT",
@@ -175,4 +203,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
+    from sparsefs.cli import domainrestore
+
+    domainrestore.add_arguments(r)
     r.set_defaults(func=cmd_restore)

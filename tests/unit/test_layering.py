@@ -59,6 +59,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "sparsefs.formats": ("sparsefs.checksum", "sparsefs.points", *_UPPER),
     "sparsefs.points": _UPPER,
+    # libvirt domains: the binding (virt), domain XML, run records beside the points, repair
+    "sparsefs.domain": ("sparsefs.checksum", *_UPPER),
     "sparsefs.locking": ("sparsefs.formats", *_UPPER),
     "sparsefs.prefetch": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
     "sparsefs.bulkread": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
