@@ -31,7 +31,7 @@ import os
 import threading
 
 from sparsefs.cli import setbackup
-from sparsefs.cli.common import add_open_options, mount_table, open_options
+from sparsefs.cli.common import add_open_options, check_progress_fd, mount_table, open_options
 from sparsefs.cli.mountset import open_mount_set
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import SparseSource
@@ -121,13 +121,7 @@ def _backup_points(args: argparse.Namespace) -> int:
         raise SparsefsError("backup needs at least one IMAGE and a DEST_DIR")
     if not os.path.isdir(dest):
         raise SparsefsError(f"{dest}: destination directory does not exist")
-    if args.progress_fd is not None:
-        try:
-            os.fstat(args.progress_fd)
-        except OSError:
-            raise SparsefsError(
-                f"--progress={args.progress_fd}: not an open file descriptor"
-            ) from None
+    check_progress_fd(args.progress_fd)
     if args.compress and args.format != "qcow2":
         raise SparsefsError("--compress needs --format qcow2 (deltas are never compressed)")
     with BackupSet.open(dest, lock=True, create=True) as bset:

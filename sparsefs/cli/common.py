@@ -9,6 +9,7 @@ import os
 import re
 from typing import Any, NamedTuple
 
+from sparsefs.errors import SparsefsError
 from sparsefs.formats import strip_suffix
 from sparsefs.options import OpenOptions
 
@@ -27,6 +28,20 @@ def fail_message(exc: BaseException) -> str:
         return f"sparsefs: {exc.strerror}"
     text = " ".join(str(exc).split())
     return f"sparsefs: {text}"
+
+
+def check_progress_fd(fd: int | None) -> None:
+    """Refuse ``--progress=FD`` when FD is not an open descriptor (None: no --progress).
+
+    Raises:
+        SparsefsError: FD is not open.
+    """
+    if fd is None:
+        return
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise SparsefsError(f"--progress={fd}: not an open file descriptor") from None
 
 
 def add_open_options(parser: argparse.ArgumentParser) -> None:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
 from sparsefs.cli.backup import FdProgress, fd_number
-from sparsefs.cli.common import EXIT_FAILURE, EXIT_OK
+from sparsefs.cli.common import EXIT_FAILURE, EXIT_OK, check_progress_fd
 from sparsefs.errors import SparsefsError
 from sparsefs.points.check import Status, check_set
 from sparsefs.points.restore import restore
@@ -88,13 +87,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise SparsefsError("--define and --connect need --domain NAME")
     if args.name is None or args.target is None:
         raise SparsefsError("restore needs DEST_DIR NAME TARGET (or DEST_DIR --domain NAME DIR)")
-    if args.progress_fd is not None:
-        try:
-            os.fstat(args.progress_fd)
-        except OSError:
-            raise SparsefsError(
-                f"--progress={args.progress_fd}: not an open file descriptor"
-            ) from None
+    check_progress_fd(args.progress_fd)
     with BackupSet.open(args.dest) as bset:
         point = bset.resolve(args.name, args.at)
         total = 2 * point.data_bytes
