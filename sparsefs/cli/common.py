@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import functools
 import os
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from sparsefs.errors import SparsefsError
 from sparsefs.formats import strip_suffix
@@ -130,14 +128,6 @@ def usable_in_file_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and _SAFE_NAME.match(name) is not None
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` of ``fd`` (pwrite may write less at once)."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
 class MountEntry(NamedTuple):
     """One mount of this process: ``major:minor``, mount point, filesystem type."""
 
@@ -175,35 +165,3 @@ def mount_table() -> list[MountEntry]:
     except OSError:
         return []
     return entries
-
-
-# C types by name, for libc_call: ctypes itself is imported at the first call.
-_C_TYPES = {"int": "c_int", "uint": "c_uint", "off64": "c_int64"}
-
-
-@functools.cache
-def _libc_function(name: str, argtypes: tuple[str, ...]) -> Any:  # a ctypes function, or None
-    import ctypes  # here, not at start-up: ctypes costs every command time
-
-    func = getattr(ctypes.CDLL(None, use_errno=True), name, None)
-    if func is not None:
-        func.argtypes = tuple(getattr(ctypes, _C_TYPES[t]) for t in argtypes)
-        func.restype = ctypes.c_int
-    return func
-
-
-def libc_call(name: str, argtypes: tuple[str, ...], *args: int) -> int:
-    """Call libc's ``name``, a call ``os`` lacks (``sync_file_range``, ``fallocate`` with flags).
-
-    ``argtypes`` name the C types of the arguments ("int", "uint", "off64").
-    Returns 0 on success, else the errno the call failed with (ENOSYS where
-    libc has no such function).
-    """
-    func = _libc_function(name, argtypes)
-    if func is None:
-        return errno.ENOSYS
-    if func(*args) == 0:
-        return 0
-    import ctypes
-
-    return ctypes.get_errno()

@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sparsefs.checksum import BLOCK_SIZE, BlockRun, DigestResult, block_digest
-from sparsefs.cli.common import libc_call, pwrite_all
 from sparsefs.errors import SparsefsError
 from sparsefs.extents import Extent, SparseSource
+from sparsefs.libc import libc_call, pwrite_all
 from sparsefs.raw import RawFile
 
 # Bytes per copy_file_range call (the kernel may do fewer).

@@ -35,7 +35,7 @@ def cmd_restore_domain(args: argparse.Namespace) -> int:
     runs = DomainRuns.load(args.dest, args.domain)
     run = runs.resolve(args.at)
     paths: dict[str, tuple[str, str]] = {}
-    with BackupSet.open(args.dest) as bset:
+    with BackupSet.open(args.dest, reading=True) as bset:
         for target, entry in sorted(run.disks.items()):
             point = next((p for p in bset.points(entry.disk) if p.id == entry.point), None)
             if point is None:

@@ -40,6 +40,7 @@ class MountSet:
     mtime_ns: dict[str, int] = field(default_factory=dict)
     images: list[SparseSource] = field(default_factory=list)
     damaged: list[tuple[str, str]] = field(default_factory=list)
+    locks: list[int] = field(default_factory=list)  # held while mounted (a set's readers' lock)
 
     def close(self) -> None:
         for image in self.images:
@@ -47,6 +48,9 @@ class MountSet:
             if close is not None:
                 close()
         self.images.clear()
+        for fd in self.locks:
+            os.close(fd)
+        self.locks.clear()
 
 
 MAX_FILE_NAME_BYTES = 255
@@ -154,7 +158,10 @@ def open_set_mount(root: str, options: OpenOptions) -> MountSet:
     """
     mset = MountSet()
     try:
-        with BackupSet.open(root) as bset:
+        with BackupSet.open(root, reading=True) as bset:
+            fd = bset.take_reading()  # no prune changes a file in place while mounted
+            if fd >= 0:
+                mset.locks.append(fd)
             statuses = check_set(bset)
             for disk in sorted(bset.disks):
                 points = bset.disks[disk]

@@ -88,7 +88,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.name is None or args.target is None:
         raise SparsefsError("restore needs DEST_DIR NAME TARGET (or DEST_DIR --domain NAME DIR)")
     check_progress_fd(args.progress_fd)
-    with BackupSet.open(args.dest) as bset:
+    with BackupSet.open(args.dest, reading=True) as bset:
         point = bset.resolve(args.name, args.at)
         total = 2 * point.data_bytes
         fd_progress = FdProgress(args.progress_fd, total) if args.progress_fd is not None else None

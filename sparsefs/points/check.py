@@ -139,9 +139,8 @@ def remove_strays(bset: BackupSet, disk: str) -> list[str]:
     d = re.escape(disk)
     patterns = [re.compile(f"^{p.format(d=d)}$") for p in _STRAY]
     points = bset.disks.get(disk, [])
-    known = {os.path.basename(p.file) for p in points} | {
-        os.path.basename(p.blocks) for p in points
-    }
+    named = points + bset.retired.get(disk, [])
+    known = {os.path.basename(p.file) for p in named} | {os.path.basename(p.blocks) for p in named}
     newest = id_key(points[-1].id) if points else None
     removed = []
     for name in sorted(names):

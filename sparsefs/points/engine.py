@@ -34,6 +34,7 @@ from typing import Protocol
 
 from sparsefs.checksum import BLOCK_SIZE
 from sparsefs.extents import Extent, SparseSource
+from sparsefs.libc import pwrite_all
 from sparsefs.points.blocks import FINE_PER_BLOCK, FINE_SIZE, BlockDigests, zero_digest
 from sparsefs.points.scan import BlockScan, scan
 
@@ -217,14 +218,6 @@ def drop_pages(path: str) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (pwrite may write less at once)."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 class RawFileSink:

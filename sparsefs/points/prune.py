@@ -27,11 +27,17 @@ content the same at every instant:
    leaves the list, and the next prune deletes what it names that the
    manifest no longer does (:func:`finish_deletions`).
 
+When P1 is the chain's full point and a raw file of S's size, S takes over
+P1's file instead, at the cost of the changed clusters, not of the whole
+disk (:mod:`sparsefs.points.absorb`); then S becomes a full raw point, and
+the above steps only apply when a mount or restore is reading the set.
+
 A prune killed at any moment leaves every kept point reading as before.
 Killed between 3 and 4, S's file is backed by P1's backing file while the
 manifest still lists P1..Pk below it (``list`` reports that chain as not
 matching the manifest, and a backup run refuses to add to it); the next
-prune finishes that merge first (:func:`finish_interrupted`), then removes
+prune finishes a fold it left first (the retired points), then that merge
+(:func:`finish_interrupted`), then removes
 what killed runs left (:func:`~sparsefs.points.check.remove_strays`).
 """
 
@@ -42,23 +48,17 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from sparsefs.checksum import BLOCK_SIZE
-from sparsefs.errors import ImageReadError, SparsefsError
-from sparsefs.extents import SparseSource
+from sparsefs.errors import SparsefsError
 from sparsefs.formats import opened
-from sparsefs.layered import BELOW, DATA, ERROR, OTHER, UNWRITTEN, ZERO, LayeredImage
-from sparsefs.points.blocks import BlockDigests, BlocksFileError
-from sparsefs.points.check import partial_file, point_problem, remove_strays
-from sparsefs.points.engine import all_digests, drop_pages, point_digest
+from sparsefs.points.absorb import Folded, can_fold, finish_retired, fold
+from sparsefs.points.check import remove_strays
+from sparsefs.points.engine import all_digests
+from sparsefs.points.merge import merge_into, new_entry
 from sparsefs.points.policy import Rules, decide
-from sparsefs.points.run import VerificationError
-from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir, write_atomic
-
-CLUSTER_SIZE = 64 * 1024  # the clusters of the merged file (as every point's)
-_BATCH_CLUSTERS = 64  # clusters read and written at once (4 MiB)
+from sparsefs.points.set import BackupSet, Point, fsync_dir, write_atomic
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ def prune(bset: BackupSet, rules: Rules, *, dry_run: bool = False) -> list[DiskP
         result = DiskPrune(disk)
         if not dry_run:
             result.removed += finish_deletions(bset, disk)
-            result.finished = finish_interrupted(bset, disk, result.removed)
+            result.finished = _finish_retired(bset, disk, result.removed)
+            result.finished += finish_interrupted(bset, disk, result.removed)
             result.removed += [f"{disk}/{name}" for name in remove_strays(bset, disk)]
         result.decisions = plan(bset.points(disk), rules)
         if not dry_run:
@@ -152,12 +153,33 @@ def _groups(decisions: list[Decision]) -> Iterator[tuple[list[Point], Point | No
 def _apply(bset: BackupSet, disk: str, result: DiskPrune) -> None:
     for dropped, into in _groups(result.decisions):
         if into is None:
-            result.removed += _drop(bset, disk, dropped, None)
+            result.removed += _drop(bset, disk, dropped, Folded(0, [], []))
             continue
         t0 = time.monotonic()
-        merged, new_into = merge_into(bset, disk, dropped, into)
-        result.removed += _drop(bset, disk, dropped, new_into)
-        result.merges.append(Merge(into.id, [p.id for p in dropped], merged, time.monotonic() - t0))
+        into = next(p for p in bset.points(disk) if p.id == into.id)  # as a fold left it
+        done = fold(bset, disk, dropped, into) if can_fold(dropped, into) else None
+        if done is None:
+            done = _merged(bset, disk, dropped, into)
+        result.removed += _drop(bset, disk, dropped, done)
+        seconds = time.monotonic() - t0
+        result.merges.append(Merge(into.id, [p.id for p in dropped], done.written, seconds))
+
+
+def _merged(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> Folded:
+    written, new_into = merge_into(bset, disk, dropped, into)
+    return Folded(written, [new_into], [])
+
+
+def _finish_retired(bset: BackupSet, disk: str, removed: list[str]) -> list[Merge]:
+    """Finish the fold a killed prune left (merging when a reader holds the set)."""
+    left = finish_retired(bset, disk)
+    if left is None:
+        return []
+    retired, into, done = left
+    if done is None:
+        done = _merged(bset, disk, retired, into)
+    removed += _drop(bset, disk, retired, done)
+    return [Merge(into.id, [p.id for p in retired], done.written)]
 
 
 def pruned_list(disk: str) -> str:
@@ -165,27 +187,23 @@ def pruned_list(disk: str) -> str:
     return f"{disk}/.{disk}.pruned"
 
 
-def _drop(bset: BackupSet, disk: str, dropped: list[Point], into: Point | None) -> list[str]:
-    """Record the manifest without ``dropped`` (and ``into``'s new entry), then delete them.
+def _drop(bset: BackupSet, disk: str, dropped: list[Point], done: Folded) -> list[str]:
+    """Record the manifest without ``dropped`` (and ``done``'s new entries), then delete them.
 
     The files to delete are listed in ``NAME/.NAME.pruned`` first, so a prune
     killed after the manifest write and before the deletions leaves a list
     the next prune finishes (:func:`finish_deletions`); no file the manifest
     does not name is ever deleted otherwise.
     """
-    files = [rel for p in dropped for rel in (p.file, p.blocks)]
+    files = [rel for p in dropped for rel in (p.file, p.blocks)] + done.obsolete
     write_atomic(bset.path(pruned_list(disk)), "".join(f"{rel}\n" for rel in files))
-    if into is not None:
-        _record(bset, disk, dropped, into)
-    else:
-        bset.remove_points(disk, [p.id for p in dropped])
+    _record(bset, disk, dropped, done.updated)
     return finish_deletions(bset, disk)
 
 
-def _record(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> None:
-    """The manifest without ``dropped`` and with ``into``'s new entry, in one atomic write."""
-    bset.disks[disk] = [into if p.id == into.id else p for p in bset.points(disk)]
-    bset.remove_points(disk, [p.id for p in dropped])
+def _record(bset: BackupSet, disk: str, dropped: list[Point], updated: list[Point]) -> None:
+    """The manifest without ``dropped`` and with the ``updated`` entries, in one atomic write."""
+    bset.remove_points(disk, [p.id for p in dropped], tuple(updated))
 
 
 def finish_deletions(bset: BackupSet, disk: str) -> list[str]:
@@ -200,7 +218,8 @@ def finish_deletions(bset: BackupSet, disk: str) -> list[str]:
             files = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
         return []
-    named = {rel for p in bset.disks.get(disk, []) for rel in (p.file, p.blocks)}
+    points = bset.disks.get(disk, []) + bset.retired.get(disk, [])
+    named = {rel for p in points for rel in (p.file, p.blocks)}
     removed = []
     for rel in files:
         if rel in named or not rel.startswith(f"{disk}/") or "/" in rel[len(disk) + 1 :]:
@@ -212,181 +231,6 @@ def finish_deletions(bset: BackupSet, disk: str) -> list[str]:
     os.unlink(listing)
     fsync_dir(bset.path(disk))
     return removed
-
-
-# -- the merge ---------------------------------------------------------------------
-
-
-def _layers(top: SparseSource, count: int) -> list[SparseSource]:
-    """``top`` and the ``count - 1`` sources below it (each reads its own chain's view)."""
-    out = [top]
-    while len(out) < count:
-        below = getattr(out[-1], "backing", None)
-        if below is None:
-            raise SetError(f"{getattr(out[-1], 'path', '?')}: its backing chain is too short")
-        out.append(below)
-    return out
-
-
-def _own_runs(layer: SparseSource, bottom_full: bool) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, zero) of what ``layer`` holds itself: data (False) or zeros hiding below.
-
-    The full point at the bottom of a merge holds its data only (nothing is below
-    it, so its holes and zero clusters are what an unallocated cluster reads).
-    """
-    if bottom_full:
-        for ext in layer.iter_extents(0):
-            if ext.data:
-                yield ext.guest_offset, ext.end, False
-        return
-    if not isinstance(layer, LayeredImage):
-        raise SetError(f"{getattr(layer, 'path', '?')}: a delta point that is not a layered image")
-    for s, e, kind, host in layer.layer.runs(0, layer.size):
-        if kind == BELOW:
-            continue
-        if kind == ERROR:
-            raise ImageReadError(str(host))
-        if kind not in (DATA, OTHER, ZERO, UNWRITTEN):
-            raise SetError(f"{layer.path}: a run of unknown kind {kind}")
-        yield s, e, kind in (ZERO, UNWRITTEN)
-
-
-def _owners(layers: list[SparseSource], size: int, bottom_full: bool) -> tuple[bytearray, bytes]:
-    """Per 64 KiB cluster of ``size``: 1 + the topmost layer holding anything of it (0: none).
-
-    Also which clusters read as zeros in that layer throughout (write a zero cluster).
-    """
-    cs = CLUSTER_SIZE
-    nb = -(-size // cs)
-    owner = bytearray(nb)
-    zero = bytearray(nb)
-    for index, layer in enumerate(layers):
-        mark = index + 1
-        bottom = bottom_full and index == len(layers) - 1
-        for s, e, is_zero in _own_runs(layer, bottom):
-            first, last = s // cs, -(-min(e, size) // cs)
-            for c in range(first, last):
-                whole = s <= c * cs and min(e, size) >= min((c + 1) * cs, size)
-                if owner[c] == 0:
-                    owner[c] = mark
-                    zero[c] = 1 if is_zero and whole else 0
-                elif owner[c] == mark and not (is_zero and whole):
-                    zero[c] = 0  # partly data, or partly below: read the layer's view
-    return owner, bytes(zero)
-
-
-def _batches(owner: bytearray, zero: bytes) -> Iterator[tuple[int, int, int, bool]]:
-    """(first cluster, count, owner, zero) of consecutive clusters alike, at most a batch."""
-    c, nb = 0, len(owner)
-    while c < nb:
-        if owner[c] == 0:
-            c += 1
-            continue
-        first, mark, z = c, owner[c], zero[c]
-        c += 1
-        while c < nb and owner[c] == mark and zero[c] == z and c - first < _BATCH_CLUSTERS:
-            c += 1
-        yield first, c - first, mark, bool(z)
-
-
-def _write_merged(
-    path: str, size: int, layers: list[SparseSource], below: Point | None
-) -> tuple[int, list[int]]:
-    """Write S' at ``path`` (module docstring); return the data bytes and the MiB blocks touched."""
-    from sparsefs.formats.qcow2 import Qcow2Writer
-
-    owner, zero = _owners(layers, size, bottom_full=below is None)
-    writer = Qcow2Writer(
-        path,
-        size,
-        backing_file=os.path.basename(below.file) if below is not None else None,
-        backing_format=below.format if below is not None else None,
-    )
-    cs = CLUSTER_SIZE
-    written = 0
-    touched: set[int] = set()
-    try:
-        for first, count, mark, is_zero in _batches(owner, zero):
-            start = first * cs
-            length = min(count * cs, size - start)
-            touched.update(range(start // BLOCK_SIZE, (start + length - 1) // BLOCK_SIZE + 1))
-            if is_zero:
-                if below is not None:  # without a backing file, unallocated reads zeros
-                    writer.write_zeroes(start, length)
-                continue
-            data = layers[mark - 1].read(start, length)
-            if len(data) < length:  # past the end of a smaller (older) layer: zeros
-                data += bytes(length - len(data))
-            writer.write(start, data)
-            written += length
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return written, sorted(touched)
-
-
-def merge_into(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> tuple[int, Point]:
-    """Merge ``dropped`` (consecutive, oldest first) into ``into``, the point right above them.
-
-    Steps 1-3 of the module docstring; the caller records the result
-    (step 4) and deletes the dropped files (step 5).  Returns the data bytes
-    written and ``into``'s new manifest entry.
-
-    Raises:
-        SetError: the chain is damaged.
-        VerificationError: S' read back differs from S (removed; S untouched).
-    """
-    problem = point_problem(bset, disk, into)
-    if problem is not None:
-        raise SetError(f"{problem}; not pruned: the chain of point {into.id} is damaged")
-    chain = bset.chain(disk, into.id)
-    below = None if chain[0].id == dropped[0].id else chain[chain.index(dropped[0]) - 1]
-    partial = bset.path(partial_file(disk, into.id, into.format))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(partial)
-    try:
-        with opened(bset.path(into.file), into.format) as top:
-            layers = _layers(top, len(dropped) + 1)
-            written, touched = _write_merged(partial, into.size, layers, below)
-        _verify(bset, into, partial, touched)
-        os.replace(partial, bset.path(into.file))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        raise
-    fsync_dir(bset.path(disk))
-    return written, _new_entry(bset, into, below)
-
-
-def _new_entry(bset: BackupSet, into: Point, below: Point | None) -> Point:
-    return replace(
-        into,
-        kind="delta" if below is not None else "full",
-        backing=below.file if below is not None else None,
-        data_bytes=os.stat(bset.path(into.file)).st_blocks * 512,
-    )
-
-
-def _verify(bset: BackupSet, into: Point, partial: str, touched: list[int]) -> None:
-    """S' read back (through its chain) must have S's digest."""
-    drop_pages(partial)
-    try:
-        digests: BlockDigests | None = BlockDigests.load(
-            bset.path(into.blocks), into.digest, into.size
-        )
-    except BlocksFileError:
-        digests = None
-    with opened(partial, "qcow2") as readback:
-        if digests is None:
-            got = all_digests(readback).fold()
-        else:
-            got = point_digest(readback, digests, touched)
-    if got != into.digest:
-        raise VerificationError(
-            f"{partial}: verification failed: the merged point read back has digest {got}, "
-            f"point {into.id} has {into.digest}; nothing changed"
-        )
 
 
 # -- finishing a prune that was killed -----------------------------------------------
@@ -431,7 +275,7 @@ def finish_interrupted(bset: BackupSet, disk: str, removed: list[str]) -> list[M
         if not _reads_its_digest(bset, point):
             continue  # not a merged file (a damaged header?): leave it for list to report
         dropped = points[first:pos]
-        removed += _drop(bset, disk, dropped, _new_entry(bset, point, below))
+        removed += _drop(bset, disk, dropped, Folded(0, [new_entry(bset, point, below)], []))
         finished.append(Merge(point.id, [p.id for p in dropped]))
         index = first + 1
     return finished

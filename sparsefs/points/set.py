@@ -6,6 +6,9 @@ Layout of a set in DEST_DIR (file names relative to it)::
     SPARSEFS-SUMS              one sparsefs1 line per point ("DIGEST  NAME/NAME@ID.raw"),
                                for 'cd DEST_DIR && sparsefs checksum --check SPARSEFS-SUMS'
     .SPARSEFS-SET.lock         flock'ed by every run that changes the set
+    .SPARSEFS-SET.readers      flock'ed shared by mounts and restores of the set, for
+                               as long as they read; prune changes a point's file in
+                               place only when it can lock it exclusively
     NAME/NAME@ID.raw           a full point (sparse raw)
     NAME/NAME@ID.qcow2         a delta point (backing file: the previous point, same
                                directory, relative name, explicit backing format), or a
@@ -15,7 +18,8 @@ Layout of a set in DEST_DIR (file names relative to it)::
 The manifest::
 
     {"format": "sparsefs-set", "version": 1,
-     "disks": {"NAME": {"points": [POINT, ...]}}}      # oldest first
+     "disks": {"NAME": {"points": [POINT, ...],        # oldest first
+                        "retired": [POINT, ...]}}}     # only while a prune folds them
 
     POINT = {"id": "20261203T190500Z", "time": "2026-12-03T19:05:00Z",
              "kind": "full" | "delta", "file": "NAME/NAME@ID.raw", "format": "raw" | "qcow2",
@@ -23,6 +27,11 @@ The manifest::
              "digest": "sparsefs1:...", "blocks": "NAME/.NAME@ID.blocks",
              "backing": file of the point below, or null, "source": the image's path,
              "changes": "full" | "digest" | "bitmap", "changed_bytes": bytes written}
+
+``retired`` points are no longer points (``list``, ``mount``, ``restore`` and
+SPARSEFS-SUMS leave them out), but the oldest kept point of their chain still
+reads them: prune is folding them into it (:mod:`sparsefs.points.absorb`).
+The chain of a point runs through them.
 
 Ids are the UTC time of the run to the second; a second run in the same
 second gets ``-2``, ``-3``, ...  A point is named by its id, a unique prefix of
@@ -52,6 +61,7 @@ from sparsefs.errors import SparsefsError
 MANIFEST = "SPARSEFS-SET.json"
 SUMS = "SPARSEFS-SUMS"
 LOCK = ".SPARSEFS-SET.lock"
+READERS = ".SPARSEFS-SET.readers"
 FORMAT = "sparsefs-set"
 VERSION = 1
 LATEST = "latest"
@@ -168,14 +178,19 @@ class BackupSet:
     Attributes:
         root: DEST_DIR.
         disks: disk name -> its points, oldest first (the manifest as read).
+        retired: disk name -> points a prune is folding into the point above them.
     """
 
     root: str
     disks: dict[str, list[Point]] = field(default_factory=dict)
+    retired: dict[str, list[Point]] = field(default_factory=dict)
     _lock_fd: int = -1
+    _readers_fd: int = -1
 
     @classmethod
-    def open(cls, root: str, *, lock: bool = False, create: bool = False) -> BackupSet:
+    def open(
+        cls, root: str, *, lock: bool = False, create: bool = False, reading: bool = False
+    ) -> BackupSet:
         """Open the set in ``root``.
 
         Args:
@@ -185,6 +200,9 @@ class BackupSet:
             create: a directory without a manifest becomes an empty set (with
                 ``lock``, its empty manifest is written at once, before any
                 point file exists); else it is refused.
+            reading: hold the readers' lock shared until :meth:`close` (or
+                :meth:`take_reading`): a prune then never changes a file in
+                place while this reads the set.
 
         Raises:
             SetError: no directory, no set (without ``create``), a damaged
@@ -194,6 +212,8 @@ class BackupSet:
         if not os.path.isdir(root):
             raise SetError(f"{root}: destination directory does not exist")
         bset = cls(root)
+        if reading:
+            bset._readers_fd = _share_readers(os.path.join(root, READERS))
         if lock:
             bset._lock_fd = _take_lock(os.path.join(root, LOCK))
             _remove_temporaries(root)
@@ -201,7 +221,7 @@ class BackupSet:
             path = os.path.join(root, MANIFEST)
             if create and not os.path.exists(path):
                 _refuse_lost_manifest(root)
-            bset.disks = _read_manifest(path, create)
+            bset.disks, bset.retired = _read_manifest(path, create)
             if create and lock and not os.path.exists(path):
                 bset._save()
         except BaseException:
@@ -210,10 +230,32 @@ class BackupSet:
         return bset
 
     def close(self) -> None:
-        """Release the lock; idempotent."""
+        """Release the locks; idempotent."""
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._readers_fd >= 0:
+            os.close(self._readers_fd)
+            self._readers_fd = -1
+
+    def take_reading(self) -> int:
+        """The readers' lock (a file descriptor, -1: none), now the caller's to close."""
+        fd, self._readers_fd = self._readers_fd, -1
+        return fd
+
+    def lock_out_readers(self) -> int | None:
+        """The readers' lock taken exclusively (a file descriptor to close), or None when
+        a mount or a restore is reading the set (or the lock cannot be had)."""
+        try:
+            fd = os.open(self.path(READERS), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
     def __enter__(self) -> BackupSet:
         return self
@@ -268,6 +310,8 @@ class BackupSet:
             SetError: no such point, or its chain does not start with a full point.
         """
         points = self.points(disk)
+        if self.retired.get(disk):
+            points = sorted(points + self.retired[disk], key=lambda p: id_key(p.id))
         index = next((i for i, p in enumerate(points) if p.id == pid), None)
         if index is None:
             raise SetError(f"{self.path(MANIFEST)}: disk {disk!r} has no point {pid!r}")
@@ -290,14 +334,27 @@ class BackupSet:
         self.disks.setdefault(disk, []).append(point)
         self._save()
 
-    def remove_points(self, disk: str, ids: list[str]) -> None:
-        """Drop points from the manifest atomically (their files are the caller's to remove)."""
+    def remove_points(self, disk: str, ids: list[str], updated: tuple[Point, ...] = ()) -> None:
+        """Drop points (retired ones too) from the manifest and record ``updated`` entries
+        (by id) in their place, atomically (the files are the caller's to remove)."""
         self._need_lock()
-        keep = [p for p in self.points(disk) if p.id not in ids]
+        new = {p.id: p for p in updated}
+        keep = [new.get(p.id, p) for p in self.points(disk) if p.id not in ids]
+        retired = [p for p in self.retired.pop(disk, []) if p.id not in ids]
+        if retired:
+            self.retired[disk] = retired
         if keep:
             self.disks[disk] = keep
         else:
             del self.disks[disk]
+        self._save()
+
+    def retire(self, disk: str, ids: list[str]) -> None:
+        """Make points retired (no longer points; see the module docstring), atomically."""
+        self._need_lock()
+        moved = [p for p in self.points(disk) if p.id in ids]
+        self.disks[disk] = [p for p in self.points(disk) if p.id not in ids]
+        self.retired[disk] = sorted(self.retired.get(disk, []) + moved, key=lambda p: id_key(p.id))
         self._save()
 
     def new_id(self, disk: str, now: float | None = None) -> str:
@@ -310,7 +367,12 @@ class BackupSet:
             raise SetError(f"{self.root}: the set must be opened with its lock to change it")
 
     def _save(self) -> None:
-        disks = {name: {"points": [p.as_dict() for p in pts]} for name, pts in self.disks.items()}
+        disks: dict[str, dict[str, Any]] = {
+            name: {"points": [p.as_dict() for p in pts]} for name, pts in self.disks.items()
+        }
+        for name, pts in self.retired.items():
+            if pts and name in disks:
+                disks[name]["retired"] = [p.as_dict() for p in pts]
         doc = {"format": FORMAT, "version": VERSION, "disks": disks}
         write_atomic(self.path(MANIFEST), json.dumps(doc, indent=2, sort_keys=True) + "\n")
         self._save_sums()
@@ -360,6 +422,24 @@ def _remove_temporaries(root: str) -> None:
                 os.unlink(os.path.join(root, name))
 
 
+def _share_readers(path: str) -> int:
+    """The readers' lock held shared (waits for a prune folding points in place), or -1
+    where it cannot be had (a read-only set: nothing can change it then)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
 def _take_lock(path: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -372,13 +452,17 @@ def _take_lock(path: str) -> int:
     return fd
 
 
-def _read_manifest(path: str, create: bool) -> dict[str, list[Point]]:
+Disks = dict[str, list[Point]]
+
+
+def _read_manifest(path: str, create: bool) -> tuple[Disks, Disks]:
+    """The manifest's points and retired points, by disk."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         if create:
-            return {}
+            return {}, {}
         raise SetError(f"{path}: no backup set here (no manifest)") from None
     except OSError as exc:
         raise SetError(f"{path}: cannot read the manifest: {exc.strerror}") from None
@@ -391,6 +475,7 @@ def _read_manifest(path: str, create: bool) -> dict[str, list[Point]]:
     if doc.get("version") != VERSION:
         raise SetError(f"{path}: manifest version {doc.get('version')!r} is not supported")
     disks: dict[str, list[Point]] = {}
+    retired: dict[str, list[Point]] = {}
     raw_disks = doc.get("disks")
     if not isinstance(raw_disks, dict):
         raise SetError(f"{path}: the manifest is damaged (no disks)")
@@ -400,4 +485,11 @@ def _read_manifest(path: str, create: bool) -> dict[str, list[Point]]:
         if not isinstance(raw_points, list):
             raise SetError(f"{path}: the manifest is damaged (disk {name!r} has no points)")
         disks[name] = [Point.from_dict(p if isinstance(p, dict) else {}, path) for p in raw_points]
-    return disks
+        raw_retired = entry.get("retired", [])
+        if not isinstance(raw_retired, list):
+            raise SetError(f"{path}: the manifest is damaged (disk {name!r}: retired points)")
+        if raw_retired:
+            retired[name] = [
+                Point.from_dict(p if isinstance(p, dict) else {}, path) for p in raw_retired
+            ]
+    return disks, retired

@@ -91,6 +91,25 @@ def test_damaged_points_are_left_out_with_a_warning(
         sparsefs("umount", str(mp))
 
 
+def test_a_prune_while_mounted_leaves_every_mounted_point_reading_as_before(
+    three_nights: Path, tmp_path: Path, mount: Mount
+) -> None:
+    """The mount holds the readers' lock: prune merges into a new file, never in place."""
+    dest = tmp_path / "set"
+    shutil.copytree(three_nights / "set", dest)
+    pts = points(dest, "vm")
+    mp = mount(dest)
+    proc = sparsefs("prune", "-q", str(dest), "--keep-last", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert [(p["kind"], p["format"]) for p in points(dest, "vm")] == [("full", "qcow2")]
+    for p in pts:  # the dropped points too: the mount still has their files open
+        assert files_equal(mp / f"vm@{p['id']}.raw", three_nights / f"{p['id']}.raw"), p["id"]
+    again = tmp_path / "set2"
+    shutil.copytree(three_nights / "set", again)
+    assert sparsefs("prune", "-q", str(again), "--keep-last", "1").returncode == 0
+    assert [(p["kind"], p["format"]) for p in points(again, "vm")] == [("full", "raw")]
+
+
 # -- file-level restore: ext4 in a point --------------------------------------------
 
 

@@ -39,6 +39,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "sparsefs.checksum": ("sparsefs.formats", "sparsefs.points", "struct", *_UPPER),
     "sparsefs.progress": ("sparsefs.", "pyfuse3", "trio"),
+    "sparsefs.libc": ("sparsefs.", "pyfuse3", "trio"),
     "sparsefs.qmp": ("sparsefs.formats", "sparsefs.raw", "sparsefs.checksum", *_UPPER),
     "sparsefs.layered": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),
     "sparsefs.layer": ("sparsefs.formats", "sparsefs.checksum", "sparsefs.points", *_UPPER),

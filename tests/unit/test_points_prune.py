@@ -122,14 +122,82 @@ def test_dropping_the_full_points_and_their_deltas(nights: Path, tmp_path: Path)
     dest = _copy(nights, tmp_path)
     kept = _expected_kept(dest, Rules(last=1, daily=3))
     ids = [p["id"] for p in manifest(dest)["disks"]["vm"]["points"]]
-    # Both full points go: chain 1's (raw) merges with three deltas into night 4, chain 2's
-    # (qcow2) into night 6; both become full qcow2 points under their own names.
+    # Both full points go.  Chain 1's (raw) and its three deltas fold into night 4 in the
+    # raw file's own inode: night 4 becomes a full raw point.  Chain 2's full point is
+    # qcow2: it merges into night 6, which becomes a full qcow2 point under its own name.
     assert kept == [ids[4], ids[6], ids[7], ids[8]]
+    raw_inode = (dest / manifest(dest)["disks"]["vm"]["points"][0]["file"]).stat().st_ino
     assert _prune(dest, "--keep-last", "1", "--keep-daily", "3") == 0
     _check_set(dest, nights, kept)
     pts = manifest(dest)["disks"]["vm"]["points"]
     assert [p["kind"] for p in pts] == ["full", "full", "delta", "delta"]
+    assert [p["format"] for p in pts] == ["raw", "qcow2", "qcow2", "qcow2"]
+    assert pts[0]["file"] == f"vm/vm@{ids[4]}.raw"
+    assert (dest / pts[0]["file"]).stat().st_ino == raw_inode  # folded, not copied
     assert [p["backing"] for p in pts] == [None, None, pts[1]["file"], pts[2]["file"]]
+
+
+def test_a_fold_rebases_the_point_above_and_merges_go_on_over_it(
+    nights: Path, tmp_path: Path
+) -> None:
+    """Night 2 takes over the raw full point; night 3 above it is rebased, then merged."""
+    dest = _copy(nights, tmp_path)
+    kept = _expected_kept(dest, Rules(daily=5))
+    ids = [p["id"] for p in manifest(dest)["disks"]["vm"]["points"]]
+    assert kept == [ids[2], ids[4], ids[6], ids[7], ids[8]]
+    assert _prune(dest, "--keep-daily", "5") == 0
+    _check_set(dest, nights, kept)
+    pts = manifest(dest)["disks"]["vm"]["points"]
+    assert [(p["kind"], p["format"]) for p in pts[:2]] == [("full", "raw"), ("delta", "qcow2")]
+    assert pts[1]["backing"] == pts[0]["file"]
+
+
+def test_a_set_being_read_is_merged_not_folded(nights: Path, tmp_path: Path) -> None:
+    """While a mount or restore holds the readers' lock, no point's file changes in place."""
+    dest = _copy(nights, tmp_path)
+    first = manifest(dest)["disks"]["vm"]["points"][0]
+    before = (dest / first["file"]).read_bytes()
+    with BackupSet.open(str(dest), reading=True):
+        assert _prune(dest, "--keep-last", "1", "--keep-daily", "3") == 0
+        assert not (dest / first["file"]).exists()
+    pts = manifest(dest)["disks"]["vm"]["points"]
+    assert [(p["kind"], p["format"]) for p in pts[:2]] == [("full", "qcow2"), ("full", "qcow2")]
+    _check_set(dest, nights, [p["id"] for p in pts])
+    assert len(before) == first["size"]
+
+
+def test_a_fold_killed_after_its_writes_leaves_only_kept_points_visible(
+    nights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retired points are no points (list, SUMS); the kept one reads; prune finishes."""
+    dest = _copy(nights, tmp_path)
+    from sparsefs.points import absorb
+    from sparsefs.points import prune as prune_mod
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(absorb, "_verify", killed)
+    rules = Rules(daily=5)
+    with BackupSet.open(str(dest), lock=True) as bset, pytest.raises(KeyboardInterrupt):
+        prune_mod.prune(bset, rules)
+    monkeypatch.undo()
+    doc = manifest(dest)["disks"]["vm"]
+    ids = [p["id"] for p in manifest(nights / "set")["disks"]["vm"]["points"]]
+    assert [p["id"] for p in doc["retired"]] == ids[:2]
+    assert [p["id"] for p in doc["points"]] == ids[2:]
+    _every_point_verifies(dest)
+    status, listed = list_json(dest)
+    assert status == 0, listed
+    assert [p["id"] for p in listed["disks"][0]["points"]] == ids[2:]
+    assert all(p["status"] == "ok" for p in listed["disks"][0]["points"])
+    sums = (dest / "SPARSEFS-SUMS").read_text()
+    assert doc["retired"][0]["file"] not in sums
+    proc = sparsefs("checksum", "--check", "SPARSEFS-SUMS", cwd=dest)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _prune(dest, "--keep-daily", "5") == 0
+    _check_set(dest, nights, _expected_kept(nights / "set", rules))
+    assert "retired" not in manifest(dest)["disks"]["vm"]
 
 
 def test_dropping_points_in_the_middle_of_a_chain(nights: Path, tmp_path: Path) -> None:
