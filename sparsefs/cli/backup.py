@@ -107,10 +107,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
         from sparsefs.cli import domain
 
         return domain.cmd_backup_domain(args, _raw_point_copier(args.paths[-1], args.reflink))
-    if args.since or args.qmp or args.node:  # option checks; live.py
-        from sparsefs.cli import live
+    if args.since and getattr(args, "snapshots", False):
+        raise SparsefsError("--since cannot be combined with --snapshots")
+    if args.qmp:
+        from sparsefs.cli import live  # QMP's socket code: only for --qmp
 
         return live.dispatch(args, _backup_points)
+    if args.node:
+        raise SparsefsError("--node needs --qmp")
     return _backup_points(args)
 
 
@@ -237,11 +241,37 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--json", action="store_true", help="print the results as JSON, with per-phase times"
     )
     setbackup.add_arguments(b)
-    from sparsefs.cli import live
-
-    live.add_arguments(b)
-    from sparsefs.cli import domain
-
-    domain.add_arguments(b)
+    _add_live_arguments(b)
+    _add_domain_arguments(b)
     add_open_options(b)
     b.set_defaults(func=cmd_backup)
+
+
+def _add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--qmp`` and ``--node`` options of ``backup``."""
+    parser.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="the image belongs to a running VM whose QMP monitor listens on SOCKET: take an "
+        "external snapshot of --node, back up the frozen image, then always commit the "
+        "overlay back and pivot (README 'Backing up a running VM')",
+    )
+    parser.add_argument(
+        "--node", metavar="NODE", help="with --qmp: the block node (node-name) of the image"
+    )
+
+
+def _add_domain_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--domain`` and ``--connect`` options of ``backup``."""
+    parser.add_argument(
+        "--domain",
+        metavar="NAME",
+        help="back up every disk of libvirt domain NAME (running or stopped) into DEST_DIR, "
+        "one point per disk named NAME-TARGET, all disks at one instant, incremental through "
+        "libvirt checkpoints (README 'Backing up libvirt VMs')",
+    )
+    parser.add_argument(
+        "--connect",
+        metavar="URI",
+        help="with --domain: the libvirt URI (default: libvirt's, e.g. qemu:///system)",
+    )

@@ -341,19 +341,3 @@ def _live(ctx: Ctx) -> int:
     if ok:
         _record(ctx, run_id, "running", frozen, checkpoint)
     return setbackup.report(outcomes, ctx.args, ctx.dest)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--domain`` and ``--connect`` options of ``backup``."""
-    parser.add_argument(
-        "--domain",
-        metavar="NAME",
-        help="back up every disk of libvirt domain NAME (running or stopped) into DEST_DIR, "
-        "one point per disk named NAME-TARGET, all disks at one instant, incremental through "
-        "libvirt checkpoints (README 'Backing up libvirt VMs')",
-    )
-    parser.add_argument(
-        "--connect",
-        metavar="URI",
-        help="with --domain: the libvirt URI (default: libvirt's, e.g. qemu:///system)",
-    )

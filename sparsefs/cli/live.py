@@ -189,20 +189,6 @@ def _commit(
         os.unlink(overlay)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--qmp`` and ``--node`` options of ``backup``."""
-    parser.add_argument(
-        "--qmp",
-        metavar="SOCKET",
-        help="the image belongs to a running VM whose QMP monitor listens on SOCKET: take an "
-        "external snapshot of --node, back up the frozen image, then always commit the "
-        "overlay back and pivot (README 'Backing up a running VM')",
-    )
-    parser.add_argument(
-        "--node", metavar="NODE", help="with --qmp: the block node (node-name) of the image"
-    )
-
-
 def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]) -> int:
     """Run ``backup`` with ``--qmp`` applied; ``full`` is the backup run (``--since`` too).
 
@@ -212,12 +198,6 @@ def dispatch(args: argparse.Namespace, full: Callable[[argparse.Namespace], int]
     *images, _dest = args.paths
     if not images:
         raise SparsefsError("backup needs at least one IMAGE and a DEST_DIR")
-    if getattr(args, "since", None) and getattr(args, "snapshots", False):
-        raise SparsefsError("--since cannot be combined with --snapshots")
-    if not getattr(args, "qmp", None):
-        if getattr(args, "node", None):
-            raise SparsefsError("--node needs --qmp")
-        return full(args)
     if not args.node:
         raise SparsefsError("--qmp needs --node NODE (the block node of the image)")
     if len(images) != 1:

@@ -62,3 +62,14 @@ def test_short_commands_import_only_what_they_use(command: str, image: Path) -> 
     never = [m for m in NEVER if not (command == "info" and m.endswith(".bitmaps"))]
     loaded = [m for m in never if m in modules or any(n.startswith(m + ".") for n in modules)]
     assert not loaded, f"sparsefs {command} imported {loaded}"
+
+
+def test_a_backup_imports_no_libvirt_qmp_or_fuse_code(image: Path, tmp_path: Path) -> None:
+    """``--domain`` and ``--qmp`` are options of backup: their code loads only when given."""
+    dest = tmp_path / "set"
+    dest.mkdir()
+    modules = _modules_of("backup", "-q", str(image), str(dest))
+    assert "sparsefs.points.run" in modules  # the probe ran the backup
+    heavy = ("sparsefs.domain", "sparsefs.qmp", "sparsefs.cli.live", "sparsefs.cli.domain")
+    loaded = [m for m in (*heavy, "pyfuse3", "trio", "xml", "socket") if m in modules]
+    assert not loaded, f"sparsefs backup imported {loaded}"
