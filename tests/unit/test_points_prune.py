@@ -272,13 +272,19 @@ def _every_point_verifies(dest: Path) -> None:
             assert block_digest(source).digest == point["digest"], point["file"]
 
 
-def test_sigkill_at_random_moments(nights: Path, tmp_path: Path) -> None:
-    rules = ["--keep-last", "1", "--keep-daily", "3"]
+@pytest.mark.parametrize(
+    "rules",
+    [
+        ["--keep-last", "1", "--keep-daily", "3"],  # two full points go: a fold and a merge
+        ["--keep-daily", "5"],  # a fold rebasing the point above, then a merge over it
+    ],
+)
+def test_sigkill_at_random_moments(nights: Path, tmp_path: Path, rules: list[str]) -> None:
     probe = _copy(nights, tmp_path / "probe")
     status, whole = _fork_prune(probe, rules, None)
     assert os.waitstatus_to_exitcode(status) == 0
     kept = [p["id"] for p in manifest(probe)["disks"]["vm"]["points"]]
-    rng = random.Random("prune-crash")
+    rng = random.Random(f"prune-crash {rules}")
     killed = 0
     digests = {p["id"]: p["digest"] for p in manifest(nights / "set")["disks"]["vm"]["points"]}
     for seed in range(CRASH_SEEDS):
