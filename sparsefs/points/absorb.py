@@ -49,7 +49,7 @@ from sparsefs.points.check import point_file, point_problem
 from sparsefs.points.engine import all_digests, drop_pages
 from sparsefs.points.merge import CLUSTER_SIZE, batches, layers_below, owners, rebase
 from sparsefs.points.run import VerificationError
-from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir
+from sparsefs.points.set import BackupSet, Point, SetError, fsync_dir, id_key
 
 assert FINE_SIZE == CLUSTER_SIZE  # a written cluster is one 64 KiB digest
 
@@ -81,19 +81,12 @@ def fold(bset: BackupSet, disk: str, dropped: list[Point], into: Point) -> Folde
     Raises:
         SetError: the chain is damaged (nothing changed).
         VerificationError: F's file read back differs from S (the points stay retired:
-            S still reads as it did; the next prune merges them instead).
+            S still reads as it did; the next prune finishes the fold or merges them).
     """
     problem = point_problem(bset, disk, into)
     if problem is not None:
         raise SetError(f"{problem}; not pruned: the chain of point {into.id} is damaged")
-    readers = bset.lock_out_readers()
-    if readers is None:
-        return None
-    try:
-        bset.retire(disk, [p.id for p in dropped])
-        return _finish(bset, disk, into)
-    finally:
-        os.close(readers)
+    return _readers_locked_out(bset, disk, into, [p.id for p in dropped])
 
 
 def finish_retired(bset: BackupSet, disk: str) -> tuple[list[Point], Point, Folded | None] | None:
@@ -105,14 +98,24 @@ def finish_retired(bset: BackupSet, disk: str) -> tuple[list[Point], Point, Fold
     retired = bset.retired.get(disk)
     if not retired:
         return None
-    above = [p for p in bset.points(disk) if p.id > retired[-1].id]
+    last = id_key(retired[-1].id)
+    above = [p for p in bset.points(disk) if id_key(p.id) > last]
     if not above or above[0].kind != "delta" or not can_fold(retired, above[0]):
         raise SetError(f"{bset.path(disk)}: retired points with no point to fold them into")
+    return retired, above[0], _readers_locked_out(bset, disk, above[0], [])
+
+
+def _readers_locked_out(
+    bset: BackupSet, disk: str, into: Point, retire: list[str]
+) -> Folded | None:
+    """Retire ``retire`` and fold into ``into`` with no reader of the set, or None (a reader)."""
     readers = bset.lock_out_readers()
     if readers is None:
-        return retired, above[0], None
+        return None
     try:
-        return retired, above[0], _finish(bset, disk, above[0])
+        if retire:
+            bset.retire(disk, retire)
+        return _finish(bset, disk, into)
     finally:
         os.close(readers)
 
